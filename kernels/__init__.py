@@ -1,0 +1,1 @@
+"""Fused Triton kernels and their PyTorch references (issue 4)."""

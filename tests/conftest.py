@@ -1,0 +1,16 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+MTD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd"
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A tiny generated MVTec-layout set (64 px; 8 train, 3 good and 2 per defect type per texture)."""
+    from train.demo_data import make_demo_dataset
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", seed=0, size=64, n_train=8,
+                             n_test_good=3, n_test_defect=2)

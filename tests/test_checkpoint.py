@@ -1,0 +1,75 @@
+"""model.pt is tensors-only, versioned and checksummed; damaged or unsafe files are refused."""
+
+import pytest
+import torch
+
+from train.checkpoint import FORMAT_VERSION, ModelFileError, load_model, save_model
+from train.model import FastFlow, FlowConfig
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    torch.manual_seed(0)
+    model = FastFlow(FlowConfig(input_size=32, flow_steps=2))
+    with torch.no_grad():
+        model.bases[0].mean.add_(0.5)
+    path = tmp_path / "m.pt"
+    save_model(path, model, {"threshold": {"threshold": 0.4}})
+    return path, model
+
+
+def test_roundtrip_and_weights_only(model_file):
+    path, model = model_file
+    raw = torch.load(path, weights_only=True)
+    assert raw["meta"]["format_version"] == FORMAT_VERSION
+    loaded, meta = load_model(path)
+    assert meta["threshold"]["threshold"] == 0.4
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_tampered_tensor_is_refused(model_file):
+    path, _ = model_file
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["bases.0.mean"][3] += 1e-3
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def test_other_format_version_is_refused(model_file):
+    path, _ = model_file
+    payload = torch.load(path, weights_only=True)
+    payload["meta"]["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match=f"version {FORMAT_VERSION + 1}"):
+        load_model(path)
+
+
+def test_truncated_and_foreign_files_are_refused(model_file, tmp_path):
+    path, _ = model_file
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="m.pt"):
+        load_model(path)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ModelFileError, match="not a lineflow model"):
+        load_model(other)
+
+
+class _Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"meta": {"format": "lineflow-model"}, "x": _Exploit(str(marker))}, path)
+    with pytest.raises(ModelFileError, match="refused"):
+        load_model(path)
+    assert not marker.exists()

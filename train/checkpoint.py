@@ -1,0 +1,89 @@
+"""model.pt: tensors and plain containers only, a format version and a checksum over everything.
+
+Loaded with `torch.load(weights_only=True)`, so a file carrying pickled code is refused, never run.
+The checksum (SHA-256 over the metadata as canonical JSON and every tensor's bytes) catches a
+flipped byte in a tensor that would otherwise load silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from train.cli import UserError
+from train.model import FastFlow, FlowConfig
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "save_model", "load_model", "checksum"]
+
+FORMAT = "lineflow-model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(UserError):
+    """model.pt is missing, damaged, from another format version or not a lineflow model."""
+
+
+def checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_model(path: str | Path, model: FastFlow, meta: dict) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over `path` when complete."""
+    path = Path(path)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta}
+    payload = {"meta": meta, "state_dict": state, "checksum": checksum(meta, state)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FastFlow, dict]:
+    """model.pt -> (model in eval mode, metadata). Raises ModelFileError with what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many types for damaged/unsafe files
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            first = "it holds Python objects other than tensors (refused unread: model files load tensors only)"
+        raise ModelFileError(f"{path}: not a readable lineflow model file: {first}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("meta"), dict) \
+            or payload["meta"].get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a lineflow model file (no '{FORMAT}' header)")
+    meta, state = payload["meta"], payload.get("state_dict")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model format version {version}, this lineflow reads version "
+                             f"{FORMAT_VERSION}; retrain with this version (python -m train.fit)")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{path}: damaged (state_dict is not a dict of tensors)")
+    if checksum(meta, state) != payload.get("checksum"):
+        raise ModelFileError(f"{path}: checksum mismatch: the file was modified or damaged after it was written")
+    try:
+        model = FastFlow(FlowConfig.from_dict(meta["config"]))
+        model.load_state_dict(state, strict=True)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    return model.eval(), meta

@@ -1,0 +1,151 @@
+"""python -m train.evaluate model.pt --data DIR: image AUROC, pixel AUROC and AUPRO on an MVTec-layout test set.
+
+Maps are computed at the model's input size; ground-truth masks are resized the same way as their
+images. AUPRO integrates up to a false-positive rate of 0.3 (the MVTec AD convention). The
+breakdown per defect type compares that type against all good test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.checkpoint import load_model
+from train.cli import UserError, run_cli
+from train.data import evaluation_samples, read_image, read_mask
+from train.fit import extract_features
+from train.metrics import aupro, auroc
+from train.model import FastFlow
+
+__all__ = ["predict", "evaluate", "main"]
+
+
+@torch.no_grad()
+def predict(model: FastFlow, paths: list[Path], batch_size: int, device: torch.device,
+            feats: list[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly maps (N, S, S) float32 and image scores (N,) for image files, in order.
+
+    `feats`: this backbone's features of `paths`, already computed (extract_features), to skip the backbone.
+    """
+    if feats is None:
+        feats = extract_features(model, paths, batch_size, device, "features")
+    maps, scores = [], []
+    size = (model.config.input_size,) * 2
+    for i in range(0, len(paths), batch_size):
+        zs, _ = model.flow([f[i:i + batch_size].to(device) for f in feats])
+        amap = model.anomaly_map(zs, size)
+        maps.append(amap.cpu().numpy())
+        scores.append(amap.flatten(1).amax(1).cpu().numpy())
+    return np.concatenate(maps).astype(np.float32), np.concatenate(scores)
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict:
+    return {"image_auroc": auroc(labels, scores), "pixel_auroc": auroc(masks, maps),
+            "aupro": aupro(masks, maps), "n_images": int(len(labels)), "n_defective": int(labels.sum())}
+
+
+def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_size: int = 16,
+             device: torch.device = torch.device("cpu"), feature_cache: dict | None = None) -> dict:
+    """Metrics of `model` on the MVTec-layout test set at `data`.
+
+    `feature_cache`: a dict shared across calls; models with the same backbone weights and input size
+    then compute the test set's features once (comparing checkpoints of one training run).
+    """
+    samples = evaluation_samples(data)
+    size = model.config.input_size
+    masks = np.zeros((len(samples), size, size), dtype=bool)
+    for i, s in enumerate(samples):  # read masks first: a bad mask fails before the long scoring pass
+        if s.mask_path is not None:
+            h, w = read_image(s.path).shape[:2]
+            masks[i] = read_mask(s.mask_path, (h, w), size).numpy()
+    t0 = time.perf_counter()
+    paths = [s.path for s in samples]
+    feats = None
+    if feature_cache is not None:
+        key = (str(Path(data).resolve()), size, _backbone_digest(model))
+        if key not in feature_cache:
+            feature_cache[key] = extract_features(model, paths, batch_size, device, "features")
+        feats = feature_cache[key]
+    maps, scores = predict(model, paths, batch_size, device, feats)
+    seconds = time.perf_counter() - t0
+    labels = np.array([s.label for s in samples])
+    types = np.array([s.defect_type for s in samples])
+    result = _metrics(labels, scores, masks, maps)
+    result["per_type"] = {}
+    for t in sorted(set(types) - {"good"}):
+        sel = (types == t) | (types == "good")
+        result["per_type"][t] = _metrics(labels[sel], scores[sel], masks[sel], maps[sel])
+    if threshold is not None:
+        flagged = scores > threshold
+        result["at_threshold"] = {"threshold": threshold,
+                                  "good_rejected": float(flagged[labels == 0].mean()),
+                                  "defects_caught": float(flagged[labels == 1].mean())}
+    result["seconds_per_image"] = seconds / len(samples)
+    return result
+
+
+def _backbone_digest(model: FastFlow) -> str:
+    h = hashlib.sha256(model.backbone.name.encode())
+    for k, v in sorted(model.backbone.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _print_table(result: dict) -> None:
+    print(f"{'':12s} {'images':>6s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO':>7s}")
+    for name, r in [("all", result), *result["per_type"].items()]:
+        print(f"{name:12s} {r['n_images']:6d} {r['image_auroc']:11.4f} {r['pixel_auroc']:11.4f} {r['aupro']:7.4f}")
+    if "at_threshold" in result:
+        a = result["at_threshold"]
+        print(f"at threshold {a['threshold']:.4f}: {a['defects_caught']:.1%} of defective images caught, "
+              f"{a['good_rejected']:.1%} of good images rejected")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="+", help="model.pt written by train.fit; several (e.g. epoch checkpoints) "
+                   "share the backbone pass when their backbone is the same")
+    p.add_argument("--data", required=True, help="MVTec-layout folder with test/ and ground_truth/")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON (a list when several models)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = p.parse_args(argv)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"{Path(args.json).parent}: folder does not exist")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to this PyTorch")
+    device = torch.device(args.device)
+    loaded = [(path, *load_model(path)) for path in args.model]  # refuse a bad file before the long pass
+    results, cache = [], {}
+    for path, model, meta in loaded:
+        result = evaluate(model.to(device), args.data, meta.get("threshold", {}).get("threshold"),
+                          args.batch_size, device, cache)
+        results.append({**result, "model": str(path), "data": str(args.data), "config": meta["config"],
+                        "epoch": meta.get("epoch")})
+        if len(loaded) > 1:
+            print(f"== {path}")
+        _print_table(results[-1])
+    if args.json:
+        _write_json(Path(args.json), results[0] if len(results) == 1 else results)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

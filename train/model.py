@@ -1,0 +1,222 @@
+"""FastFlow (Yu et al. 2021) with an AltUB base (Kim et al. 2022): the reference for what lineflow computes.
+
+    image -> frozen backbone -> 3 feature maps (strides 4, 8, 16)
+          -> per scale: normalise -> N affine coupling steps -> z
+          -> log-likelihood of z under N(mu_c, sigma_c^2) (learned per channel: AltUB)
+          -> per-pixel probability -> upsample, mean over scales, blur -> anomaly map; score = max
+
+Training minimises the exact negative log-likelihood (with log|det J|); the anomaly map uses only
+the base log-likelihood of z, as FastFlow does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train.backbones import Backbone, create_backbone
+
+__all__ = ["FlowConfig", "FastFlow", "CouplingStep", "FeatureNorm", "GaussianBase", "soft_clamp",
+           "gaussian_blur"]
+
+
+def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
+    """clamp * (2/pi) * atan(s / clamp): smooth, odd, bounded by +-clamp; keeps exp(s) finite."""
+    return clamp * 0.636 * torch.atan(s / clamp)
+
+
+class FeatureNorm(nn.Module):
+    """Parameter-free LayerNorm over (C, H, W), then a learned per-channel affine counted in log|det J|.
+
+    FastFlow learns the LayerNorm's affine; left outside the likelihood that scale lets the flow
+    shrink z for free and the loss runs away (measured on the prototype, DESIGN.md). Counting it
+    keeps the objective an exact likelihood.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.layer_norm(x, x.shape[1:])  # (B, C, H, W)
+        y = x * self.log_scale.exp().view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        logdet = self.log_scale.sum() * x.shape[2] * x.shape[3]
+        return y, logdet.expand(x.shape[0])
+
+
+class CouplingStep(nn.Module):
+    """One FastFlow step (FrEIA's AllInOneBlock shape): affine coupling, global affine, fixed permutation.
+
+    x1 | x2 = split(x);  s, t = subnet(x1);  y2 = x2 * exp(soft_clamp(s)) + t
+    y = permute(cat(x1, y2) * exp(g) + b)
+    """
+
+    def __init__(self, channels: int, kernel: int, hidden_ratio: float, clamp: float, seed: int):
+        super().__init__()
+        self.c1, self.c2, self.clamp = channels // 2, channels - channels // 2, clamp
+        hidden = max(1, int(self.c1 * hidden_ratio))
+        self.subnet = nn.Sequential(
+            nn.Conv2d(self.c1, hidden, kernel, padding=kernel // 2), nn.ReLU(),
+            nn.Conv2d(hidden, 2 * self.c2, kernel, padding=kernel // 2))
+        nn.init.zeros_(self.subnet[2].weight)  # each step starts as the identity
+        nn.init.zeros_(self.subnet[2].bias)
+        self.global_log_scale = nn.Parameter(torch.zeros(channels))
+        self.global_bias = nn.Parameter(torch.zeros(channels))
+        perm = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def _scale_shift(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = self.subnet(x1).split([self.c2, self.c2], dim=1)
+        return soft_clamp(s, self.clamp), t
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = x.split([self.c1, self.c2], dim=1)  # (B, c1, H, W), (B, c2, H, W)
+        s, t = self._scale_shift(x1)
+        y = torch.cat([x1, x2 * s.exp() + t], dim=1)
+        g = self.global_log_scale.view(1, -1, 1, 1)
+        y = (y * g.exp() + self.global_bias.view(1, -1, 1, 1))[:, self.perm]
+        logdet = s.sum(dim=(1, 2, 3)) + self.global_log_scale.sum() * x.shape[2] * x.shape[3]
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y = y[:, self.inv_perm]
+        y = (y - self.global_bias.view(1, -1, 1, 1)) * (-self.global_log_scale).exp().view(1, -1, 1, 1)
+        y1, y2 = y.split([self.c1, self.c2], dim=1)
+        s, t = self._scale_shift(y1)
+        return torch.cat([y1, (y2 - t) * (-s).exp()], dim=1)
+
+
+class GaussianBase(nn.Module):
+    """N(mu_c, sigma_c^2) per channel. With AltUB both are learned (from N(0, I)); without, fixed."""
+
+    def __init__(self, channels: int, learnable: bool):
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(channels), requires_grad=learnable)
+        self.log_scale = nn.Parameter(torch.zeros(channels), requires_grad=learnable)
+
+    def standardise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean.view(1, -1, 1, 1)) * (-self.log_scale).exp().view(1, -1, 1, 1)
+
+    def nll(self, z: torch.Tensor) -> torch.Tensor:
+        """-log N(z; mu, sigma^2) summed over all dimensions, per sample: (B,)."""
+        u = self.standardise(z)
+        per_dim = 0.5 * u.pow(2) + self.log_scale.view(1, -1, 1, 1) + 0.5 * math.log(2 * math.pi)
+        return per_dim.sum(dim=(1, 2, 3))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, kernel truncated at 4 sigma, reflect padding."""
+    if sigma <= 0:
+        return x
+    radius = int(4 * sigma + 0.5)
+    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    if radius < 1:
+        return x
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    k = k / k.sum()
+    y = F.pad(x[:, None], (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(1, 1, -1, 1))[:, 0]
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Everything needed to rebuild the model; saved in model.pt."""
+
+    backbone: str = "efficientnet_lite0"
+    input_size: int = 256  # images are resized to input_size x input_size
+    flow_steps: int = 8
+    hidden_ratio: float = 1.0
+    clamp: float = 2.0
+    altub: bool = True
+    blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlowConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class FastFlow(nn.Module):
+    def __init__(self, config: FlowConfig, backbone: Backbone | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else create_backbone(config.backbone, load_weights=False)
+        chans = self.backbone.channels
+        self.norms = nn.ModuleList(FeatureNorm(c) for c in chans)
+        self.flows = nn.ModuleList(
+            nn.ModuleList(CouplingStep(c, 3 if i % 2 == 0 else 1, config.hidden_ratio, config.clamp,
+                                       seed=1000 * s + i) for i in range(config.flow_steps))
+            for s, c in enumerate(chans))
+        self.bases = nn.ModuleList(GaussianBase(c, config.altub) for c in chans)
+
+    def flow_parameters(self) -> list[nn.Parameter]:
+        return [p for m in (self.norms, self.flows) for p in m.parameters()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        return list(self.bases.parameters())
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) in [0, 1] -> frozen backbone maps at strides 4, 8, 16."""
+        return self.backbone(images)
+
+    def flow(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features -> z per scale and the total log|det J| per sample, (B,)."""
+        zs, logdet = [], 0.0
+        for x, norm, steps in zip(feats, self.norms, self.flows):
+            x, ld = norm(x)
+            logdet = logdet + ld
+            for step in steps:
+                x, ld = step(x)
+                logdet = logdet + ld
+            zs.append(x)
+        return zs, logdet
+
+    def flow_inverse(self, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """z per scale -> normalised features (the norm's input is not recoverable from LayerNorm)."""
+        out = []
+        for z, norm, steps in zip(zs, self.norms, self.flows):
+            for step in reversed(steps):
+                z = step.inverse(z)
+            out.append((z - norm.bias.view(1, -1, 1, 1)) * (-norm.log_scale).exp().view(1, -1, 1, 1))
+        return out
+
+    def nll_per_dim(self, zs: list[torch.Tensor], logdet: torch.Tensor) -> torch.Tensor:
+        """Exact negative log-likelihood per dimension, per sample: (B,). The training loss is its mean."""
+        nll = sum(base.nll(z) for z, base in zip(zs, self.bases)) - logdet
+        return nll / sum(z[0].numel() for z in zs)
+
+    def anomaly_map(self, zs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """z per scale -> (B, H, W) map in [0, 1), higher = more anomalous.
+
+        Per scale and pixel, p = exp(-0.5 * mean_c ((z - mu_c) / sigma_c)^2): the base log-likelihood
+        per channel without its constant (-log sigma_c is fixed per scale and would only re-weight the
+        scales). Upsampled bilinearly, averaged over scales, map = 1 - mean p, then blurred.
+        """
+        prob = 0.0
+        for z, base in zip(zs, self.bases):
+            log_p = -0.5 * base.standardise(z).pow(2).mean(dim=1, keepdim=True)  # (B, 1, h, w)
+            prob = prob + F.interpolate(log_p.exp(), size=size, mode="bilinear", align_corners=False)
+        amap = 1.0 - prob[:, 0] / len(zs)  # (B, H, W)
+        return gaussian_blur(amap, self.config.blur_sigma)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) in [0, 1] -> anomaly maps (B, H, W) and image scores (B,) = max of each map."""
+        zs, _ = self.flow(self.features(images))
+        amap = self.anomaly_map(zs, images.shape[-2:])
+        return amap, amap.flatten(1).amax(dim=1)
