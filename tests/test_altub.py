@@ -65,3 +65,19 @@ def test_base_gradients_do_not_accumulate_across_flow_turns():
     train_step(model, feats, 1, flow_opt, base_opt, cfg)  # base's turn
     for got, want in zip(captured, expected):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_calibrated_scales_put_held_out_pixels_in_common_units():
+    """After calibration each scale's held-out pixel NLL has median 0 and 99th percentile 1 in map units."""
+    import numpy as np
+
+    from train.fit import calibrate_scales
+
+    torch.manual_seed(0)
+    model = FastFlow(FlowConfig(input_size=32, flow_steps=1)).eval()
+    feats = _feats(model, 7)
+    calibrate_scales(model, feats, torch.device("cpu"), batch_size=3)
+    zs, _ = model.flow(feats)
+    for nll, (median, q99) in zip(model.pixel_nll(zs), model.scale_stats):
+        units = ((nll - median) / (q99 - median)).detach().numpy().ravel()
+        assert abs(np.median(units)) < 1e-5 and abs(np.quantile(units, 0.99) - 1) < 1e-5

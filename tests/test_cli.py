@@ -24,7 +24,7 @@ def run(*args, check=True):
 @pytest.fixture(scope="module")
 def tiny_model(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "model.pt"
-    run("train.fit", "--data", str(demo_dir), "--out", str(out), "--input-size", "64", "--epochs", "2",
+    run("train.fit", "--data", str(demo_dir), "--out", str(out), "--input-size", "128", "--epochs", "2",
         "--batch-size", "8", "--flow-steps", "2", "--seed", "0")
     return out
 
@@ -32,7 +32,7 @@ def tiny_model(demo_dir, tmp_path_factory):
 def test_fit_writes_a_weights_only_model(tiny_model):
     payload = torch.load(tiny_model, weights_only=True)
     meta = payload["meta"]
-    assert meta["config"]["input_size"] == 64 and meta["config"]["altub"] is True
+    assert meta["config"]["input_size"] == 128 and meta["config"]["altub"] is True
     assert meta["threshold"]["n_images"] >= 1 and np.isfinite(meta["threshold"]["threshold"])
     assert len(meta["history"]) == 2
 
@@ -46,13 +46,13 @@ def test_evaluate_prints_and_writes_metrics(tiny_model, demo_dir, tmp_path):
     assert set(result["per_type"]) == {"scratch", "spot", "patch"}
     assert result["n_images"] == 3 * (3 + 3 * 2)
     assert "image AUROC" in proc.stdout and "scratch" in proc.stdout
-    # generated scratches and spots are visible defects: even 2 epochs at 64 px beat chance on pixels
+    # generated scratches and spots are visible defects: even 2 epochs at 128 px beat chance on pixels
     assert result["pixel_auroc"] > 0.6
 
 
 def test_same_seed_same_model(demo_dir, tiny_model, tmp_path):
     again = tmp_path / "again.pt"
-    run("train.fit", "--data", str(demo_dir), "--out", str(again), "--input-size", "64", "--epochs", "2",
+    run("train.fit", "--data", str(demo_dir), "--out", str(again), "--input-size", "128", "--epochs", "2",
         "--batch-size", "8", "--flow-steps", "2", "--seed", "0")
     a, b = torch.load(tiny_model, weights_only=True), torch.load(again, weights_only=True)
     assert a["checksum"] != "" and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

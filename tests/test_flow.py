@@ -87,3 +87,24 @@ def test_anomaly_map_higher_where_z_is_unlikely():
     amap = model.anomaly_map(zs, (64, 64))
     assert amap.shape == (1, 64, 64)
     assert amap[0, 22, 22] > 0.2 and amap[0, 50, 50] < 1e-6
+
+
+def test_probability_fusion_is_fastflows_map():
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=2, blur_sigma=0, fusion="probability"))
+    zs = [torch.zeros(1, c, 64 // s, 64 // s) for c, s in zip(model.backbone.channels, (4, 8, 16))]
+    zs[2] += 2.0  # every channel 2 sigma out at stride 16 -> p = exp(-2) there, p = 1 at the other scales
+    amap = model.anomaly_map(zs, (64, 64))
+    assert amap.min() >= 0 and amap.max() < 1
+    assert abs(amap[0, 24, 24].item() - (1 - torch.exp(torch.tensor(-2.0)).item()) / 3) < 1e-5
+
+
+def test_image_score_top_fraction_and_max():
+    amap = torch.arange(100.0).view(1, 10, 10)
+    top = FastFlow(FlowConfig(input_size=32, flow_steps=1, image_score_top=0.05))
+    assert top.image_score(amap).item() == (99 + 98 + 97 + 96 + 95) / 5
+    assert FastFlow(FlowConfig(input_size=32, flow_steps=1, image_score_top=0)).image_score(amap).item() == 99
+
+
+def test_unknown_fusion_is_refused():
+    with pytest.raises(ValueError, match="fusion"):
+        FlowConfig(fusion="median")

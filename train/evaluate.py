@@ -43,7 +43,7 @@ def predict(model: FastFlow, paths: list[Path], batch_size: int, device: torch.d
         zs, _ = model.flow([f[i:i + batch_size].to(device) for f in feats])
         amap = model.anomaly_map(zs, size)
         maps.append(amap.cpu().numpy())
-        scores.append(amap.flatten(1).amax(1).cpu().numpy())
+        scores.append(model.image_score(amap).cpu().numpy())
     return np.concatenate(maps).astype(np.float32), np.concatenate(scores)
 
 

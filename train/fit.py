@@ -31,7 +31,8 @@ from train.cli import UserError, run_cli
 from train.data import load_batches, train_images
 from train.model import FastFlow, FlowConfig
 
-__all__ = ["TrainConfig", "fit", "train_step", "make_optimisers", "extract_features", "split_holdout", "main"]
+__all__ = ["TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimisers", "extract_features",
+           "split_holdout", "main"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,21 @@ def extract_features(model: FastFlow, paths: list[Path], batch_size: int, device
 
 
 @torch.no_grad()
+def calibrate_scales(model: FastFlow, feats: list[torch.Tensor], device: torch.device, batch_size: int = 32) -> None:
+    """Set each scale's median and 99th percentile of pixel NLL over held-out good images (map units)."""
+    per_scale = None
+    for i in range(0, len(feats[0]), batch_size):
+        zs, _ = model.flow([f[i:i + batch_size].to(device) for f in feats])
+        nlls = [n.flatten().cpu().numpy() for n in model.pixel_nll(zs)]
+        per_scale = [[n] for n in nlls] if per_scale is None else [a + [n] for a, n in zip(per_scale, nlls)]
+    stats = []
+    for chunks in per_scale:
+        median, q99 = np.quantile(np.concatenate(chunks), [0.5, 0.99])
+        stats.append([median, max(q99, median + 1e-6)])
+    model.scale_stats.copy_(torch.tensor(stats, dtype=model.scale_stats.dtype))
+
+
+@torch.no_grad()
 def score_cached(model: FastFlow, feats: list[torch.Tensor], device: torch.device,
                  batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Per image: NLL per dimension and image score, from cached features."""
@@ -83,7 +99,7 @@ def score_cached(model: FastFlow, feats: list[torch.Tensor], device: torch.devic
     for i in range(0, len(feats[0]), batch_size):
         zs, logdet = model.flow([f[i:i + batch_size].to(device) for f in feats])
         nll.append(model.nll_per_dim(zs, logdet).cpu())
-        scores.append(model.anomaly_map(zs, size).flatten(1).amax(1).cpu())
+        scores.append(model.image_score(model.anomaly_map(zs, size)).cpu())
     return torch.cat(nll).numpy(), torch.cat(scores).numpy()
 
 
@@ -127,6 +143,7 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
                 losses.append(loss)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         model.eval()
+        calibrate_scales(model, hold_feats, device)
         hold_nll, hold_scores = score_cached(model, hold_feats, device)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "holdout_nll": float(hold_nll.mean()),
                "holdout_score_median": float(np.median(hold_scores)), "seconds": time.perf_counter() - t0}
@@ -162,7 +179,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-altub", action="store_true", help="plain FastFlow: fixed N(0, I) base")
     p.add_argument("--altub-every", type=int, default=d.altub_every, help="every k-th step updates only the base")
     p.add_argument("--base-lr", type=float, default=d.base_lr, help="AltUB base learning rate (Adam)")
+    p.add_argument("--feature-pool", type=int, default=m.feature_pool, metavar="K",
+                   help="average backbone features over K x K neighbours before the flow; 1 = off")
     p.add_argument("--blur-sigma", type=float, default=m.blur_sigma, help="anomaly-map smoothing; 0 = off")
+    p.add_argument("--fusion", default=m.fusion, choices=["normalised", "probability"],
+                   help="combine scales in units of held-out good pixels, or as FastFlow's mean probability")
+    p.add_argument("--image-score-top", type=float, default=m.image_score_top, metavar="FRACTION",
+                   help="image score = mean of this fraction of the map's highest pixels; 0 = the max")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--epoch-checkpoints", metavar="DIR",
@@ -179,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--input-size must be a multiple of 16, at least 32 (features are taken at stride 16)")
     if not (args.lr > 0 and args.base_lr > 0 and args.hidden_ratio > 0 and args.blur_sigma >= 0):
         raise UserError("--lr, --base-lr and --hidden-ratio must be positive, --blur-sigma non-negative")
+    if not 0 <= args.image_score_top < 1:
+        raise UserError("--image-score-top must be in [0, 1)")
+    if args.feature_pool < 1 or args.feature_pool % 2 == 0:
+        raise UserError("--feature-pool must be an odd number, at least 1")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out takes a file name")
@@ -191,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, altub_every=args.altub_every,
                       base_lr=args.base_lr, seed=args.seed)
     model_cfg = FlowConfig(backbone=args.backbone, input_size=args.input_size, flow_steps=args.flow_steps,
-                           hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma)
+                           hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
+                           fusion=args.fusion, image_score_top=args.image_score_top,
+                           feature_pool=args.feature_pool)
     paths = train_images(args.data)
     fit_paths, hold_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)

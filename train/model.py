@@ -3,7 +3,8 @@
     image -> frozen backbone -> 3 feature maps (strides 4, 8, 16)
           -> per scale: normalise -> N affine coupling steps -> z
           -> log-likelihood of z under N(mu_c, sigma_c^2) (learned per channel: AltUB)
-          -> per-pixel probability -> upsample, mean over scales, blur -> anomaly map; score = max
+          -> per-pixel NLL per scale, in units of held-out good pixels -> upsample, mean over scales,
+             blur -> anomaly map; image score = mean of the map's top 1 %
 
 Training minimises the exact negative log-likelihood (with log|det J|); the anomaly map uses only
 the base log-likelihood of z, as FastFlow does.
@@ -126,17 +127,23 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(y, k.view(1, 1, -1, 1))[:, 0]
 
 
+FUSIONS = ("normalised", "probability")
+
+
 @dataclass(frozen=True)
 class FlowConfig:
     """Everything needed to rebuild the model; saved in model.pt."""
 
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite2"
     input_size: int = 256  # images are resized to input_size x input_size
     flow_steps: int = 8
     hidden_ratio: float = 1.0
     clamp: float = 2.0
     altub: bool = True
+    feature_pool: int = 3  # k x k neighbourhood average of backbone features before the flow; 1 = off
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
+    fusion: str = "normalised"  # how scales are combined: "normalised" or "probability" (FastFlow's)
+    image_score_top: float = 0.01  # image score = mean of this fraction of the map's highest pixels; 0 = max
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +155,14 @@ class FlowConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**d)
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if not 0 <= self.image_score_top < 1:
+            raise ValueError("image_score_top must be in [0, 1)")
+        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
+            raise ValueError("feature_pool must be an odd number >= 1")
 
 
 class FastFlow(nn.Module):
@@ -162,6 +177,8 @@ class FastFlow(nn.Module):
                                        seed=1000 * s + i) for i in range(config.flow_steps))
             for s, c in enumerate(chans))
         self.bases = nn.ModuleList(GaussianBase(c, config.altub) for c in chans)
+        # per scale: median and 99th percentile of the pixel NLL on held-out good images (fit calibrates)
+        self.register_buffer("scale_stats", torch.tensor([[0.0, 1.0]] * len(chans)))
 
     def flow_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.norms, self.flows) for p in m.parameters()]
@@ -171,8 +188,16 @@ class FastFlow(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) in [0, 1] -> frozen backbone maps at strides 4, 8, 16."""
-        return self.backbone(images)
+        """(B, 3, H, W) in [0, 1] -> frozen backbone maps at strides 4, 8, 16, neighbourhood-averaged.
+
+        The k x k average (PatchCore's local aggregation) gives each position its surroundings'
+        context, so one odd feature vector in a normal neighbourhood counts less than a patch of them.
+        """
+        k = self.config.feature_pool
+        feats = self.backbone(images)
+        if k == 1:
+            return feats
+        return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
 
     def flow(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Features -> z per scale and the total log|det J| per sample, (B,)."""
@@ -200,23 +225,36 @@ class FastFlow(nn.Module):
         nll = sum(base.nll(z) for z, base in zip(zs, self.bases)) - logdet
         return nll / sum(z[0].numel() for z in zs)
 
-    def anomaly_map(self, zs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """z per scale -> (B, H, W) map in [0, 1), higher = more anomalous.
+    def pixel_nll(self, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per scale, 0.5 * mean_c ((z - mu_c) / sigma_c)^2: the base NLL per channel without its constant."""
+        return [0.5 * base.standardise(z).pow(2).mean(dim=1) for z, base in zip(zs, self.bases)]  # [(B, h, w)]
 
-        Per scale and pixel, p = exp(-0.5 * mean_c ((z - mu_c) / sigma_c)^2): the base log-likelihood
-        per channel without its constant (-log sigma_c is fixed per scale and would only re-weight the
-        scales). Upsampled bilinearly, averaged over scales, map = 1 - mean p, then blurred.
+    def anomaly_map(self, zs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """z per scale -> (B, H, W) map, higher = more anomalous; upsampled bilinearly, then blurred.
+
+        fusion "normalised" (default): each scale's pixel NLL in units of held-out good pixels,
+        (nll - median) / (q99 - median), averaged over scales: 0 is a typical good pixel, 1 the 99th
+        percentile, whatever the scale's channel count. fusion "probability" (FastFlow's): map =
+        1 - mean over scales of exp(-nll), in [0, 1).
         """
-        prob = 0.0
-        for z, base in zip(zs, self.bases):
-            log_p = -0.5 * base.standardise(z).pow(2).mean(dim=1, keepdim=True)  # (B, 1, h, w)
-            prob = prob + F.interpolate(log_p.exp(), size=size, mode="bilinear", align_corners=False)
-        amap = 1.0 - prob[:, 0] / len(zs)  # (B, H, W)
-        return gaussian_blur(amap, self.config.blur_sigma)
+        fused = 0.0
+        for nll, (median, q99) in zip(self.pixel_nll(zs), self.scale_stats):
+            per_scale = (nll - median) / (q99 - median) if self.config.fusion == "normalised" else -torch.exp(-nll)
+            fused = fused + F.interpolate(per_scale[:, None], size=size, mode="bilinear", align_corners=False)
+        fused = fused[:, 0] / len(zs)  # (B, H, W)
+        if self.config.fusion == "probability":
+            fused = 1.0 + fused
+        return gaussian_blur(fused, self.config.blur_sigma)
+
+    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) -> (B,): the mean of the top `image_score_top` fraction of pixels (the max when 0)."""
+        flat = amap.flatten(1)
+        k = max(1, int(round(self.config.image_score_top * flat.shape[1])))
+        return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) in [0, 1] -> anomaly maps (B, H, W) and image scores (B,) = max of each map."""
+        """(B, 3, H, W) in [0, 1] -> anomaly maps (B, H, W) and image scores (B,)."""
         zs, _ = self.flow(self.features(images))
         amap = self.anomaly_map(zs, images.shape[-2:])
-        return amap, amap.flatten(1).amax(dim=1)
+        return amap, self.image_score(amap)
