@@ -73,3 +73,16 @@ def test_pickle_with_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(ModelFileError, match="refused"):
         load_model(path)
     assert not marker.exists()
+
+
+def test_config_with_a_missing_key_is_refused(model_file):
+    """A default must not silently stand in for a setting the weights were trained with."""
+    from train.checkpoint import checksum
+
+    path, _ = model_file
+    payload = torch.load(path, weights_only=True)
+    del payload["meta"]["config"]["feature_pool"]
+    payload["checksum"] = checksum(payload["meta"], payload["state_dict"])
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match="missing keys.*feature_pool"):
+        load_model(path)

@@ -151,9 +151,10 @@ class FlowConfig:
     @classmethod
     def from_dict(cls, d: dict) -> FlowConfig:
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        unknown, missing = set(d) - known, known - set(d)
+        if unknown or missing:  # a default filled in here could silently change what the weights mean
+            raise ValueError(f"model config does not match this lineflow (unknown keys {sorted(unknown)}, "
+                             f"missing keys {sorted(missing)})")
         return cls(**d)
 
     def __post_init__(self):
