@@ -167,15 +167,16 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="MVTec-layout folder (uses train/good) or a folder of good images")
     p.add_argument("--out", required=True, help="model file to write (written atomically)")
-    p.add_argument("--backbone", default=m.backbone, choices=sorted(BACKBONES))
+    p.add_argument("--backbone", default=m.backbone, choices=sorted(BACKBONES), help="frozen feature extractor")
     p.add_argument("--backbone-weights", metavar="PATH",
                    help="ImageNet checkpoint (torchvision/timm) for resnet18 / wide_resnet50_2")
     p.add_argument("--input-size", type=int, default=m.input_size, help="images are resized to SIZE x SIZE")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimisation step")
     p.add_argument("--lr", type=float, default=d.lr, help="flow learning rate (Adam)")
-    p.add_argument("--flow-steps", type=int, default=m.flow_steps)
-    p.add_argument("--hidden-ratio", type=float, default=m.hidden_ratio)
+    p.add_argument("--flow-steps", type=int, default=m.flow_steps, help="coupling steps per scale")
+    p.add_argument("--hidden-ratio", type=float, default=m.hidden_ratio,
+                   help="subnet hidden channels / input channels")
     p.add_argument("--no-altub", action="store_true", help="plain FastFlow: fixed N(0, I) base")
     p.add_argument("--altub-every", type=int, default=d.altub_every, help="every k-th step updates only the base")
     p.add_argument("--base-lr", type=float, default=d.base_lr, help="AltUB base learning rate (Adam)")
@@ -186,8 +187,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="combine scales in units of held-out good pixels, or as FastFlow's mean probability")
     p.add_argument("--image-score-top", type=float, default=m.image_score_top, metavar="FRACTION",
                    help="image score = mean of this fraction of the map's highest pixels; 0 = the max")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=d.seed, help="held-out split, initialisation and batch order")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where features and flow run")
     p.add_argument("--epoch-checkpoints", metavar="DIR",
                    help="also write DIR/epoch_NNN.pt after every epoch (to study stability)")
     return p
