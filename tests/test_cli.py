@@ -122,3 +122,25 @@ def test_evaluate_several_checkpoints_shares_the_backbone_pass(tiny_model, demo_
     run("train.evaluate", str(tiny_model), str(tiny_model), "--data", str(demo_dir), "--json", str(out))
     a, b = json.loads(out.read_text())
     assert a["image_auroc"] == b["image_auroc"] and a["aupro"] == b["aupro"]
+
+
+def test_invalid_model_option_is_a_clean_error(demo_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    proc = run("train.fit", "--data", str(demo_dir), "--out", str(out), "--feature-pool", "2", check=False)
+    _assert_clean_failure(proc, "feature_pool")
+    assert not out.exists()
+
+
+def test_feature_cache_keeps_models_with_different_feature_averages_apart(demo_dir):
+    """Two models on one backbone but with different --feature-pool must not share test features."""
+    from train.backbones import create_backbone
+    from train.evaluate import evaluate
+    from train.model import FastFlow, FlowConfig
+
+    cache: dict = {}
+    backbone = create_backbone("efficientnet_lite0")  # the same weights for both models
+    for pool in (3, 1, 3):
+        model = FastFlow(FlowConfig(backbone="efficientnet_lite0", input_size=64, flow_steps=1, feature_pool=pool),
+                         backbone)
+        evaluate(model.eval(), demo_dir, None, feature_cache=cache)
+    assert len(cache) == 2  # pool 3 and pool 1 apart; the second pool-3 model reuses the first's features

@@ -8,7 +8,6 @@ breakdown per defect type compares that type against all good test images.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.checkpoint import load_model
+from train.checkpoint import checksum, load_model
 from train.cli import UserError, run_cli
 from train.data import evaluation_samples, read_image, read_mask
 from train.fit import extract_features
@@ -70,7 +69,9 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
     paths = [s.path for s in samples]
     feats = None
     if feature_cache is not None:
-        key = (str(Path(data).resolve()), size, _backbone_digest(model))
+        # the cached features depend on the backbone's weights, the input size and the feature average
+        key = (str(Path(data).resolve()), size, model.config.feature_pool,
+               checksum({"backbone": model.backbone.name}, model.backbone.state_dict()))
         if key not in feature_cache:
             feature_cache[key] = extract_features(model, paths, batch_size, device, "features")
         feats = feature_cache[key]
@@ -90,13 +91,6 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
                                   "defects_caught": float(flagged[labels == 1].mean())}
     result["seconds_per_image"] = seconds / len(samples)
     return result
-
-
-def _backbone_digest(model: FastFlow) -> str:
-    h = hashlib.sha256(model.backbone.name.encode())
-    for k, v in sorted(model.backbone.state_dict().items()):
-        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj: dict) -> None:

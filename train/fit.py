@@ -6,9 +6,9 @@ epoch and their image scores set the decision threshold (no defect labels needed
 
 AltUB alternation (the rule we ship): optimisation steps are counted globally; every
 `altub_every`-th step only the base (mean, log-scale per channel per scale) takes a step, with
-its own Adam at `base_lr` and gradient-norm clipping; every other step only the flow steps. The
-flow can absorb any shift or scale of z, so updating both at once lets them chase each other;
-alternating keeps each update well defined (Kim et al. 2022). Defaults follow the public
+its own Adam at `base_lr` and gradient-norm clipping; every other step only the flow steps.
+Alternation is AltUB's answer to the flow and the base both being able to move z's mean and scale
+(Kim et al. 2022; we did not test simultaneous updates). Defaults follow the public
 FastFlow+AltUB code (every 5th step, Adam, gradients clipped at 100); the base learning rate is
 10x the flow's (README has the A/B against plain FastFlow).
 """
@@ -124,8 +124,11 @@ def make_optimisers(model: FastFlow, cfg: TrainConfig) -> tuple[torch.optim.Opti
 
 
 def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch.Tensor], cfg: TrainConfig,
-        device: torch.device, on_epoch=None) -> list[dict]:
-    """Train the flow (and the AltUB base) on cached features; returns one history row per epoch."""
+        device: torch.device, on_epoch=None) -> tuple[list[dict], np.ndarray]:
+    """Train the flow (and the AltUB base) on cached features.
+
+    Returns one history row per epoch and the held-out image scores after the last epoch.
+    """
     flow_opt, base_opt = make_optimisers(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, step, history = len(train_feats[0]), 0, []
@@ -152,7 +155,7 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
                    f"({row['seconds']:.1f} s)")
         if on_epoch is not None:
             on_epoch(epoch, hold_scores, history)
-    return history
+    return history, hold_scores
 
 
 def calibrate_threshold(scores: np.ndarray, quantile: float) -> dict:
@@ -203,10 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--input-size must be a multiple of 16, at least 32 (features are taken at stride 16)")
     if not (args.lr > 0 and args.base_lr > 0 and args.hidden_ratio > 0 and args.blur_sigma >= 0):
         raise UserError("--lr, --base-lr and --hidden-ratio must be positive, --blur-sigma non-negative")
-    if not 0 <= args.image_score_top < 1:
-        raise UserError("--image-score-top must be in [0, 1)")
-    if args.feature_pool < 1 or args.feature_pool % 2 == 0:
-        raise UserError("--feature-pool must be an odd number, at least 1")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out takes a file name")
@@ -218,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, altub_every=args.altub_every,
                       base_lr=args.base_lr, seed=args.seed)
-    model_cfg = FlowConfig(backbone=args.backbone, input_size=args.input_size, flow_steps=args.flow_steps,
-                           hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
-                           fusion=args.fusion, image_score_top=args.image_score_top,
-                           feature_pool=args.feature_pool)
+    try:  # FlowConfig checks its own fields; one place for the rules
+        model_cfg = FlowConfig(backbone=args.backbone, input_size=args.input_size, flow_steps=args.flow_steps,
+                               hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
+                               fusion=args.fusion, image_score_top=args.image_score_top,
+                               feature_pool=args.feature_pool)
+    except ValueError as e:
+        raise UserError(f"invalid option: {e}") from None
     paths = train_images(args.data)
     fit_paths, hold_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -250,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch(epoch, hold_scores, history):
             save_model(ckpt_dir / f"epoch_{epoch:03d}.pt", model, meta(epoch, hold_scores, history))
 
-    history = fit(model, train_feats, hold_feats, cfg, device, on_epoch)
-    _, hold_scores = score_cached(model, hold_feats, device)
+    history, hold_scores = fit(model, train_feats, hold_feats, cfg, device, on_epoch)
     info = meta(cfg.epochs, hold_scores, history)
     if not math.isfinite(info["threshold"]["threshold"]):
         raise RuntimeError("held-out scores are not finite; training failed")
