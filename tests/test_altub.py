@@ -16,13 +16,13 @@ def _changed(before, params):
 
 def _feats(model, seed):
     g = torch.Generator().manual_seed(seed)
-    shapes = zip(model.backbone.channels, (4, 8, 16))
-    return [torch.randn(4, c, 32 // s, 32 // s, generator=g) * 2 + 1 for c, s in shapes]
+    shapes = zip(model.backbone.channels, model.backbone.strides)
+    return [torch.randn(4, c, 64 // s, 64 // s, generator=g) * 2 + 1 for c, s in shapes]
 
 
 def test_alternation_freezes_what_it_should():
     torch.manual_seed(0)
-    model = FastFlow(FlowConfig(input_size=32, flow_steps=2, altub=True))
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=2, altub=True))
     cfg = TrainConfig(altub_every=3)
     flow_opt, base_opt = make_optimisers(model, cfg)
     for step in range(7):
@@ -40,7 +40,7 @@ def test_alternation_freezes_what_it_should():
 
 def test_no_altub_keeps_the_base_fixed_at_standard_normal():
     torch.manual_seed(0)
-    model = FastFlow(FlowConfig(input_size=32, flow_steps=2, altub=False))
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=2, altub=False))
     cfg = TrainConfig(altub_every=2)
     flow_opt, base_opt = make_optimisers(model, cfg)
     assert base_opt is None
@@ -53,7 +53,7 @@ def test_no_altub_keeps_the_base_fixed_at_standard_normal():
 def test_base_gradients_do_not_accumulate_across_flow_turns():
     """The base's step must use the gradient of its own batch only, not a sum over the flow's turns."""
     torch.manual_seed(0)
-    model = FastFlow(FlowConfig(input_size=32, flow_steps=1, altub=True))
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=1, altub=True))
     cfg = TrainConfig(altub_every=2)
     flow_opt, base_opt = make_optimisers(model, cfg)
     train_step(model, _feats(model, 0), 0, flow_opt, base_opt, cfg)  # flow's turn
@@ -74,7 +74,7 @@ def test_calibrated_scales_put_held_out_pixels_in_common_units():
     from train.fit import calibrate_scales
 
     torch.manual_seed(0)
-    model = FastFlow(FlowConfig(input_size=32, flow_steps=1)).eval()
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=1)).eval()
     feats = _feats(model, 7)
     calibrate_scales(model, feats, torch.device("cpu"), batch_size=3)
     zs, _ = model.flow(feats)

@@ -1,4 +1,4 @@
-"""Every registered backbone gives three maps at strides 4, 8, 16 with the channels it declares."""
+"""Every registered backbone gives four maps at strides 4, 8, 16, 32 with the channels it declares."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def test_resnets_refuse_to_run_without_weights(name):
 
 
 def test_resnet_torchvision_and_timm_style_checkpoints(tmp_path):
-    """Key mapping: a wrapped, 'module.'-prefixed checkpoint with layer4/fc loads; a wrong one is refused."""
+    """Key mapping: a wrapped, 'module.'-prefixed checkpoint with its classifier (fc) loads; a wrong one is refused."""
     src = create_backbone("resnet18", load_weights=False).net
     torch.manual_seed(0)
     state = {f"module.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in src.state_dict().items()}
@@ -41,6 +41,7 @@ def test_resnet_torchvision_and_timm_style_checkpoints(tmp_path):
     torch.save({"state_dict": state}, path)
     bb = create_backbone("resnet18", path)
     assert torch.equal(bb.net.layer3[1].conv2.weight, state["module.layer3.1.conv2.weight"])
+    assert torch.equal(bb.net.layer4[0].conv1.weight, state["module.layer4.0.conv1.weight"])
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="does not fit resnet18"):
         create_backbone("resnet18", tmp_path / "wrong.pth")

@@ -10,7 +10,7 @@ from train.model import FastFlow, FlowConfig
 @pytest.fixture
 def model_file(tmp_path):
     torch.manual_seed(0)
-    model = FastFlow(FlowConfig(input_size=32, flow_steps=2))
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=2))
     with torch.no_grad():
         model.bases[0].mean.add_(0.5)
     path = tmp_path / "m.pt"

@@ -1,4 +1,4 @@
-"""Frozen feature extractors, registered by name, each returning three maps at strides 4, 8, 16.
+"""Frozen feature extractors, registered by name, each returning four maps at strides 4, 8, 16, 32.
 
 EfficientNet-Lite and ResNet are written here (torchvision and timm do not import beside the
 torch we pin); ImageNet weights are loaded from checkpoint files by key mapping. Lite0/Lite2
@@ -81,20 +81,20 @@ def _round_channels(c: float) -> int:
 
 
 class EfficientNetLite(nn.Module):
-    """Stem + stages 1..5 of EfficientNet-Lite; features after stages 2, 3 and 5 (strides 4, 8, 16)."""
+    """Stem + stages 1..6 of EfficientNet-Lite; features after stages 2, 3, 5 and 6 (strides 4, 8, 16, 32)."""
 
     def __init__(self, width: float, depth: float):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
         blocks, c_in, self.taps = [], 32, []
-        for i, (repeats, kernel, stride, expand, c) in enumerate(_EFFNET_STAGES[:5]):
+        for i, (repeats, kernel, stride, expand, c) in enumerate(_EFFNET_STAGES[:6]):
             c_out = _round_channels(c * width)
             n = repeats if i == 0 else int(math.ceil(repeats * depth))
             for j in range(n):
                 blocks.append(MBConv(c_in, c_out, kernel, stride if j == 0 else 1, expand))
                 c_in = c_out
-            if i in (1, 2, 4):
+            if i in (1, 2, 4, 5):
                 self.taps.append((len(blocks) - 1, c_out))
         self._blocks = nn.ModuleList(blocks)
         self.channels = [c for _, c in self.taps]
@@ -164,14 +164,14 @@ def _downsample(c_in: int, c_out: int, stride: int) -> nn.Module | None:
 
 
 class ResNet(nn.Module):
-    """Stem + layers 1..3; features after each layer (strides 4, 8, 16)."""
+    """Stem + layers 1..4; features after each layer (strides 4, 8, 16, 32)."""
 
     def __init__(self, block: type, layers: list[int], width: int = 64):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         c_in, self.channels = 64, []
-        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256)), start=1):
+        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
             blocks = []
             for j in range(n):
                 blocks.append(block(c_in, planes, 2 if (j == 0 and i > 1) else 1, width))
@@ -183,16 +183,17 @@ class ResNet(nn.Module):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         f1 = self.layer1(x)
         f2 = self.layer2(f1)
-        return [f1, f2, self.layer3(f2)]
+        f3 = self.layer3(f2)
+        return [f1, f2, f3, self.layer4(f3)]
 
 
 def resnet_checkpoint_filter(state_dict: dict, model: nn.Module) -> dict:
-    """torchvision and timm ResNet checkpoints share key names; unwrap and drop layer4/fc."""
+    """torchvision and timm ResNet checkpoints share key names; unwrap and drop the classifier (fc)."""
     for wrapper in ("state_dict", "model", "module"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
     out = {re.sub(r"^(module\.|model\.)", "", k): v for k, v in state_dict.items()}
-    return {k: v for k, v in out.items() if not k.startswith(("layer4.", "fc."))}
+    return {k: v for k, v in out.items() if not k.startswith("fc.")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +231,10 @@ BACKBONES: dict[str, BackboneSpec] = {
                                        bundled_weights=_lite0_path, **_TF_LITE),
     "efficientnet_lite2": BackboneSpec(lambda: EfficientNetLite(1.1, 1.2), effnet_checkpoint_filter,
                                        bundled_weights=_lite2_path, **_TF_LITE),
-    "resnet18": BackboneSpec(lambda: ResNet(BasicBlock, [2, 2, 2]), resnet_checkpoint_filter,
+    "resnet18": BackboneSpec(lambda: ResNet(BasicBlock, [2, 2, 2, 2]), resnet_checkpoint_filter,
                              weights_hint=_RESNET_HINT.format(name="resnet18", file="resnet18-f37072fd.pth"),
                              **_IMAGENET),
-    "wide_resnet50_2": BackboneSpec(lambda: ResNet(Bottleneck, [3, 4, 6], width=128),
+    "wide_resnet50_2": BackboneSpec(lambda: ResNet(Bottleneck, [3, 4, 6, 3], width=128),
                                     resnet_checkpoint_filter, **_IMAGENET,
                                     weights_hint=_RESNET_HINT.format(name="wide_resnet50_2",
                                                                      file="wide_resnet50_2-95faca4d.pth")),
@@ -241,9 +242,9 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 class Backbone(nn.Module):
-    """A frozen, eval-mode extractor: (B, 3, H, W) in [0, 1] -> three maps at strides 4, 8, 16."""
+    """A frozen, eval-mode extractor: (B, 3, H, W) in [0, 1] -> four maps at strides 4, 8, 16, 32."""
 
-    strides = (4, 8, 16)
+    strides = (4, 8, 16, 32)
 
     def __init__(self, name: str, net: nn.Module, mean, std):
         super().__init__()

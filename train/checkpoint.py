@@ -12,13 +12,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from train.cli import UserError
 from train.model import FastFlow, FlowConfig
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "save_model", "load_model", "checksum"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "save_model", "load_model", "load_model_bytes", "checksum"]
 
 FORMAT = "lineflow-model"
 FORMAT_VERSION = 1
@@ -62,8 +63,14 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FastFlow, d
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        return load_model_bytes(f, str(path), map_location)
+
+
+def load_model_bytes(file: BinaryIO, path: str, map_location: str = "cpu") -> tuple[FastFlow, dict]:
+    """load_model on an open binary file (an engine carries its model.pt); `path` names it in errors."""
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - the unpickler raises many types for damaged/unsafe files
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):

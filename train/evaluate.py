@@ -40,9 +40,9 @@ def predict(model: FastFlow, paths: list[Path], batch_size: int, device: torch.d
     size = (model.config.input_size,) * 2
     for i in range(0, len(paths), batch_size):
         zs, _ = model.flow([f[i:i + batch_size].to(device) for f in feats])
-        amap = model.anomaly_map(zs, size)
+        amap, score = model.score(zs, size)
         maps.append(amap.cpu().numpy())
-        scores.append(model.image_score(amap).cpu().numpy())
+        scores.append(score.cpu().numpy())
     return np.concatenate(maps).astype(np.float32), np.concatenate(scores)
 
 

@@ -37,7 +37,7 @@ __all__ = ["TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimis
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 15
+    epochs: int = 25
     batch_size: int = 16
     lr: float = 1e-3  # flow (Adam)
     weight_decay: float = 1e-5
@@ -99,7 +99,7 @@ def score_cached(model: FastFlow, feats: list[torch.Tensor], device: torch.devic
     for i in range(0, len(feats[0]), batch_size):
         zs, logdet = model.flow([f[i:i + batch_size].to(device) for f in feats])
         nll.append(model.nll_per_dim(zs, logdet).cpu())
-        scores.append(model.image_score(model.anomaly_map(zs, size)).cpu())
+        scores.append(model.score(zs, size)[1].cpu())
     return torch.cat(nll).numpy(), torch.cat(scores).numpy()
 
 
@@ -190,6 +190,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="combine scales in units of held-out good pixels, or as FastFlow's mean probability")
     p.add_argument("--image-score-top", type=float, default=m.image_score_top, metavar="FRACTION",
                    help="image score = mean of this fraction of the map's highest pixels; 0 = the max")
+    p.add_argument("--map-scales", default=m.map_scales, choices=["fine", "all"],
+                   help="the scales the anomaly map fuses: strides 4, 8, 16 (fine) or all four")
+    p.add_argument("--image-scales", default=m.image_scales, choices=["coarse", "coarsest", "all"],
+                   help="the map the image score reads: strides 16 + 32 (coarse), 32 only, or all four scales")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out split, initialisation and batch order")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where features and flow run")
     p.add_argument("--epoch-checkpoints", metavar="DIR",
@@ -202,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("input_size", "epochs", "batch_size", "flow_steps", "altub_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.input_size < 32 or args.input_size % 16:
-        raise UserError("--input-size must be a multiple of 16, at least 32 (features are taken at stride 16)")
     if not (args.lr > 0 and args.base_lr > 0 and args.hidden_ratio > 0 and args.blur_sigma >= 0):
         raise UserError("--lr, --base-lr and --hidden-ratio must be positive, --blur-sigma non-negative")
     out = Path(args.out)
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # FlowConfig checks its own fields; one place for the rules
         model_cfg = FlowConfig(backbone=args.backbone, input_size=args.input_size, flow_steps=args.flow_steps,
                                hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
-                               fusion=args.fusion, image_score_top=args.image_score_top,
+                               fusion=args.fusion, image_score_top=args.image_score_top, image_scales=args.image_scales,
+                               map_scales=args.map_scales,
                                feature_pool=args.feature_pool)
     except ValueError as e:
         raise UserError(f"invalid option: {e}") from None

@@ -1,10 +1,11 @@
 """FastFlow (Yu et al. 2021) with an AltUB base (Kim et al. 2022): the reference for what lineflow computes.
 
-    image -> frozen backbone -> 3 feature maps (strides 4, 8, 16)
+    image -> frozen backbone -> 4 feature maps (strides 4, 8, 16, 32)
           -> per scale: normalise -> N affine coupling steps -> z
           -> log-likelihood of z under N(mu_c, sigma_c^2) (learned per channel: AltUB)
-          -> per-pixel NLL per scale, in units of held-out good pixels -> upsample, mean over scales,
-             blur -> anomaly map; image score = mean of the map's top 1 %
+          -> per-pixel NLL per scale, in units of held-out good pixels -> upsample, mean over the
+             fine scales (strides 4, 8, 16), blur -> anomaly map; image score = mean of the top 1 %
+             of the same kind of map made from the coarse scales (strides 16 and 32)
 
 Training minimises the exact negative log-likelihood (with log|det J|); the anomaly map uses only
 the base log-likelihood of z, as FastFlow does.
@@ -128,6 +129,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 FUSIONS = ("normalised", "probability")
+IMAGE_SCALES = ("coarse", "coarsest", "all")
+MAP_SCALES = ("fine", "all")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class FlowConfig:
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
     fusion: str = "normalised"  # how scales are combined: "normalised" or "probability" (FastFlow's)
     image_score_top: float = 0.01  # image score = mean of this fraction of the map's highest pixels; 0 = max
+    map_scales: str = "fine"  # the scales the anomaly map fuses: "fine" (strides 4, 8, 16) or "all" four
+    image_scales: str = "coarse"  # the map the image score reads: "coarse" (strides 16 + 32), "coarsest" (32), "all"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +165,12 @@ class FlowConfig:
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if self.input_size < 64 or self.input_size % 32:
+            raise ValueError("input_size must be a multiple of 32, at least 64 (features are taken at stride 32)")
+        if self.map_scales not in MAP_SCALES:
+            raise ValueError(f"map_scales must be one of {MAP_SCALES}, not {self.map_scales!r}")
+        if self.image_scales not in IMAGE_SCALES:
+            raise ValueError(f"image_scales must be one of {IMAGE_SCALES}, not {self.image_scales!r}")
         if not 0 <= self.image_score_top < 1:
             raise ValueError("image_score_top must be in [0, 1)")
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
@@ -189,7 +200,7 @@ class FastFlow(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) in [0, 1] -> frozen backbone maps at strides 4, 8, 16, neighbourhood-averaged.
+        """(B, 3, H, W) in [0, 1] -> frozen backbone maps at strides 4, 8, 16, 32, neighbourhood-averaged.
 
         The k x k average (PatchCore's local aggregation) gives each position its surroundings'
         context, so one odd feature vector in a normal neighbourhood counts less than a patch of them.
@@ -230,22 +241,47 @@ class FastFlow(nn.Module):
         """Per scale, 0.5 * mean_c ((z - mu_c) / sigma_c)^2: the base NLL per channel without its constant."""
         return [0.5 * base.standardise(z).pow(2).mean(dim=1) for z, base in zip(zs, self.bases)]  # [(B, h, w)]
 
-    def anomaly_map(self, zs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    def anomaly_map(self, zs: list[torch.Tensor], size: tuple[int, int],
+                    scales: list[int] | None = None) -> torch.Tensor:
         """z per scale -> (B, H, W) map, higher = more anomalous; upsampled bilinearly, then blurred.
 
         fusion "normalised" (default): each scale's pixel NLL in units of held-out good pixels,
         (nll - median) / (q99 - median), averaged over scales: 0 is a typical good pixel, 1 the 99th
         percentile, whatever the scale's channel count. fusion "probability" (FastFlow's): map =
-        1 - mean over scales of exp(-nll), in [0, 1).
+        1 - mean over scales of exp(-nll), in [0, 1). `scales`: which scales to fuse (default: `map_scales`).
         """
+        scales = self.map_scale_indices() if scales is None else scales
+        nlls = self.pixel_nll(zs)
         fused = 0.0
-        for nll, (median, q99) in zip(self.pixel_nll(zs), self.scale_stats):
+        for s in scales:
+            nll, (median, q99) = nlls[s], self.scale_stats[s]
             per_scale = (nll - median) / (q99 - median) if self.config.fusion == "normalised" else -torch.exp(-nll)
             fused = fused + F.interpolate(per_scale[:, None], size=size, mode="bilinear", align_corners=False)
-        fused = fused[:, 0] / len(zs)  # (B, H, W)
+        fused = fused[:, 0] / len(scales)  # (B, H, W)
         if self.config.fusion == "probability":
             fused = 1.0 + fused
         return gaussian_blur(fused, self.config.blur_sigma)
+
+    def map_scale_indices(self) -> list[int]:
+        """The scales the anomaly map fuses: "fine" = strides 4, 8, 16; "all" adds stride 32.
+
+        A stride-32 cell is 32 px wide (a quarter of a 128 px image): it blurs small defects. Without
+        it pixel AUROC / AUPRO on the demo set rise from 0.82 / 0.53 to 0.89 / 0.70; on MTD pixel AUROC
+        moves from 0.965 to 0.963 (README).
+        """
+        n = len(self.flows)
+        return list(range(n - 1)) if self.config.map_scales == "fine" else list(range(n))
+
+    def image_scale_indices(self) -> list[int]:
+        """The scales the image score reads: "coarse" = strides 16 and 32, "coarsest" = 32, "all".
+
+        Coarse features see a wide context, and a defect changes a part's look there; the fine scales
+        also light up on harmless texture. On MTD the coarse pair ranks images at 0.97 against 0.92
+        for all four scales; on the synthetic demo set all four win (0.86 against 0.79), and the
+        coarse pair beats stride 32 alone on both (README).
+        """
+        n = len(self.flows)
+        return {"coarse": [n - 2, n - 1], "coarsest": [n - 1], "all": list(range(n))}[self.config.image_scales]
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:
         """(B, H, W) -> (B,): the mean of the top `image_score_top` fraction of pixels (the max when 0)."""
@@ -253,9 +289,15 @@ class FastFlow(nn.Module):
         k = max(1, int(round(self.config.image_score_top * flat.shape[1])))
         return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)
 
+    def score(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """z per scale -> anomaly maps (B, H, W) from `map_scales`, image scores (B,) from `image_scales`."""
+        amap = self.anomaly_map(zs, size)
+        scales = self.image_scale_indices()
+        score_map = amap if scales == self.map_scale_indices() else self.anomaly_map(zs, size, scales)
+        return amap, self.image_score(score_map)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [0, 1] -> anomaly maps (B, H, W) and image scores (B,)."""
         zs, _ = self.flow(self.features(images))
-        amap = self.anomaly_map(zs, images.shape[-2:])
-        return amap, self.image_score(amap)
+        return self.score(zs, images.shape[-2:])

@@ -1,0 +1,130 @@
+"""Runtime backends behind one interface: built once by engine.build, loaded here to run many times.
+
+A backend takes (B, 3, S, S) float32 images in [0, 1] and returns the anomaly maps (B, S, S) and the
+image scores (B,). Each loader imports only its own runtime, and only when asked for it.
+
+- onnxruntime: the ONNX graph, CPU (or CUDA where onnxruntime-gpu is installed).
+- openvino: the same ONNX graph compiled by OpenVINO for this CPU, at the precision the build chose.
+- tensorrt: a serialised TensorRT plan (NVIDIA GPUs; written against the TensorRT 10 Python API; not
+  run here: TensorRT cannot be installed on our machines).
+- torch: the PyTorch reference itself, rebuilt from the model.pt bytes the engine carries.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from engine.format import EngineFileError
+
+__all__ = ["Backend", "BACKENDS", "available_backends", "load_backend"]
+
+Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+BACKENDS = ("openvino", "onnxruntime", "tensorrt", "torch")
+_MODULE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch"}
+
+
+def available_backends() -> list[str]:
+    """Backends whose runtime is installed here (TensorRT also needs a CUDA device to run)."""
+    return [b for b in BACKENDS if importlib.util.find_spec(_MODULE[b]) is not None]
+
+
+def _threads(threads: int | None) -> int:
+    if threads:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _onnxruntime(header: dict, sections: dict[str, bytes], threads: int | None) -> Backend:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = _threads(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(sections["onnx"], opts, providers=providers)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = session.run(None, {"images": images})
+        return amap, score
+    return run
+
+
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def _openvino(header: dict, sections: dict[str, bytes], threads: int | None) -> Backend:
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(sections["onnx"], b"")
+    config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[header["precision"]],
+              "INFERENCE_NUM_THREADS": _threads(threads), "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = request.infer({0: images})
+        return np.array(out[compiled.output(0)]), np.array(out[compiled.output(1)])
+    return run
+
+
+def _tensorrt(header: dict, sections: dict[str, bytes], threads: int | None) -> Backend:
+    import tensorrt as trt
+    import torch  # CUDA buffers; the CUDA path carries PyTorch anyway
+    if not torch.cuda.is_available():
+        raise EngineFileError("this engine was built for TensorRT, which needs an NVIDIA GPU; none is visible")
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    plan = runtime.deserialize_cuda_engine(sections["tensorrt_plan"])
+    if plan is None:
+        raise EngineFileError("TensorRT could not deserialise the plan (built with another TensorRT or GPU?)")
+    context = plan.create_execution_context()
+    stream = torch.cuda.Stream()
+    size = header["input_size"]
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(images).cuda(non_blocking=True)
+        amap = torch.empty((len(images), size, size), dtype=torch.float32, device="cuda")
+        score = torch.empty((len(images),), dtype=torch.float32, device="cuda")
+        context.set_input_shape("images", tuple(x.shape))
+        for name, t in (("images", x), ("anomaly_map", amap), ("score", score)):
+            context.set_tensor_address(name, t.data_ptr())
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return amap.cpu().numpy(), score.cpu().numpy()
+    return run
+
+
+def _torch(header: dict, sections: dict[str, bytes], threads: int | None) -> Backend:
+    import torch
+
+    from train.checkpoint import load_model_bytes
+    if threads:
+        torch.set_num_threads(threads)
+    model, _ = load_model_bytes(io.BytesIO(sections["model"]), "engine's model section")
+    device = torch.device("cuda" if torch.cuda.is_available() and header.get("device") == "cuda" else "cpu")
+    model = model.to(device).eval()
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            amap, score = model(torch.from_numpy(images).to(device))
+        return amap.cpu().numpy(), score.cpu().numpy()
+    return run
+
+
+_LOADERS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt, "torch": _torch}
+
+
+def load_backend(header: dict, sections: dict[str, bytes], threads: int | None = None) -> Backend:
+    name = header.get("backend")
+    if name not in _LOADERS:
+        raise EngineFileError(f"unknown backend {name!r} in the engine header")
+    if importlib.util.find_spec(_MODULE[name]) is None:
+        raise EngineFileError(f"this engine was built for {name}, which is not installed here "
+                              f"(installed: {', '.join(available_backends()) or 'none'}); "
+                              f"install it or rebuild with --backend {'/'.join(available_backends()) or '...'}")
+    return _LOADERS[name](header, sections, threads)

@@ -1,0 +1,246 @@
+"""python -m engine.build model.pt: compile a trained model into one engine file for fast scoring.
+
+Slow, once, may import everything: folds the model into its inference graph (engine/graph.py), checks
+the graph against the PyTorch reference, exports ONNX (opset 17), compiles it for a backend, checks
+the compiled engine against the reference again, and writes the engine file (engine/format.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import statistics
+import time
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.backends import BACKENDS, available_backends, load_backend
+from engine.format import write_engine
+from engine.graph import InferenceGraph
+from engine.preprocess import frames_to_input
+from train.checkpoint import load_model_bytes
+from train.cli import UserError, run_cli
+from train.images import images_in, read_image
+from train.model import FastFlow
+
+__all__ = ["build_engine", "export_onnx", "main"]
+
+GRAPH_TOLERANCE = 1e-4  # max |map difference|, folded graph or fp32 engine vs the reference (relative above 1)
+LOW_PRECISION_TOLERANCE = {"score": 0.02, "map": 0.1}  # bf16/fp16 vs fp32, in map units (1 = q99 of good pixels)
+
+
+def export_onnx(graph: InferenceGraph, batch: int | None) -> bytes:
+    """The inference graph as ONNX (opset 17); batch None = dynamic batch dimension."""
+    x = torch.rand(batch or 2, 3, graph.size, graph.size)
+    buf = io.BytesIO()
+    dynamic = None if batch else {"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints: sizes are fixed on purpose
+        torch.onnx.export(graph, (x,), buf, dynamo=False, opset_version=17, input_names=["images"],
+                          output_names=["anomaly_map", "score"], dynamic_axes=dynamic)
+    return buf.getvalue()
+
+
+def _calibration_images(calib: str | None, size: int, limit: int = 32) -> tuple[np.ndarray, str]:
+    """Real images for the build's checks: --calib DIR, else random images (said so in the header)."""
+    if calib is None:
+        rng = np.random.default_rng(0)
+        return rng.random((4, 3, size, size), dtype=np.float32), "4 random images (no --calib given)"
+    folder = Path(calib)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: --calib needs a folder of good images")
+    paths = images_in(folder)
+    if not paths:
+        raise UserError(f"{folder}: no images found for --calib")
+    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    return frames_to_input([read_image(p) for p in paths], size), f"{len(paths)} images from {folder}"
+
+
+def _compare(run, ref_maps: np.ndarray, ref_scores: np.ndarray, images: np.ndarray, batch: int | None) -> dict:
+    step = batch or 8
+    maps, scores = [], []
+    for i in range(0, len(images), step):
+        chunk = images[i:i + step]
+        n = len(chunk)
+        if batch and n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        m, s = run(np.ascontiguousarray(chunk))
+        maps.append(m[:n])
+        scores.append(s[:n])
+    maps, scores = np.concatenate(maps), np.concatenate(scores)
+    # in map units, relative where the map exceeds 1: float32 keeps ~7 digits, and a random image
+    # scores in the hundreds (good images stay near 0..1, where this is the absolute difference)
+    map_scale = np.maximum(1.0, np.abs(ref_maps).reshape(len(ref_maps), -1).max(axis=1))
+    map_diff = np.abs(maps - ref_maps).reshape(len(maps), -1).max(axis=1) / map_scale
+    score_diff = np.abs(scores - ref_scores) / np.maximum(1.0, np.abs(ref_scores))
+    return {"max_map_diff": float(map_diff.max()), "max_score_diff": float(score_diff.max())}
+
+
+def _median_ms(run, image: np.ndarray, repeats: int = 5) -> float:
+    run(image)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(image)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _tensorrt_plan(onnx: bytes, precision: str, batch: int | None, size: int, max_batch: int = 32) -> bytes:
+    """ONNX -> serialised TensorRT plan (TensorRT 10/11 Python API). Not run on our machines."""
+    import tensorrt as trt
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10+
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT could not parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 2 << 30)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    lo, hi = (batch, batch) if batch else (1, max_batch)
+    profile.set_shape("images", (lo, 3, size, size), (hi if batch else 8, 3, size, size), (hi, 3, size, size))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError("TensorRT failed to build the engine (see its log above)")
+    return bytes(plan)
+
+
+def _sections(backend: str, precision: str, model_bytes: bytes, onnx: bytes, batch: int | None,
+              size: int) -> dict[str, bytes]:
+    if backend == "torch":
+        return {"model": model_bytes}
+    if backend == "tensorrt":
+        return {"tensorrt_plan": _tensorrt_plan(onnx, precision, batch, size)}
+    return {"onnx": onnx}
+
+
+def _pick_auto(candidates: list[str], header: dict, onnx: bytes, model_bytes: bytes,
+               image: np.ndarray) -> tuple[str, dict]:
+    """Time each installed CPU backend on this machine (batch 1, median of 5) and take the fastest."""
+    timings = {}
+    for name in candidates:
+        sections = _sections(name, "fp32", model_bytes, onnx, None, header["input_size"])
+        run = load_backend({**header, "backend": name, "precision": "fp32"}, sections)
+        timings[name] = _median_ms(run, image)
+        print(f"  {name:12s} {timings[name]:8.1f} ms/frame (batch 1, fp32)")
+    return min(timings, key=timings.get), timings
+
+
+def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: Path, backend: str = "auto",
+                 precision: str = "auto", batch: int | None = None, calib: str | None = None) -> dict:
+    """Build and write the engine; returns its header (what was checked, with numbers)."""
+    size = model.config.input_size
+    graph = InferenceGraph(model).eval()
+    images, calib_desc = _calibration_images(calib, size)
+    rng = np.random.default_rng(1)
+    check_images = np.concatenate([images, rng.random((2, 3, size, size), dtype=np.float32)])
+    with torch.no_grad():
+        ref_maps, ref_scores = (t.numpy() for t in model(torch.from_numpy(check_images)))
+        graph_check = _compare(lambda x: tuple(t.numpy() for t in graph(torch.from_numpy(x))), ref_maps, ref_scores,
+                               check_images, None)
+    print(f"folded graph vs PyTorch reference: max |map diff| {graph_check['max_map_diff']:.2e}, "
+          f"max |score diff| {graph_check['max_score_diff']:.2e} ({calib_desc} + 2 random)")
+    if graph_check["max_map_diff"] > GRAPH_TOLERANCE or graph_check["max_score_diff"] > GRAPH_TOLERANCE:
+        raise RuntimeError(f"the folded inference graph disagrees with the reference beyond {GRAPH_TOLERANCE}: "
+                           f"{graph_check}; this is a lineflow bug, please report it")
+    onnx = export_onnx(graph, batch)
+    threshold = meta.get("threshold", {}).get("threshold")
+    if threshold is None:
+        raise UserError("model.pt has no decision threshold (train it with python -m train.fit)")
+    header = {"input_size": size, "threshold": threshold, "batch": batch, "model_config": model.config.to_dict(),
+              "model_threshold": meta.get("threshold"), "created": datetime.now(UTC).isoformat(),
+              "built_on": {"python": platform.python_version(), "machine": platform.machine(),
+                           "torch": torch.__version__},
+              "checks": {"graph_vs_reference": graph_check, "check_images": calib_desc}}
+    installed = available_backends()
+    if backend == "auto":
+        if "tensorrt" in installed and torch.cuda.is_available():
+            backend = "tensorrt"
+        else:
+            cpu = [b for b in ("openvino", "onnxruntime") if b in installed] or ["torch"]
+            print("auto: timing the installed CPU backends")
+            backend, timings = _pick_auto(cpu, header, onnx, model_bytes, check_images[:1])
+            header["checks"]["auto_timings_ms"] = timings
+    elif backend not in installed:
+        raise UserError(f"backend {backend} is not installed here (installed: {', '.join(installed)})")
+    if backend == "tensorrt" and not torch.cuda.is_available():
+        raise UserError("backend tensorrt needs an NVIDIA GPU; none is visible to PyTorch")
+
+    allowed = {"openvino": ["fp32", "bf16", "fp16"], "onnxruntime": ["fp32"], "torch": ["fp32"],
+               "tensorrt": ["fp32", "fp16", "bf16"]}[backend]
+    if precision != "auto" and precision not in allowed:
+        raise UserError(f"--precision {precision} is not available for {backend} (choose from {', '.join(allowed)})")
+    candidates = [precision] if precision != "auto" else [p for p in ("bf16", "fp16") if p in allowed][:1] + ["fp32"]
+    for prec in candidates:
+        sections = _sections(backend, prec, model_bytes, onnx, batch, size)
+        run = load_backend({**header, "backend": backend, "precision": prec}, sections)
+        check = _compare(run, ref_maps, ref_scores, check_images, batch)
+        tol = {"score": GRAPH_TOLERANCE, "map": GRAPH_TOLERANCE} if prec == "fp32" else LOW_PRECISION_TOLERANCE
+        ok = check["max_score_diff"] <= tol["score"] and check["max_map_diff"] <= tol["map"]
+        print(f"{backend} {prec} vs PyTorch reference: max |map diff| {check['max_map_diff']:.2e}, "
+              f"max |score diff| {check['max_score_diff']:.2e} (tolerance {tol['map']:g} / {tol['score']:g}): "
+              f"{'ok' if ok else 'outside tolerance'}")
+        header["checks"][f"{backend}_{prec}_vs_reference"] = {**check, "tolerance": tol, "ok": ok}
+        if ok:
+            break
+        if prec == "fp32" or precision != "auto":
+            raise RuntimeError(f"{backend} {prec} disagrees with the PyTorch reference beyond tolerance: {check}")
+        print(f"  {prec} is outside tolerance: falling back to fp32")
+    header.update(backend=backend, precision=prec)
+    header["checks"]["ms_per_frame_batch1"] = _median_ms(run, check_images[:1] if not batch else check_images[:batch])
+    write_engine(out, header, sections)
+    return header
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="model.pt written by python -m train.fit")
+    p.add_argument("-o", "--out", help="engine file to write (default: the model's name with .engine)")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="auto: TensorRT on an NVIDIA GPU, else the fastest installed CPU backend, timed here")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16/fp16 where the backend offers it and it stays within tolerance of fp32 "
+                        "on the check images, else fp32")
+    p.add_argument("--batch", type=int, default=0, help="fixed batch size; 0 = any batch size")
+    p.add_argument("--calib", metavar="DIR", help="folder of good images for the accuracy checks "
+                   "(default: random images, which check the arithmetic but not real-image precision)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    model_path = Path(args.model)
+    out = Path(args.out) if args.out else model_path.with_suffix(".engine")
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; -o takes a file name")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"{out.parent}: folder does not exist")
+    if args.batch < 0:
+        raise UserError("--batch must be 0 (any) or a positive batch size")
+    if not model_path.is_file():
+        raise UserError(f"{model_path}: no such file")
+    model_bytes = model_path.read_bytes()  # read once: the engine carries exactly what was checked
+    model, meta = load_model_bytes(io.BytesIO(model_bytes), str(model_path))
+    t0 = time.perf_counter()
+    header = build_engine(model, meta, model_bytes, out, args.backend, args.precision, args.batch or None, args.calib)
+    print(f"wrote {out}: {header['backend']} {header['precision']}, {header['input_size']} px, "
+          f"batch {header['batch'] or 'any'}, threshold {header['threshold']:.4f}, "
+          f"{header['checks']['ms_per_frame_batch1']:.1f} ms/frame here ({time.perf_counter() - t0:.0f} s to build)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,87 @@
+"""The engine file: one self-checking container for a compiled model and everything needed to run it.
+
+    b"LFENGINE" | u32 format version | u64 header length | header (JSON) | sections... | SHA-256 of all before
+
+The header names each section (ONNX graph, serialised TensorRT plan, ...) with its offset, length and
+SHA-256, and carries the model's settings (input size, threshold, precision and the build's own
+accuracy check). Nothing in it is executable: sections are bytes handed to a backend's parser, and
+the header is plain JSON. Standard library only: the runtime must stay lean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from train.cli import UserError
+
+__all__ = ["MAGIC", "FORMAT_VERSION", "EngineFileError", "write_engine", "read_engine"]
+
+MAGIC = b"LFENGINE"
+FORMAT_VERSION = 1
+_FIXED = struct.Struct("<8sIQ")  # magic, version, header length
+
+
+class EngineFileError(UserError):
+    """The engine file is missing, damaged, from another format version or not an engine file."""
+
+
+def write_engine(path: str | Path, header: dict, sections: dict[str, bytes]) -> None:
+    """Write atomically (temporary file in the same folder, then rename): never a partial engine."""
+    path = Path(path)
+    offset, table = 0, []
+    for name, data in sections.items():
+        table.append({"name": name, "offset": offset, "length": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        offset += len(data)
+    head = json.dumps({**header, "format_version": FORMAT_VERSION, "sections": table}, sort_keys=True).encode()
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in (_FIXED.pack(MAGIC, FORMAT_VERSION, len(head)), head, *sections.values()):
+                f.write(chunk)
+                digest.update(chunk)
+            f.write(digest.digest())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_engine(path: str | Path) -> tuple[dict, dict[str, bytes]]:
+    """-> (header, sections), every checksum verified; EngineFileError names the file and the problem."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise EngineFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise EngineFileError(f"{path}: is a folder, not an engine file") from None
+    except OSError as e:
+        raise EngineFileError(f"{path}: cannot read ({e.strerror})") from None
+    if len(blob) < _FIXED.size + 32 or blob[:8] != MAGIC:
+        raise EngineFileError(f"{path}: not a lineflow engine file (build one with python -m engine.build model.pt)")
+    _, version, head_len = _FIXED.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise EngineFileError(f"{path}: engine format version {version}; this lineflow reads version "
+                              f"{FORMAT_VERSION}: rebuild it with this lineflow's python -m engine.build")
+    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        raise EngineFileError(f"{path}: damaged (checksum mismatch): the file was truncated or altered; rebuild it")
+    body_start = _FIXED.size + head_len
+    try:
+        header = json.loads(blob[_FIXED.size:body_start])
+        sections = {}
+        for s in header["sections"]:
+            data = blob[body_start + s["offset"]:body_start + s["offset"] + s["length"]]
+            if len(data) != s["length"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
+                raise EngineFileError(f"{path}: section {s['name']!r} is damaged; rebuild the engine")
+            sections[s["name"]] = data
+    except EngineFileError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise EngineFileError(f"{path}: malformed engine header ({type(e).__name__}); rebuild the engine") from None
+    return header, sections

@@ -1,0 +1,146 @@
+"""The inference graph: FastFlow's scoring path with every constant folded in (build side; imports torch).
+
+Training needs log|det J| and the flow's parameters in the form the optimiser moves them; scoring
+needs neither. Per scale the reference computes
+
+    x = LayerNorm(f) * e^l + b                       (FeatureNorm)
+    per step: y2 = x2 * e^clamp(s) + t; y = permute(cat(x1, y2) * e^g + h)
+    map = 0.5 / C * sum_c ((z_c - mu_c) / sigma_c)^2, in units of held-out good pixels
+
+Here the state X of a scale holds each channel in "pending affine" form: the logical channel j is
+a_j * X[idx_j] + c_j. A step's global affine on x1 and every permutation only update (a, c, idx),
+bookkeeping at build time; the global affine on y2 folds into the t-rows of the subnet's last conv
+and the log-scale of the coupling; the pending affine of x1 folds into the first conv (scale into
+its weights, shift into a constant bias map, exact at zero-padded borders); AltUB's mean and
+scale, the 0.5 / C and the per-scale normalisation fold into one (A * X + B)^2 sum. What remains per
+step is two channel gathers, two convolutions, one clamp and one multiply-add.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train.model import CouplingStep, FastFlow, gaussian_blur, soft_clamp
+
+__all__ = ["InferenceGraph", "FoldedStep", "FoldedScale"]
+
+
+class FoldedStep(nn.Module):
+    """One coupling step on the stored state: gathers, two convs, clamp, multiply-add."""
+
+    def __init__(self, step: CouplingStep, idx: torch.Tensor, a: torch.Tensor, c: torch.Tensor, hw: tuple[int, int]):
+        super().__init__()
+        c1, c2 = step.c1, step.c2
+        conv1, conv2 = step.subnet[0], step.subnet[2]
+        self.kernel, self.clamp = conv1.kernel_size[0], step.clamp
+        g, h = step.global_log_scale.detach(), step.global_bias.detach()
+        # first conv sees x1 = a1 * X[idx1] + c1: scale into the weights, shift through the conv as a
+        # constant map (zero padding makes it vary at the borders, so it is a map, not a vector)
+        a1, c1_shift = a[:c1], c[:c1]
+        w1 = conv1.weight.detach() * a1.view(1, -1, 1, 1)
+        shift_map = F.conv2d(c1_shift.view(1, -1, 1, 1).expand(1, c1, *hw), conv1.weight.detach(),
+                             conv1.bias.detach(), padding=self.kernel // 2)
+        # last conv: rows [0, c2) give s, rows [c2, 2 c2) give t; fold y2's global affine into t
+        w2, b2 = conv2.weight.detach().clone(), conv2.bias.detach().clone()
+        e_g2 = g[c1:].exp()
+        w2[c2:] *= e_g2.view(-1, 1, 1, 1)
+        b2[c2:] = b2[c2:] * e_g2 + h[c1:]
+        self.register_buffer("idx1", idx[:c1].clone())
+        self.register_buffer("idx2", idx[c1:].clone())
+        self.register_buffer("w1", w1)
+        self.register_buffer("bias_map1", shift_map)  # (1, hidden, H, W)
+        self.register_buffer("w2", w2)
+        self.register_buffer("b2", b2)
+        self.register_buffer("g2", g[c1:].view(1, -1, 1, 1).clone())
+        self.register_buffer("a2", a[c1:].view(1, -1, 1, 1).clone())
+        self.register_buffer("c2", c[c1:].view(1, -1, 1, 1).clone())
+        self.c2_channels = c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = x.index_select(1, self.idx1)
+        x2 = x.index_select(1, self.idx2) * self.a2 + self.c2
+        hidden = F.relu(F.conv2d(x1, self.w1, None, padding=self.kernel // 2) + self.bias_map1)
+        s, t = F.conv2d(hidden, self.w2, self.b2, padding=self.kernel // 2).split(self.c2_channels, dim=1)
+        y2 = x2 * (soft_clamp(s, self.clamp) + self.g2).exp() + t
+        return torch.cat([x1, y2], dim=1)
+
+
+class FoldedScale(nn.Module):
+    """One scale: LayerNorm, folded steps, then the map (A * X + B)^2 summed over channels, minus m."""
+
+    def __init__(self, model: FastFlow, s: int, hw: tuple[int, int]):
+        super().__init__()
+        norm, steps, base = model.norms[s], model.flows[s], model.bases[s]
+        channels = norm.bias.numel()
+        idx = torch.arange(channels)
+        a, c = norm.log_scale.detach().exp(), norm.bias.detach().clone()
+        folded = []
+        for step in steps:
+            folded.append(FoldedStep(step, idx, a, c, hw))
+            c1 = step.c1
+            g, h = step.global_log_scale.detach(), step.global_bias.detach()
+            # stored order after the step: [x1 (same values), y2 (true values)]
+            a_pre = torch.cat([a[:c1] * g[:c1].exp(), torch.ones(channels - c1)])
+            c_pre = torch.cat([c[:c1] * g[:c1].exp() + h[:c1], torch.zeros(channels - c1)])
+            # the permutation: logical j <- pre-permutation channel perm[j], stored at position perm[j]
+            idx, a, c = step.perm.clone(), a_pre[step.perm], c_pre[step.perm]
+        self.steps = nn.ModuleList(folded)
+        # z_j = a_j X[idx_j] + c_j; u_j = (z_j - mu_j) / sigma_j; map = (0.5 / C * sum u^2 - med) / (q99 - med)
+        median, q99 = (float(v) for v in model.scale_stats[s])
+        inv_sigma = (-base.log_scale.detach()).exp()
+        k = (0.5 / channels / (q99 - median)) ** 0.5
+        alpha, beta = a * inv_sigma * k, (c - base.mean.detach()) * inv_sigma * k
+        # back to stored order: stored channel idx_j carries logical j
+        order = torch.argsort(idx)
+        self.register_buffer("alpha", alpha[order].view(1, -1, 1, 1).clone())
+        self.register_buffer("beta", beta[order].view(1, -1, 1, 1).clone())
+        self.offset = median / (q99 - median)
+        self.norm_shape = (channels, *hw)  # fixed: the graph is built for one input size
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(feat, self.norm_shape)
+        for step in self.steps:
+            x = step(x)
+        return (x * self.alpha + self.beta).pow(2).sum(dim=1, keepdim=True) - self.offset  # (B, 1, h, w)
+
+
+class InferenceGraph(nn.Module):
+    """(B, 3, S, S) images in [0, 1] -> anomaly map (B, S, S) and image score (B,), as FastFlow.forward."""
+
+    def __init__(self, model: FastFlow):
+        super().__init__()
+        cfg = model.config
+        if cfg.fusion != "normalised":
+            raise ValueError(f"the engine implements fusion 'normalised'; this model uses {cfg.fusion!r}")
+        self.size, self.sigma = cfg.input_size, cfg.blur_sigma
+        self.backbone, self.pool = model.backbone, cfg.feature_pool
+        self.map_scales, self.image_scales = model.map_scale_indices(), model.image_scale_indices()
+        used = sorted(set(self.map_scales) | set(self.image_scales))  # a scale neither map reads is not computed
+        strides = self.backbone.strides
+        self.scales = nn.ModuleDict(
+            {str(s): FoldedScale(model, s, (self.size // strides[s], self.size // strides[s])) for s in used})
+        self.top_k = max(1, int(round(cfg.image_score_top * self.size * self.size)))
+
+    def per_scale(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        feats = self.backbone(images)
+        size = (self.size, self.size)
+        out = {}
+        for key, scale in self.scales.items():
+            f = feats[int(key)]
+            if self.pool > 1:
+                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
+            out[int(key)] = F.interpolate(scale(f), size=size, mode="bilinear", align_corners=False)
+        return out
+
+    def _fused(self, maps: dict[int, torch.Tensor], scales: list[int]) -> torch.Tensor:
+        return gaussian_blur(torch.cat([maps[s] for s in scales], dim=1).mean(dim=1), self.sigma)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.per_scale(images)
+        amap = self._fused(maps, self.map_scales)
+        score_map = amap if self.image_scales == self.map_scales else self._fused(maps, self.image_scales)
+        flat = score_map.flatten(1)
+        score = flat.amax(dim=1) if self.top_k == 1 else flat.topk(self.top_k, dim=1).values.mean(dim=1)
+        return amap, score

@@ -1,0 +1,86 @@
+"""Frames to model input and maps back to frame size, in numpy: PyTorch's resizes as matrices.
+
+Bilinear resizing (align_corners=False, antialiased when shrinking) is separable and linear, so for a
+given frame size it is two small matrices: resized = R_h @ frame @ R_w^T. The weights reproduce
+`F.interpolate(..., mode="bilinear", antialias=True)` to float rounding (tested), so the engine sees
+exactly the pixels the PyTorch reference saw, without importing torch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["resize_matrix", "to_rgb_float", "frames_to_input", "resize_map"]
+
+
+@lru_cache(maxsize=64)
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of PyTorch's bilinear resize, antialiased when n_out < n_in."""
+    scale = n_in / n_out
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    if scale > 1:  # triangle filter stretched over `scale` input pixels (PyTorch's antialias path)
+        for i in range(n_out):
+            center = scale * (i + 0.5)
+            lo, hi = max(int(center - scale + 0.5), 0), min(int(center + scale + 0.5), n_in)
+            j = np.arange(lo, hi)
+            w = np.maximum(0.0, 1.0 - np.abs((j - center + 0.5) / scale))
+            m[i, lo:hi] = w / w.sum()
+    else:
+        src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+        j0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        j1 = np.minimum(j0 + 1, n_in - 1)
+        frac = src - j0
+        np.add.at(m, (np.arange(n_out), j0), 1 - frac)
+        np.add.at(m, (np.arange(n_out), j1), frac)
+    m = m.astype(np.float32)
+    m.flags.writeable = False
+    return m
+
+
+def to_rgb_float(frame: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """A frame -> (H, W, 3) float32 RGB in [0, 1].
+
+    uint8 / uint16 / float in [0, 1]; HxW gray, HxWx1, HxWx3 (RGB, or BGR with bgr=True), HxWx4 (alpha dropped).
+    """
+    a = np.asarray(frame)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"frame of shape {a.shape}: expected HxW, HxWx1, HxWx3 or HxWx4")
+    a = a[:, :, :3]
+    if bgr:
+        a = a[:, :, ::-1]
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("frame holds NaN or infinite values")
+        return np.clip(a, 0.0, 1.0).astype(np.float32)
+    raise ValueError(f"frame dtype {a.dtype}: expected uint8, uint16 or float in [0, 1]")
+
+
+def frames_to_input(frames: list[np.ndarray], size: int) -> np.ndarray:
+    """RGB float frames (H, W, 3) -> (B, 3, size, size) float32, as train.data.to_model_input."""
+    out = np.empty((len(frames), 3, size, size), dtype=np.float32)
+    for i, f in enumerate(frames):
+        h, w = f.shape[:2]
+        if (h, w) == (size, size):
+            out[i] = f.transpose(2, 0, 1)
+            continue
+        rows = resize_matrix(h, size) @ f.reshape(h, w * 3)  # (size, w*3)
+        rows = rows.reshape(size, w, 3).transpose(2, 0, 1)  # (3, size, w)
+        np.clip(rows @ resize_matrix(w, size).T, 0.0, 1.0, out=out[i])
+    return out
+
+
+def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(S, S) map -> (H, W) float32: bilinear, antialiased when the frame is smaller than S."""
+    if amap.shape == tuple(hw):
+        return amap.astype(np.float32, copy=False)
+    return resize_matrix(amap.shape[0], hw[0]) @ amap @ resize_matrix(amap.shape[1], hw[1]).T

@@ -1,0 +1,100 @@
+"""python -m engine.run model.engine --source SRC: score every frame of a camera, video, stream or image folder.
+
+Prints a live status line (frames/s, latency p50/p99, drops) on stderr and one JSON line per frame to
+--out (flushed as written). SRC: camera:N or /dev/videoN, rtsp:// or http:// stream, a video file, a
+folder of images, or one image file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import threading
+import time
+from pathlib import Path
+
+from engine.runtime import Engine
+from engine.sinks import JsonlSink, MapSink, VideoSink
+from engine.stream import POLICIES, StreamStats, run
+from train.cli import UserError, run_cli
+
+__all__ = ["main"]
+
+
+def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> None:
+    while not stop.wait(period):
+        print(f"\r{stats.line()}", end="", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("engine", help="engine file written by python -m engine.build")
+    p.add_argument("--source", required=True, help="camera:N, /dev/videoN, rtsp/http URL, video file, image folder "
+                   "or image file")
+    p.add_argument("--out", metavar="RESULTS.jsonl", help="one JSON line per frame: index, source, timestamp, "
+                   "score and is_anomalous (or error)")
+    p.add_argument("--save-maps", metavar="DIR", help="write a heat-map overlay PNG per frame into DIR")
+    p.add_argument("--overlay-video", metavar="OUT.mp4", help="write an MP4 of heat-map overlays")
+    p.add_argument("--max-fps", type=float, help="read the source no faster than this (frames/s)")
+    p.add_argument("--batch", type=int, default=1, help="frames per inference call, at most (waiting frames "
+                   "are batched; 1 = lowest latency)")
+    p.add_argument("--policy", choices=POLICIES, help="when inference lags the source: drop the oldest waiting "
+                   "frame (default for cameras/streams) or block the reader (default for files)")
+    p.add_argument("--threads", type=int, help="backend threads (default: all cores this process may use)")
+    p.add_argument("--quiet", action="store_true", help="no status line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch < 1:
+        raise UserError("--batch must be at least 1")
+    if args.max_fps is not None and args.max_fps <= 0:
+        raise UserError("--max-fps must be positive")
+    for opt, path in (("--out", args.out), ("--overlay-video", args.overlay_video)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{opt} {path}: folder {Path(path).parent} does not exist")
+    engine = Engine(args.engine, args.threads)  # a bad engine fails here, before any output exists
+    with_maps = bool(args.save_maps or args.overlay_video)
+    stats = StreamStats()
+    results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
+                  with_maps=with_maps, stats=stats)
+    first = next(results, None)  # opens the source: a bad source fails here, before any output exists
+    sinks = []
+    if args.out:
+        sinks.append(JsonlSink(args.out))
+    if args.save_maps:
+        sinks.append(MapSink(args.save_maps, engine.threshold))
+    if args.overlay_video:
+        sinks.append(VideoSink(args.overlay_video, engine.threshold, fps=args.max_fps or 10.0))
+    stop = threading.Event()
+    status = threading.Thread(target=_status, args=(stats, stop), daemon=True)
+    if not args.quiet:
+        status.start()
+    t0 = time.perf_counter()
+    anomalous = 0
+    try:
+        for r in itertools.chain([first] if first is not None else [], results):
+            anomalous += bool(r.is_anomalous)
+            for s in sinks:
+                s.write(r)
+            if args.out is None and r.error is None:
+                print(f"{r.index}\t{r.source}\t{r.score:.4f}\t{'ANOMALOUS' if r.is_anomalous else 'ok'}")
+            elif args.out is None:
+                print(f"{r.index}\t{r.source}\terror: {r.error}")
+    finally:
+        stop.set()
+        for s in sinks:
+            s.close()
+    if not args.quiet:
+        print(f"\r{stats.line()}", file=sys.stderr)
+    print(f"{stats.frames} frames in {time.perf_counter() - t0:.1f} s: {stats.scored} scored, {anomalous} anomalous "
+          f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} could not be read; "
+          f"{engine.backend_name} {engine.header['precision']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

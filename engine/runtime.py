@@ -1,0 +1,92 @@
+"""Load an engine file and score frames: `eng = engine.load(path); eng.infer(frame_or_batch)`.
+
+Lean on purpose: numpy, the engine's own backend runtime, and (for image files) Pillow. No torch
+unless the engine was built for the torch or TensorRT backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.backends import load_backend
+from engine.format import read_engine
+from engine.preprocess import frames_to_input, resize_map, to_rgb_float
+
+__all__ = ["Engine", "Result", "load"]
+
+
+@dataclass
+class Result:
+    """One frame's verdict. `anomaly_map` is float32 at the frame's size (higher = more anomalous)."""
+
+    score: float | None
+    is_anomalous: bool | None
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)
+    index: int = 0
+    source: str = ""
+    timestamp: float | None = None  # capture time (time.time()), where the source knows it
+    error: str | None = None  # why the frame could not be scored (then score is None)
+    frame: np.ndarray | None = field(default=None, repr=False)  # the input frame, for overlay sinks (streaming)
+    bgr: bool = False  # frame is OpenCV BGR
+    captured_perf: float = field(default=0.0, repr=False)  # perf_counter at capture, for latency
+
+    def to_json(self) -> dict:
+        if self.error is not None:
+            return {"index": self.index, "source": self.source, "timestamp": self.timestamp, "error": self.error}
+        return {"index": self.index, "source": self.source, "timestamp": self.timestamp,
+                "score": self.score, "is_anomalous": self.is_anomalous}
+
+
+class Engine:
+    """A built engine, ready to score frames."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        self.header, sections = read_engine(self.path)
+        self.input_size: int = self.header["input_size"]
+        self.threshold: float = self.header["threshold"]
+        self.backend_name: str = self.header["backend"]
+        self.max_batch: int | None = self.header.get("batch") or None  # None: any batch size
+        self._run = load_backend(self.header, sections, threads)
+
+    def infer_prepared(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) float32 model input -> maps (B, S, S), scores (B,); splits to the engine's batch size."""
+        step = self.max_batch or len(images)
+        maps, scores = [], []
+        for i in range(0, len(images), step):
+            chunk = images[i:i + step]
+            if len(chunk) < step:  # a fixed-batch engine: pad the last chunk with copies, drop their results
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
+            amap, score = self._run(np.ascontiguousarray(chunk))
+            n = min(step, len(images) - i)
+            maps.append(amap[:n])
+            scores.append(score[:n])
+        return np.concatenate(maps), np.concatenate(scores)
+
+    def prepare(self, frames: list[np.ndarray], bgr: bool = False) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        rgb = [to_rgb_float(f, bgr) for f in frames]
+        return frames_to_input(rgb, self.input_size), [f.shape[:2] for f in rgb]
+
+    def finish(self, maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int]],
+               with_maps: bool = True) -> list[Result]:
+        return [Result(float(s), bool(s > self.threshold), resize_map(m, hw) if with_maps else None)
+                for m, s, hw in zip(maps, scores, sizes)]
+
+    def infer(self, frames, bgr: bool = False) -> Result | list[Result]:
+        """A frame (HxW or HxWxC array) -> Result; a list of frames or an (N, H, W[, C]) array -> [Result]."""
+        single = isinstance(frames, np.ndarray) and (
+            frames.ndim == 2 or frames.ndim == 3 and frames.shape[2] in (1, 3, 4))
+        batch = [frames] if single else list(frames)
+        if not batch:
+            return []
+        x, sizes = self.prepare(batch, bgr)
+        results = self.finish(*self.infer_prepared(x), sizes)
+        return results[0] if single else results
+
+
+def load(path: str | Path, threads: int | None = None) -> Engine:
+    """Read, verify and load an engine file (EngineFileError says what is wrong)."""
+    return Engine(path, threads)

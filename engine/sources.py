@@ -1,0 +1,110 @@
+"""Where frames come from: cameras, video files, streams, image folders, image files, numpy arrays.
+
+A source yields Frame(index, source, timestamp, image | error). An image that cannot be read becomes
+a frame with an error (reported in the results), never a silent gap. Video and cameras go through
+OpenCV (imported only for them); still images are decoded by train/images.py, as in training.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from train.cli import UserError
+from train.images import IMAGE_SUFFIXES, DataError, images_in, read_image
+
+__all__ = ["Frame", "open_source", "is_live", "VIDEO_SUFFIXES"]
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+@dataclass
+class Frame:
+    index: int
+    source: str
+    timestamp: float
+    image: np.ndarray | None = None  # RGB (H, W, 3) float32 in [0, 1] for files, raw array otherwise
+    bgr: bool = False  # image is OpenCV's BGR
+    error: str | None = None
+    perf: float = 0.0  # perf_counter when captured (latency)
+
+
+def is_live(spec) -> bool:
+    """Cameras and network streams run at their own pace: frames may be dropped when inference lags."""
+    return isinstance(spec, str) and (spec.startswith("camera:") or spec.startswith("/dev/video")
+                                      or re.match(r"^(rtsp|rtmp|http|https)://", spec) is not None)
+
+
+def _video(spec: str, capture_arg: int | str) -> Iterator[Frame]:
+    try:
+        import cv2
+    except ImportError:
+        raise UserError(f"{spec}: video and cameras need OpenCV (pip install opencv-python-headless)") from None
+    cap = cv2.VideoCapture(capture_arg)
+    if not cap.isOpened():  # checked now, not at the first frame: a bad source fails before anything runs
+        raise UserError(f"{spec}: cannot open (not a readable video, camera or stream)")
+    return _read_video(cap, spec)
+
+
+def _read_video(cap, spec: str) -> Iterator[Frame]:
+    try:
+        index = 0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            yield Frame(index, spec, time.time(), frame, bgr=True)
+            index += 1
+    finally:
+        cap.release()
+
+
+def _files(paths: list[Path]) -> Iterator[Frame]:
+    for index, path in enumerate(paths):
+        try:
+            yield Frame(index, str(path), time.time(), read_image(path))
+        except DataError as e:
+            yield Frame(index, str(path), time.time(), error=str(e))
+
+
+def _arrays(arrays: Iterable[np.ndarray], bgr: bool) -> Iterator[Frame]:
+    for index, a in enumerate(arrays):
+        yield Frame(index, "array", time.time(), np.asarray(a), bgr=bgr)
+
+
+def open_source(spec, bgr: bool = False) -> Iterator[Frame]:
+    """A source spec -> frames. Strings: camera:N, /dev/videoN, rtsp/http URL, video file, image folder, image file.
+
+    Anything else: a numpy array (one frame, or N frames stacked) or an iterable of arrays.
+    """
+    if isinstance(spec, np.ndarray):
+        return _arrays([spec] if spec.ndim == 2 or spec.ndim == 3 and spec.shape[2] in (1, 3, 4) else spec, bgr)
+    if not isinstance(spec, (str, Path)):
+        return _arrays(spec, bgr)
+    spec = str(spec)
+    if spec.startswith("camera:"):
+        try:
+            return _video(spec, int(spec.split(":", 1)[1]))
+        except ValueError:
+            raise UserError(f"{spec}: camera index must be a number, e.g. camera:0") from None
+    if is_live(spec):
+        return _video(spec, spec)
+    path = Path(spec)
+    if path.is_dir():
+        paths = images_in(path)
+        if not paths:
+            raise UserError(f"{path}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+        return _files(paths)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return _video(spec, spec)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _files([path])
+    raise UserError(f"{path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))}) or video "
+                    f"({', '.join(sorted(VIDEO_SUFFIXES))}) file")

@@ -1,0 +1,73 @@
+"""Reading image files into (H, W, 3) float32 RGB in [0, 1]: numpy and Pillow only.
+
+Training, evaluation and the engine's runtime decode images here, so a file means the same pixels
+everywhere (the engine must not import torch). Grayscale is repeated to 3 channels, alpha is
+dropped, 16-bit is scaled by 1/65535. Anything unreadable is a DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from train.cli import UserError
+
+__all__ = ["DataError", "IMAGE_SUFFIXES", "MAX_PIXELS", "open_image", "read_image", "images_in"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+MAX_PIXELS = 100_000_000  # larger headers are refused before decoding (decompression bombs)
+
+
+class DataError(UserError):
+    """Bad input data a user can fix; the message names the file and the problem."""
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            if im.width * im.height > MAX_PIXELS:
+                raise DataError(f"{path}: image is {im.width}x{im.height}, over the {MAX_PIXELS:,}-pixel limit")
+            im.load()
+        if im.width == 0 or im.height == 0:
+            raise DataError(f"{path}: image has zero size")
+        return im
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot read image ({reason})") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any supported image file -> (H, W, 3) float32 RGB in [0, 1]."""
+    path = Path(path)
+    im = open_image(path)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float32)
+        a = a / (65535.0 if a.max() > 255 or im.mode != "I" else 255.0)
+    elif im.mode == "F":
+        a = np.asarray(im).astype(np.float32)
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}: float image holds NaN or infinite values")
+        a = np.clip(a, 0.0, 1.0)
+    else:
+        if im.mode not in ("RGB", "L"):
+            im = im.convert("RGBA").convert("RGB") if "transparency" in im.info or im.mode in ("P", "PA") \
+                else im.convert("RGB")
+        a = np.asarray(im).astype(np.float32) / 255.0
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+def images_in(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; hidden files skipped."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
