@@ -7,7 +7,8 @@ image scores (B,). Each loader imports only its own runtime, and only when asked
 - openvino: the same ONNX graph compiled by OpenVINO for this CPU, at the precision the build chose.
 - tensorrt: a serialised TensorRT plan (NVIDIA GPUs; written against the TensorRT 10 Python API; not
   run here: TensorRT cannot be installed on our machines).
-- torch: the PyTorch reference itself, rebuilt from the model.pt bytes the engine carries.
+- torch: the PyTorch reference itself, rebuilt from the model.pt bytes the engine carries; on a CUDA
+  device where one is visible, else on the CPU.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _torch(header: dict, sections: dict[str, bytes], threads: int | None) -> Bac
     if threads:
         torch.set_num_threads(threads)
     model, _ = load_model_bytes(io.BytesIO(sections["model"]), "engine's model section")
-    device = torch.device("cuda" if torch.cuda.is_available() and header.get("device") == "cuda" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
