@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from engine.preprocess import to_rgb_float
 from engine.runtime import Result
 
 __all__ = ["JsonlSink", "MapSink", "VideoSink", "overlay"]
@@ -28,7 +29,6 @@ def overlay(result: Result, threshold: float) -> np.ndarray:
     frame = result.frame
     if frame is None or result.anomaly_map is None:
         raise ValueError("overlay needs the result's frame and anomaly map")
-    from engine.preprocess import to_rgb_float
     rgb = (to_rgb_float(frame, result.bgr) * 255).astype(np.float32)
     heat = _heat(result.anomaly_map, threshold).astype(np.float32)
     alpha = np.clip(result.anomaly_map / max(threshold, 1e-6), 0.0, 1.0)[..., None] * 0.6

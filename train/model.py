@@ -251,7 +251,9 @@ class FastFlow(nn.Module):
         1 - mean over scales of exp(-nll), in [0, 1). `scales`: which scales to fuse (default: `map_scales`).
         """
         scales = self.map_scale_indices() if scales is None else scales
-        nlls = self.pixel_nll(zs)
+        return self._fuse(self.pixel_nll(zs), scales, size)
+
+    def _fuse(self, nlls: list[torch.Tensor], scales: list[int], size: tuple[int, int]) -> torch.Tensor:
         fused = 0.0
         for s in scales:
             nll, (median, q99) = nlls[s], self.scale_stats[s]
@@ -291,9 +293,10 @@ class FastFlow(nn.Module):
 
     def score(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """z per scale -> anomaly maps (B, H, W) from `map_scales`, image scores (B,) from `image_scales`."""
-        amap = self.anomaly_map(zs, size)
-        scales = self.image_scale_indices()
-        score_map = amap if scales == self.map_scale_indices() else self.anomaly_map(zs, size, scales)
+        nlls = self.pixel_nll(zs)  # once for both maps
+        map_scales, image_scales = self.map_scale_indices(), self.image_scale_indices()
+        amap = self._fuse(nlls, map_scales, size)
+        score_map = amap if image_scales == map_scales else self._fuse(nlls, image_scales, size)
         return amap, self.image_score(score_map)
 
     @torch.no_grad()
