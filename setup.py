@@ -23,6 +23,7 @@ setup(
         "opencv-python-headless>=4.8",  # engine.run: cameras, video files, streams, overlay video
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5"],
+        # triton: the kernels (kernels/), compiled on NVIDIA GPUs, checked in its interpreter on CPUs
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5", "triton>=3.2"],
     },
 )

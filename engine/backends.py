@@ -7,8 +7,9 @@ image scores (B,). Each loader imports only its own runtime, and only when asked
 - openvino: the same ONNX graph compiled by OpenVINO for this CPU, at the precision the build chose.
 - tensorrt: a serialised TensorRT plan (NVIDIA GPUs; written against the TensorRT 10 Python API; not
   run here: TensorRT cannot be installed on our machines).
-- torch: the PyTorch reference itself, rebuilt from the model.pt bytes the engine carries; on a CUDA
-  device where one is visible, else on the CPU.
+- torch: rebuilt from the model.pt bytes the engine carries. On the CPU the PyTorch reference itself;
+  on a CUDA device the backbone in cuDNN (channels-last, autocast to the engine's precision), the flow
+  and scoring in the fused Triton kernels (engine/gpu_head.py), each batch size one CUDA graph.
 """
 
 from __future__ import annotations
@@ -107,14 +108,24 @@ def _torch(header: dict, sections: dict[str, bytes], threads: int | None) -> Bac
     if threads:
         torch.set_num_threads(threads)
     model, _ = load_model_bytes(io.BytesIO(sections["model"]), "engine's model section")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    if not torch.cuda.is_available():
+        model = model.eval()
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():
-            amap, score = model(torch.from_numpy(images).to(device))
-        return amap.cpu().numpy(), score.cpu().numpy()
-    return run
+        def run_cpu(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                amap, score = model(torch.from_numpy(images))
+            return amap.numpy(), score.numpy()
+        return run_cpu
+    # CUDA: backbone in cuDNN, flow and scoring in the Triton kernels, one CUDA graph per batch size
+    from engine.gpu_head import CudaGraphRunner, KernelGraph
+    from engine.graph import InferenceGraph
+    kernel_graph = KernelGraph(InferenceGraph(model.eval()), header.get("precision", "fp32")).cuda().eval()
+    runner = CudaGraphRunner(kernel_graph)
+
+    def run_cuda(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = runner(torch.from_numpy(images).cuda(non_blocking=True))
+        return amap.cpu().numpy(), score.cpu().numpy()  # copies: the graph's outputs are reused by the next call
+    return run_cuda
 
 
 _LOADERS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt, "torch": _torch}

@@ -166,8 +166,8 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: Path, bac
               "checks": {"graph_vs_reference": graph_check, "check_images": calib_desc}}
     installed = available_backends()
     if backend == "auto":
-        if "tensorrt" in installed and torch.cuda.is_available():
-            backend = "tensorrt"
+        if torch.cuda.is_available():
+            backend = "tensorrt" if "tensorrt" in installed else "torch"  # torch: cuDNN + Triton kernels
         else:
             cpu = [b for b in ("openvino", "onnxruntime") if b in installed] or ["torch"]
             print("auto: timing the installed CPU backends")
@@ -178,7 +178,8 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: Path, bac
     if backend == "tensorrt" and not torch.cuda.is_available():
         raise UserError("backend tensorrt needs an NVIDIA GPU; none is visible to PyTorch")
 
-    allowed = {"openvino": ["fp32", "bf16", "fp16"], "onnxruntime": ["fp32"], "torch": ["fp32"],
+    allowed = {"openvino": ["fp32", "bf16", "fp16"], "onnxruntime": ["fp32"],
+               "torch": ["fp32", "bf16", "fp16"] if torch.cuda.is_available() else ["fp32"],
                "tensorrt": ["fp32", "fp16", "bf16"]}[backend]
     if precision != "auto" and precision not in allowed:
         raise UserError(f"--precision {precision} is not available for {backend} (choose from {', '.join(allowed)})")

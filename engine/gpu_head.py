@@ -1,0 +1,139 @@
+"""The CUDA run path: backbone in cuDNN, flow and scoring through the fused Triton kernels, one CUDA graph per batch.
+
+KernelGraph packs an InferenceGraph (engine/graph.py) for kernels/: per coupling step the GEMM
+weights in the run precision and the index tables that fold the channel gathers away (y2 overwrites
+x2 in the scale's state buffer, so the physical channel of each logical channel is tracked here at
+pack time), per scale alpha/beta in physical channel order and the resize-and-blur matrix R.
+It also runs on the CPU under TRITON_INTERPRET=1, which is how the tests check it against the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.graph import InferenceGraph
+from kernels.coupling import conv_coupling, conv_relu, pack_conv_weight
+from kernels.scoring import resize_blur_matrix, score_maps
+
+__all__ = ["KernelGraph", "CudaGraphRunner", "RUN_DTYPES"]
+
+RUN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _PackedStep(nn.Module):
+    def __init__(self, step, phys: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.kernel, self.clamp = step.kernel, float(step.clamp)
+        self.hidden = step.w1.shape[0]
+        self.register_buffer("chan1", phys[step.idx1].int())
+        self.register_buffer("chan2", phys[step.idx2].int())
+        self.register_buffer("hidden_chan", torch.arange(self.hidden, dtype=torch.int32, device=phys.device))
+        self.register_buffer("w1", pack_conv_weight(step.w1, dtype))
+        self.register_buffer("bias1", step.bias_map1[0].float().contiguous())
+        self.register_buffer("w2", pack_conv_weight(step.w2, dtype))
+        self.register_buffer("b2", step.b2.float().contiguous())
+        self.register_buffer("g2", step.g2.flatten().float().contiguous())
+        self.register_buffer("a2", step.a2.flatten().float().contiguous())
+        self.register_buffer("c2", step.c2.flatten().float().contiguous())
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> None:
+        conv_relu(x, self.chan1, self.w1, self.bias1, self.kernel, out=hidden)
+        conv_coupling(hidden, self.w2, self.b2, self.g2, self.a2, self.c2, self.chan2, x, self.kernel, self.clamp,
+                      self.hidden_chan)
+
+
+class _PackedScale(nn.Module):
+    def __init__(self, scale, size: int, sigma: float, dtype: torch.dtype):
+        super().__init__()
+        channels, h, _ = scale.norm_shape
+        self.norm_shape, self.offset, self.dtype = scale.norm_shape, float(scale.offset), dtype
+        device = scale.alpha.device
+        phys = torch.arange(channels, device=device)  # physical channel of each stored channel of the graph
+        steps = []
+        for step in scale.steps:
+            steps.append(_PackedStep(step, phys, dtype))
+            phys = torch.cat([phys[step.idx1], phys[step.idx2]])
+        self.steps = nn.ModuleList(steps)
+        alpha, beta = torch.empty(channels, device=device), torch.empty(channels, device=device)
+        alpha[phys], beta[phys] = scale.alpha.flatten(), scale.beta.flatten()
+        self.register_buffer("alpha_beta", torch.cat([alpha, beta]).float())
+        self.register_buffer("resize", resize_blur_matrix(h, size, sigma).float().to(device).contiguous())
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(feat.float(), self.norm_shape).contiguous()
+        hidden = None
+        for step in self.steps:
+            if hidden is None or hidden.shape[1] != step.hidden:
+                hidden = torch.empty((x.shape[0], step.hidden, *x.shape[2:]), dtype=self.dtype, device=x.device)
+            step(x, hidden)
+        return x
+
+
+class KernelGraph(nn.Module):
+    """(B, 3, S, S) images in [0, 1] -> (map (B, S, S), score (B,)), as InferenceGraph, via kernels/."""
+
+    def __init__(self, graph: InferenceGraph, precision: str = "fp32"):
+        super().__init__()
+        if precision not in RUN_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(RUN_DTYPES)}, not {precision!r}")
+        self.precision, dtype = precision, RUN_DTYPES[precision]
+        self.backbone, self.pool, self.size = graph.backbone, graph.pool, graph.size
+        self.keys = [int(k) for k in graph.scales]
+        self.scales = nn.ModuleList(_PackedScale(graph.scales[str(k)], graph.size, graph.sigma, dtype)
+                                    for k in self.keys)
+        self.map_weights = [1 / len(graph.map_scales) if k in graph.map_scales else 0.0 for k in self.keys]
+        self.image_weights = [1 / len(graph.image_scales) if k in graph.image_scales else 0.0 for k in self.keys]
+        self.top_k = graph.top_k
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone (bf16/fp16 autocast and channels-last on CUDA unless fp32), then the neighbourhood pool."""
+        low = self.precision != "fp32" and images.is_cuda
+        if images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=RUN_DTYPES[self.precision], enabled=low):
+            feats = self.backbone(images)
+        out = []
+        for k in self.keys:
+            f = feats[k].float()
+            if self.pool > 1:
+                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
+            out.append(f)
+        return out
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states = [scale(f) for scale, f in zip(self.scales, self.features(images))]
+        amap, score_map = score_maps(states, [s.alpha_beta for s in self.scales], [s.offset for s in self.scales],
+                                     [s.resize for s in self.scales], self.map_weights, self.image_weights, self.size)
+        flat = score_map.flatten(1)
+        score = flat.amax(dim=1) if self.top_k == 1 else flat.topk(self.top_k, dim=1).values.mean(dim=1)
+        return amap, score
+
+
+class CudaGraphRunner:
+    """Runs a module on fixed-shape CUDA inputs by replaying one captured CUDA graph per batch size."""
+
+    def __init__(self, module: nn.Module, warmup: int = 3):
+        self.module, self.warmup = module, warmup
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple:
+        key = tuple(images.shape)
+        if key not in self.graphs:
+            static_in = images.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # autotuning and cuDNN's algorithm search happen here, not in capture
+                for _ in range(self.warmup):
+                    self.module(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.module(static_in)
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(images)
+        graph.replay()
+        return static_out
