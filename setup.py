@@ -1,6 +1,12 @@
 """lineflow: FastFlow + AltUB visual inspection. Install torch==2.13.0 first (local CPU build)."""
 
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+
+# the native pre/post-processing (cpp/): its hot loops carry per-ISA clones (AVX-512, AVX2, baseline)
+# chosen at load time, so one build runs on any x86-64 CPU
+native = Pybind11Extension("engine._native", ["cpp/native.cpp", "cpp/lineflow/pool.cpp", "cpp/lineflow/filters.cpp"],
+                           include_dirs=["cpp"], cxx_std=17, extra_compile_args=["-O3", "-fopenmp-simd"])
 
 setup(
     name="lineflow",
@@ -8,6 +14,8 @@ setup(
     description="Unsupervised visual inspection at line speed: FastFlow + AltUB, train and deploy",
     python_requires=">=3.10",
     packages=find_packages(include=["train", "train.*", "engine", "engine.*", "kernels", "kernels.*"]),
+    ext_modules=[native],
+    cmdclass={"build_ext": build_ext},
     install_requires=[
         "torch==2.13.0",  # exact: a range lets pip fetch a multi-GB CUDA build on a fresh machine
         "numpy>=1.26",

@@ -42,6 +42,15 @@ def _threads(threads: int | None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _fused(header: dict, run_graph: Callable[[np.ndarray], list[np.ndarray]]) -> Backend:
+    """A graph ending at per-scale maps (header["scoring"]) + the native fusion -> the Backend interface."""
+    if "scoring" not in header:
+        return lambda images: tuple(run_graph(images)[:2])
+    from engine.native import NativeScoring
+    scoring = NativeScoring(header["scoring"])
+    return lambda images: scoring(run_graph(images))
+
+
 def _onnxruntime(header: dict, sections: dict[str, bytes], threads: int | None) -> Backend:
     import onnxruntime as ort
     opts = ort.SessionOptions()
@@ -49,11 +58,7 @@ def _onnxruntime(header: dict, sections: dict[str, bytes], threads: int | None) 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     session = ort.InferenceSession(sections["onnx"], opts, providers=providers)
-
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        amap, score = session.run(None, {"images": images})
-        return amap, score
-    return run
+    return _fused(header, lambda images: session.run(None, {"images": images}))
 
 
 OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -68,10 +73,10 @@ def _openvino(header: dict, sections: dict[str, bytes], threads: int | None) -> 
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(images: np.ndarray) -> list[np.ndarray]:
         out = request.infer({0: images})
-        return np.array(out[compiled.output(0)]), np.array(out[compiled.output(1)])
-    return run
+        return [np.array(out[o]) for o in compiled.outputs]
+    return _fused(header, run)
 
 
 def _tensorrt(header: dict, sections: dict[str, bytes], threads: int | None) -> Backend:

@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from engine.backends import BACKENDS, available_backends, load_backend
 from engine.format import write_engine
-from engine.graph import InferenceGraph
+from engine.graph import InferenceGraph, ScaleMapsGraph
 from engine.preprocess import frames_to_input
 from train.checkpoint import load_model_bytes
 from train.cli import UserError, run_cli
@@ -34,15 +35,21 @@ GRAPH_TOLERANCE = 1e-4  # max |map difference|, folded graph or fp32 engine vs t
 LOW_PRECISION_TOLERANCE = {"score": 0.02, "map": 0.1}  # bf16/fp16 vs fp32, in map units (1 = q99 of good pixels)
 
 
-def export_onnx(graph: InferenceGraph, batch: int | None) -> bytes:
-    """The inference graph as ONNX (opset 17); batch None = dynamic batch dimension."""
+def export_onnx(graph: InferenceGraph, batch: int | None, scale_maps: bool = False) -> bytes:
+    """The inference graph as ONNX (opset 17); batch None = dynamic batch dimension.
+
+    scale_maps: outputs are the per-scale NLL maps q0..qn (B, h, h), fused by the native
+    post-processing (CPU backends); otherwise anomaly_map (B, S, S) and score (B,) (TensorRT).
+    """
     x = torch.rand(batch or 2, 3, graph.size, graph.size)
     buf = io.BytesIO()
-    dynamic = None if batch else {"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
+    module = ScaleMapsGraph(graph) if scale_maps else graph
+    outputs = [f"q{i}" for i in range(len(graph.scales))] if scale_maps else ["anomaly_map", "score"]
+    dynamic = None if batch else {name: {0: "batch"} for name in ["images", *outputs]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: sizes are fixed on purpose
-        torch.onnx.export(graph, (x,), buf, dynamo=False, opset_version=17, input_names=["images"],
-                          output_names=["anomaly_map", "score"], dynamic_axes=dynamic)
+        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["images"],
+                          output_names=outputs, dynamic_axes=dynamic)
     return buf.getvalue()
 
 
@@ -117,16 +124,17 @@ def _tensorrt_plan(onnx: bytes, precision: str, batch: int | None, size: int, ma
     return bytes(plan)
 
 
-def _sections(backend: str, precision: str, model_bytes: bytes, onnx: bytes, batch: int | None,
+def _sections(backend: str, precision: str, model_bytes: bytes, onnx: Callable[[bool], bytes], batch: int | None,
               size: int) -> dict[str, bytes]:
+    """onnx(scale_maps: bool) -> bytes, exported once per kind."""
     if backend == "torch":
         return {"model": model_bytes}
     if backend == "tensorrt":
-        return {"tensorrt_plan": _tensorrt_plan(onnx, precision, batch, size)}
-    return {"onnx": onnx}
+        return {"tensorrt_plan": _tensorrt_plan(onnx(False), precision, batch, size)}
+    return {"onnx": onnx(True)}  # CPU backends: the graph ends at the per-scale maps, engine.native fuses them
 
 
-def _pick_auto(candidates: list[str], header: dict, onnx: bytes, model_bytes: bytes,
+def _pick_auto(candidates: list[str], header: dict, onnx: Callable[[bool], bytes], model_bytes: bytes,
                image: np.ndarray) -> tuple[str, dict]:
     """Time each installed CPU backend on this machine (batch 1, median of 5) and take the fastest."""
     timings = {}
@@ -155,7 +163,12 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: Path, bac
     if graph_check["max_map_diff"] > GRAPH_TOLERANCE or graph_check["max_score_diff"] > GRAPH_TOLERANCE:
         raise RuntimeError(f"the folded inference graph disagrees with the reference beyond {GRAPH_TOLERANCE}: "
                            f"{graph_check}; this is a lineflow bug, please report it")
-    onnx = export_onnx(graph, batch)
+    exports: dict[bool, bytes] = {}
+
+    def onnx(scale_maps: bool) -> bytes:
+        if scale_maps not in exports:
+            exports[scale_maps] = export_onnx(graph, batch, scale_maps)
+        return exports[scale_maps]
     threshold = meta.get("threshold", {}).get("threshold")
     if threshold is None:
         raise UserError("model.pt has no decision threshold (train it with python -m train.fit)")
@@ -163,7 +176,8 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: Path, bac
               "model_threshold": meta.get("threshold"), "created": datetime.now(UTC).isoformat(),
               "built_on": {"python": platform.python_version(), "machine": platform.machine(),
                            "torch": torch.__version__},
-              "checks": {"graph_vs_reference": graph_check, "check_images": calib_desc}}
+              "checks": {"graph_vs_reference": graph_check, "check_images": calib_desc},
+              "scoring": graph.scoring_spec()}
     installed = available_backends()
     if backend == "auto":
         if torch.cuda.is_available():
@@ -200,6 +214,8 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: Path, bac
             raise RuntimeError(f"{backend} {prec} disagrees with the PyTorch reference beyond tolerance: {check}")
         print(f"  {prec} is outside tolerance: falling back to fp32")
     header.update(backend=backend, precision=prec)
+    if backend not in ("onnxruntime", "openvino"):
+        del header["scoring"]  # fused in the graph (tensorrt) or in the model (torch)
     header["checks"]["ms_per_frame_batch1"] = _median_ms(run, check_images[:1] if not batch else check_images[:batch])
     write_engine(out, header, sections)
     return header

@@ -22,7 +22,7 @@ from train.cli import UserError
 __all__ = ["MAGIC", "FORMAT_VERSION", "EngineFileError", "write_engine", "read_engine"]
 
 MAGIC = b"LFENGINE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CPU engines end at per-scale maps, fused natively (header['scoring'])
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from train.model import CouplingStep, FastFlow, gaussian_blur, soft_clamp
 
-__all__ = ["InferenceGraph", "FoldedStep", "FoldedScale"]
+__all__ = ["InferenceGraph", "ScaleMapsGraph", "FoldedStep", "FoldedScale"]
 
 
 class FoldedStep(nn.Module):
@@ -123,16 +123,29 @@ class InferenceGraph(nn.Module):
             {str(s): FoldedScale(model, s, (self.size // strides[s], self.size // strides[s])) for s in used})
         self.top_k = max(1, int(round(cfg.image_score_top * self.size * self.size)))
 
-    def per_scale(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+    def scale_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each used scale's NLL map (B, 1, h_s, h_s), in the order of self.scales."""
         feats = self.backbone(images)
-        size = (self.size, self.size)
-        out = {}
+        out = []
         for key, scale in self.scales.items():
             f = feats[int(key)]
             if self.pool > 1:
                 f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
-            out[int(key)] = F.interpolate(scale(f), size=size, mode="bilinear", align_corners=False)
+            out.append(scale(f))
         return out
+
+    def per_scale(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        size = (self.size, self.size)
+        return {int(key): F.interpolate(q, size=size, mode="bilinear", align_corners=False)
+                for key, q in zip(self.scales, self.scale_maps(images))}
+
+    def scoring_spec(self) -> dict:
+        """What the fusion after scale_maps needs (for engine.native.NativeScoring): JSON-able."""
+        keys = [int(k) for k in self.scales]
+        return {"size": self.size, "sigma": self.sigma, "top_k": self.top_k,
+                "heights": [scale.norm_shape[1] for scale in self.scales.values()],
+                "map_weights": [1 / len(self.map_scales) if k in self.map_scales else 0.0 for k in keys],
+                "image_weights": [1 / len(self.image_scales) if k in self.image_scales else 0.0 for k in keys]}
 
     def _fused(self, maps: dict[int, torch.Tensor], scales: list[int]) -> torch.Tensor:
         return gaussian_blur(torch.cat([maps[s] for s in scales], dim=1).mean(dim=1), self.sigma)
@@ -144,3 +157,15 @@ class InferenceGraph(nn.Module):
         flat = score_map.flatten(1)
         score = flat.amax(dim=1) if self.top_k == 1 else flat.topk(self.top_k, dim=1).values.mean(dim=1)
         return amap, score
+
+
+class ScaleMapsGraph(nn.Module):
+    """InferenceGraph up to the per-scale NLL maps (B, h_s, h_s): for CPU backends whose upsample, blur and
+    top-k run in the native post-processing (engine/native.py), which is faster there than in the graph."""
+
+    def __init__(self, graph: InferenceGraph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(q[:, 0] for q in self.graph.scale_maps(images))

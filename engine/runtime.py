@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import native
 from engine.backends import load_backend
 from engine.format import read_engine
-from engine.preprocess import frames_to_input, resize_map, to_rgb_float
+from engine.preprocess import frames_to_input, to_rgb_float
 
 __all__ = ["Engine", "Result", "load"]
 
@@ -67,13 +68,34 @@ class Engine:
         return np.concatenate(maps), np.concatenate(scores)
 
     def prepare(self, frames: list[np.ndarray], bgr: bool = False) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        rgb = [to_rgb_float(f, bgr) for f in frames]
-        return frames_to_input(rgb, self.input_size), [f.shape[:2] for f in rgb]
+        """Frames -> model input: uint8/uint16 natively (cpp/native.cpp), float frames through numpy."""
+        out = np.empty((len(frames), 3, self.input_size, self.input_size), dtype=np.float32)
+        sizes, fast, fast_idx = [], [], []
+        for i, f in enumerate(frames):
+            a = np.asarray(f)
+            if a.ndim == 3 and a.shape[2] not in (1, 3, 4) or a.ndim not in (2, 3) or 0 in a.shape[:2]:
+                to_rgb_float(a)  # raises the reference's message for the bad shape
+            sizes.append(a.shape[:2])
+            if a.dtype in native.NATIVE_DTYPES:
+                fast.append(np.ascontiguousarray(a))
+                fast_idx.append(i)
+            else:
+                out[i] = frames_to_input([to_rgb_float(a, bgr)], self.input_size)[0]
+        if len(fast) == len(frames):
+            native.preprocess(fast, self.input_size, bgr, out=out)
+        elif fast:
+            out[fast_idx] = native.preprocess(fast, self.input_size, bgr)
+        return out, sizes
 
     def finish(self, maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int]],
                with_maps: bool = True) -> list[Result]:
-        return [Result(float(s), bool(s > self.threshold), resize_map(m, hw) if with_maps else None)
-                for m, s, hw in zip(maps, scores, sizes)]
+        resized: list[np.ndarray | None] = [None] * len(sizes)
+        if with_maps:  # one native call per distinct frame size
+            for hw in set(map(tuple, sizes)):
+                idx = [i for i, s in enumerate(sizes) if tuple(s) == hw]
+                for i, m in zip(idx, native.resize_maps(maps[idx], hw)):
+                    resized[i] = m
+        return [Result(float(s), bool(s > self.threshold), m) for s, m in zip(scores, resized)]
 
     def infer(self, frames, bgr: bool = False) -> Result | list[Result]:
         """A frame (HxW or HxWxC array) -> Result; a list of frames or an (N, H, W[, C]) array -> [Result]."""

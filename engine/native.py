@@ -1,0 +1,109 @@
+"""The native pre- and post-processing (cpp/native.cpp, module engine._native) with its band matrices.
+
+Every resize and blur here is a separable linear map, i.e. one small matrix per axis; the C++ code
+takes them in band form (start index and taps per output), computed once per size here from the
+same numpy matrices the reference uses (engine/preprocess.py), so native and reference compute the
+same function (tests compare them on random and real frames). No torch: this is the run side.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from engine.preprocess import resize_matrix
+
+try:
+    from engine import _native
+except ImportError as e:  # pragma: no cover - `pip install -e .` builds it; say how when it is missing
+    raise ImportError("engine._native is not built: run `pip install -e .` in the lineflow checkout "
+                      f"(it compiles cpp/native.cpp; needs a C++17 compiler) ({e})") from e
+
+__all__ = ["band", "resize_band", "blur_matrix", "scale_bands", "preprocess", "NativeScoring", "resize_maps"]
+
+NATIVE_DTYPES = (np.uint8, np.uint16)
+
+
+def band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n_out, n_in) matrix -> (start int32 (n_out,), taps float32 (n_out, width)): row i's non-zeros."""
+    m = np.asarray(matrix, dtype=np.float32)
+    nz = m != 0
+    any_nz = nz.any(axis=1)
+    first = np.where(any_nz, nz.argmax(axis=1), 0)
+    last = np.where(any_nz, m.shape[1] - 1 - nz[:, ::-1].argmax(axis=1), 0)
+    width = int(max(1, (last - first + 1).max()))
+    start = np.minimum(first, m.shape[1] - width).astype(np.int32)
+    taps = np.stack([m[i, s:s + width] for i, s in enumerate(start)]).astype(np.float32)
+    if int((taps != 0).sum()) != int(nz.sum()):
+        raise AssertionError("band lost weights")  # cannot happen: the band covers every non-zero
+    return np.ascontiguousarray(start), np.ascontiguousarray(taps)
+
+
+@lru_cache(maxsize=128)
+def resize_band(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """resize_matrix(n_in, n_out) (PyTorch's bilinear, antialiased when shrinking) in band form."""
+    return band(resize_matrix(n_in, n_out))
+
+
+def blur_matrix(size: int, sigma: float) -> np.ndarray:
+    """(size, size) float64: train.model.gaussian_blur along one axis (4-sigma taps, reflect padding)."""
+    if sigma <= 0:
+        return np.eye(size)
+    radius = min(int(4 * sigma + 0.5), size - 1)
+    if radius < 1:
+        return np.eye(size)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    m = np.zeros((size, size))
+    for i in range(size):
+        for t, w in enumerate(k):
+            j = i + t - radius
+            j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)  # reflect, edge not repeated
+            m[i, j] += w
+    return m
+
+
+@lru_cache(maxsize=32)
+def scale_bands(h: int, size: int, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """R = blur @ upsample (size, h) for one scale, as (row start, row taps, column start, column taps)."""
+    r = blur_matrix(size, sigma) @ resize_matrix(h, size).astype(np.float64)
+    return (*band(r), *band(r.T))
+
+
+def preprocess(frames: list[np.ndarray], size: int, bgr: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8/uint16 frames (HxW, HxWx1/3/4; C-contiguous) -> (B, 3, size, size) float32 in [0, 1]."""
+    if out is None:
+        out = np.empty((len(frames), 3, size, size), dtype=np.float32)
+    rows = [resize_band(f.shape[0], size) for f in frames]
+    cols = [resize_band(f.shape[1], size) for f in frames]
+    _native.preprocess(list(frames), rows, cols, out, bgr)
+    return out
+
+
+def resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(B, h, w) float32 maps -> (B, H, W), as engine.preprocess.resize_map per map."""
+    out = np.empty((len(maps), *hw), dtype=np.float32)
+    _native.resize(np.ascontiguousarray(maps, dtype=np.float32), resize_band(maps.shape[1], hw[0]),
+                   resize_band(maps.shape[2], hw[1]), out)
+    return out
+
+
+class NativeScoring:
+    """Per-scale NLL maps -> (anomaly map, image score), as InferenceGraph's fusion, in one native pass."""
+
+    def __init__(self, spec: dict):
+        self.size, self.top_k = int(spec["size"]), int(spec["top_k"])
+        self.map_weights = [float(w) for w in spec["map_weights"]]
+        self.image_weights = [float(w) for w in spec["image_weights"]]
+        self.bands = [scale_bands(int(h), self.size, float(spec["sigma"])) for h in spec["heights"]]
+        self.two = self.map_weights != self.image_weights
+
+    def __call__(self, qmaps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        b = len(qmaps[0])
+        amap = np.empty((b, self.size, self.size), dtype=np.float32)
+        score_map = np.empty_like(amap) if self.two else None
+        scores = _native.postprocess([np.ascontiguousarray(q, dtype=np.float32) for q in qmaps], self.bands,
+                                     self.map_weights, self.image_weights if self.two else self.map_weights, amap,
+                                     score_map, self.top_k)
+        return amap, scores

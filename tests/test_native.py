@@ -1,0 +1,190 @@
+"""The native pre/post-processing (cpp/native.cpp) against the numpy and PyTorch references, and its bad inputs.
+
+Tolerances: preprocess and map resize 1e-5 absolute on [0, 1] values (float32 rounding of the same
+weights, summed in another order); fused maps 1e-5 relative to the map's largest value; scores 1e-5
+relative. Outputs are poisoned with NaN before each run so an unwritten element fails.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MTD
+
+from engine import _native, native
+from engine.preprocess import frames_to_input, resize_map, to_rgb_float
+from train.model import gaussian_blur
+
+FRAMES = [((480, 640, 3), np.uint8), ((37, 101), np.uint8), ((33, 70, 1), np.uint16), ((120, 90, 4), np.uint8),
+          ((300, 200, 3), np.uint16), ((64, 64, 3), np.uint8), ((1, 5, 3), np.uint8)]
+
+
+def random_frame(shape, dtype, seed=0):
+    return np.random.default_rng(seed).integers(0, np.iinfo(dtype).max + 1, size=shape).astype(dtype)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+@pytest.mark.parametrize("bgr", [False, True])
+@pytest.mark.parametrize("shape,dtype", FRAMES)
+def test_preprocess_matches_reference(shape, dtype, bgr, size):
+    frames = [random_frame(shape, dtype, s) for s in range(3)]
+    out = np.full((3, 3, size, size), np.nan, dtype=np.float32)
+    native.preprocess(frames, size, bgr, out=out)
+    ref = frames_to_input([to_rgb_float(f, bgr) for f in frames], size)
+    assert np.abs(out - ref).max() <= 1e-5
+
+
+def test_preprocess_mixed_sizes_and_normalisation():
+    frames = [random_frame(s, t, i) for i, (s, t) in enumerate(FRAMES[:2])]
+    rows = [native.resize_band(f.shape[0], 32) for f in frames]
+    cols = [native.resize_band(f.shape[1], 32) for f in frames]
+    out = np.full((2, 3, 32, 32), np.nan, dtype=np.float32)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    _native.preprocess(frames, rows, cols, out, False, mean, std)
+    ref = frames_to_input([to_rgb_float(f) for f in frames], 32)
+    ref = (ref - np.array(mean, np.float32).reshape(1, 3, 1, 1)) / np.array(std, np.float32).reshape(1, 3, 1, 1)
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+@pytest.mark.skipif(not (MTD / "test").is_dir(), reason="../shared/data/mtd is absent (real-data check)")
+def test_preprocess_real_frames():
+    from PIL import Image
+    paths = sorted((MTD / "test").rglob("*.jpg"))[:6] + sorted((MTD / "test").rglob("*.png"))[:6]
+    assert paths
+    frames = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))) for p in paths]
+    out = native.preprocess(frames, 256)
+    ref = frames_to_input([to_rgb_float(f) for f in frames], 256)
+    assert np.abs(out - ref).max() <= 1e-5
+
+
+def torch_fusion(qmaps, map_w, img_w, size, sigma, top_k):
+    ups = [F.interpolate(torch.from_numpy(q)[:, None].double(), size=(size, size), mode="bilinear",
+                         align_corners=False)[:, 0] for q in qmaps]
+    amap = gaussian_blur(sum(w * u for w, u in zip(map_w, ups)), sigma)
+    smap = gaussian_blur(sum(w * u for w, u in zip(img_w, ups)), sigma)
+    flat = smap.flatten(1)
+    score = flat.amax(1) if top_k == 1 else flat.topk(top_k, dim=1).values.mean(1)
+    return amap.numpy(), score.numpy()
+
+
+@pytest.mark.parametrize("batch,size,heights,map_w,img_w,sigma,top_k", [
+    (2, 256, [64, 32, 16, 8], [1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0.5, 0.5], 4.0, 655),
+    (1, 64, [16, 8, 4, 2], [0.25] * 4, [0.25] * 4, 4.0, 1),
+    (3, 96, [24, 12, 6], [0.5, 0.5, 0], [0, 0, 1.0], 0.0, 10),
+    (2, 40, [7, 3], [1.0, 0.0], [0.5, 0.5], 1.5, 4),
+])
+def test_postprocess_matches_reference(batch, size, heights, map_w, img_w, sigma, top_k):
+    rng = np.random.default_rng(size)
+    qmaps = [rng.standard_normal((batch, h, h)).astype(np.float32) * 3 for h in heights]
+    scoring = native.NativeScoring({"size": size, "sigma": sigma, "top_k": top_k, "heights": heights,
+                                    "map_weights": map_w, "image_weights": img_w})
+    amap, score = scoring(qmaps)
+    ref_map, ref_score = torch_fusion(qmaps, map_w, img_w, size, sigma, top_k)
+    assert np.isfinite(amap).all()
+    assert np.abs(amap - ref_map).max() <= 1e-5 * np.abs(ref_map).max()
+    assert np.abs(score - ref_score).max() <= 1e-5 * np.abs(ref_score).max()
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (1080, 1920), (100, 37), (256, 256)])
+def test_resize_maps_matches_reference(hw):
+    maps = np.random.default_rng(1).standard_normal((2, 256, 256)).astype(np.float32)
+    out = native.resize_maps(maps, hw)
+    ref = np.stack([resize_map(m, hw) for m in maps])
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_blur_matrix_is_gaussian_blur():
+    x = torch.randn(2, 50, 50, dtype=torch.float64)
+    b = torch.from_numpy(native.blur_matrix(50, 3.0))
+    assert torch.allclose(b @ x @ b.T, gaussian_blur(x, 3.0), atol=1e-12)
+
+
+def test_pool_uses_the_machine_and_threads_agree():
+    import os
+    assert _native.threads() == len(os.sched_getaffinity(0))
+    frames = [random_frame((480, 640, 3), np.uint8, s) for s in range(4)]
+    expected = native.preprocess(frames, 128)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = native.preprocess(frames, 128)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(r, expected) for r in results)
+
+
+def _bands(frames, size):
+    return ([native.resize_band(f.shape[0], size) for f in frames],
+            [native.resize_band(f.shape[1], size) for f in frames])
+
+
+@pytest.mark.parametrize("frame,message", [
+    (np.zeros((10, 10, 3), np.float32) + 0.5, "dtype float32, expected uint8 or uint16"),
+    (np.zeros((10, 10, 2), np.uint8) + 1, "2 channels, expected 1, 3 or 4"),
+    (np.zeros((10, 20, 3), np.uint8)[:, ::2], "not C-contiguous"),
+    (np.zeros((10,), np.uint8) + 1, "expected HxW or HxWxC"),
+    ([[1, 2], [3, 4]], "expected a numpy array"),
+])
+def test_preprocess_rejects_bad_frames(frame, message):
+    out = np.empty((1, 3, 8, 8), np.float32)
+    rows, cols = ([native.resize_band(10, 8)], [native.resize_band(10, 8)])
+    with pytest.raises((TypeError, ValueError), match=message):
+        _native.preprocess([frame], rows, cols, out)
+
+
+def test_preprocess_rejects_empty_frames_and_bad_buffers():
+    good = random_frame((10, 10, 3), np.uint8)
+    rows, cols = _bands([good], 8)
+    with pytest.raises(ValueError, match="empty frame"):
+        _native.preprocess([np.zeros((0, 10, 3), np.uint8)], rows, cols, np.empty((1, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="expected shape"):  # batch mismatch
+        _native.preprocess([good], rows, cols, np.empty((2, 3, 8, 8), np.float32))
+    with pytest.raises(TypeError, match="out: dtype float64"):
+        _native.preprocess([good], rows, cols, np.empty((1, 3, 8, 8), np.float64))
+    ro = np.empty((1, 3, 8, 8), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _native.preprocess([good], rows, cols, ro)
+    with pytest.raises(ValueError, match="wrong shape"):  # bands for another output size
+        _native.preprocess([good], *_bands([good], 16), np.empty((1, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="out of range"):  # bands for a taller frame
+        _native.preprocess([good], *_bands([np.zeros((20, 10, 3), np.uint8)], 8), np.empty((1, 3, 8, 8), np.float32))
+    start, taps = native.resize_band(10, 8)
+    bad = start.copy()
+    bad[0] = 9  # would read past the frame
+    with pytest.raises(ValueError, match="out of range"):
+        _native.preprocess([good], [(bad, taps)], cols, np.empty((1, 3, 8, 8), np.float32))
+
+
+def test_postprocess_rejects_bad_input():
+    bands = [native.scale_bands(4, 16, 1.0)]
+    q = np.zeros((2, 4, 4), np.float32) + 1
+    out = np.empty((2, 16, 16), np.float32)
+    with pytest.raises(ValueError, match="B = 3"):
+        _native.postprocess([q], bands, [1.0], [1.0], np.empty((3, 16, 16), np.float32))
+    with pytest.raises(TypeError, match="dtype float64"):
+        _native.postprocess([q.astype(np.float64)], bands, [1.0], [1.0], out)
+    with pytest.raises(ValueError, match="top_k"):
+        _native.postprocess([q], bands, [1.0], [1.0], out, None, 10_000)
+    with pytest.raises(ValueError, match="one q map"):
+        _native.postprocess([q, q], bands, [1.0], [1.0], out)
+    with pytest.raises(ValueError, match="wrong shape"):
+        _native.postprocess([np.zeros((2, 5, 5), np.float32)], bands, [1.0], [1.0], out)
+
+
+def test_engine_prepare_takes_any_layout_and_dtype():
+    """Engine.prepare: uint8/uint16 natively (after making them contiguous), float frames via numpy."""
+    from engine.runtime import Engine
+    eng = Engine.__new__(Engine)
+    eng.input_size = 64
+    f8 = random_frame((48, 80, 3), np.uint8)
+    frames = [f8[:, ::-1], random_frame((30, 30), np.uint16), f8.astype(np.float32) / 255]
+    x, sizes = eng.prepare(frames)
+    ref = frames_to_input([to_rgb_float(np.ascontiguousarray(f)) for f in frames], 64)
+    assert sizes == [(48, 80), (30, 30), (48, 80)]
+    assert np.abs(x - ref).max() <= 1e-5
