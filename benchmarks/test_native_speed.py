@@ -115,7 +115,7 @@ def post_torch(qs, hw):
 @pytest.mark.parametrize("impl", [post_native, post_numpy, post_opencv, post_torch], ids=lambda f: f.__name__)
 def test_postprocess(benchmark, impl, size, batch):
     benchmark.group = f"post {size} x{batch}"
-    benchmark.pedantic(impl, args=(qmaps(batch), SIZES[size]), rounds=10, warmup_rounds=1)
+    benchmark.pedantic(impl, args=(qmaps(batch), SIZES[size]), rounds=30, warmup_rounds=2)
 
 
 def test_postprocess_implementations_agree():

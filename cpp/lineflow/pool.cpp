@@ -1,15 +1,29 @@
 #include "pool.h"
 
 #include <algorithm>
+#include <chrono>
 #include <sched.h>
 
 namespace lineflow {
+
+namespace {
+// true once pred() holds, false if it did not within the spin budget
+template <typename Pred>
+bool spin_until(Pred pred) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) return false;
+    __builtin_ia32_pause();
+  }
+}
+}  // namespace
 
 Pool::Pool(int n) { start(n); }
 Pool::~Pool() { stop(); }
 
 void Pool::start(int n) {
-  done_ = false;
+  done_.store(false);
   for (int i = 0; i < n - 1; ++i) workers_.emplace_back([this] { loop(); });
 }
 
@@ -31,13 +45,15 @@ void Pool::run(int64_t tasks, const std::function<void(int64_t)>& fn) {
     fn_ = &fn;
     tasks_ = tasks;
     next_.store(0);
-    active_ = static_cast<int>(workers_.size());
-    ++generation_;
+    active_.store(static_cast<int>(workers_.size()));
+    generation_.fetch_add(1, std::memory_order_release);
   }
   cv_.notify_all();
   work();
-  std::unique_lock<std::mutex> lk(m_);
-  finished_.wait(lk, [this] { return active_ == 0; });
+  if (!spin_until([this] { return active_.load(std::memory_order_acquire) == 0; })) {
+    std::unique_lock<std::mutex> lk(m_);
+    finished_.wait(lk, [this] { return active_.load() == 0; });
+  }
   fn_ = nullptr;
 }
 
@@ -48,22 +64,25 @@ void Pool::work() {
 void Pool::loop() {
   uint64_t seen = 0;
   for (;;) {
-    {
+    auto ready = [&] { return done_.load() || generation_.load(std::memory_order_acquire) != seen; };
+    if (!spin_until(ready)) {
       std::unique_lock<std::mutex> lk(m_);
-      cv_.wait(lk, [&] { return done_ || generation_ != seen; });
-      if (done_) return;
-      seen = generation_;
+      cv_.wait(lk, ready);
     }
+    if (done_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
     work();
-    std::lock_guard<std::mutex> lk(m_);
-    if (--active_ == 0) finished_.notify_all();
+    if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lk(m_);  // the caller may be asleep on finished_
+      finished_.notify_all();
+    }
   }
 }
 
 void Pool::stop() {
   {
     std::lock_guard<std::mutex> lk(m_);
-    done_ = true;
+    done_.store(true);
   }
   cv_.notify_all();
   for (auto& w : workers_) w.join();

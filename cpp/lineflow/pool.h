@@ -1,4 +1,6 @@
 // A persistent thread pool sized to the machine: the native module's parallel loops run on it.
+// Workers and the caller spin for a few tens of microseconds before sleeping on a condition variable:
+// waking a sleeping thread costs 0.1-0.3 ms on our VMs, more than a whole preprocessing call.
 #pragma once
 
 #include <atomic>
@@ -32,9 +34,9 @@ class Pool {
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
-  bool done_ = false;
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> done_{false};
 };
 
 int machine_threads();  // CPUs this process may run on (its affinity mask)
