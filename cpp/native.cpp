@@ -268,20 +268,23 @@ static void resize(const py::handle& src_obj, const py::tuple& rows_band, const 
   // cost model: a gathered multiply-add (horizontal) counts 4 contiguous ones (vertical, vectorised)
   if (4 * h * ow * cb.width + oh * ow * rb.width < oh * w * rb.width + 4 * oh * ow * cb.width) {
     thread_local std::vector<float> wide_buf;  // the calling thread's; grows, never shrinks (no page faults per call)
-    if (wide_buf.size() < static_cast<size_t>(b * h * ow)) wide_buf.resize(b * h * ow);
+    if (wide_buf.size() < static_cast<size_t>(h * ow)) wide_buf.resize(h * ow);
     float* wide = wide_buf.data();
-    pool().run(b * h, [&](int64_t task) {
-      gather_taps(wide + task * ow, s + task * w, cb.start, cb.taps_t.data(), cb.width, ow);
-    });
-    pool().run(b * oh, [&](int64_t task) {
-      const int64_t i = task / oh, y = task % oh;
-      float* orow = o + task * ow;
-      const float* vt = rb.taps + y * rb.width;
-      const float* r0 = wide + (i * h + rb.start[y]) * ow;
-      for (int64_t x = 0; x < ow; ++x) orow[x] = vt[0] * r0[x];  // first tap assigns: no zero-fill pass
-      for (int64_t t = 1; t < rb.width; ++t)
-        if (vt[t] != 0.0f) axpy(orow, wide + (i * h + rb.start[y] + t) * ow, vt[t], ow);
-    });
+    for (int64_t i = 0; i < b; ++i) {  // one image at a time: its widened rows stay in cache
+      const float* si = s + i * h * w;
+      float* oi = o + i * oh * ow;
+      pool().run(h, [&](int64_t r) {
+        gather_taps(wide + r * ow, si + r * w, cb.start, cb.taps_t.data(), cb.width, ow);
+      });
+      pool().run(oh, [&](int64_t y) {
+        float* orow = oi + y * ow;
+        const float* vt = rb.taps + y * rb.width;
+        const float* r0 = wide + rb.start[y] * ow;
+        for (int64_t x = 0; x < ow; ++x) orow[x] = vt[0] * r0[x];  // first tap assigns: no zero-fill pass
+        for (int64_t t = 1; t < rb.width; ++t)
+          if (vt[t] != 0.0f) axpy(orow, wide + (rb.start[y] + t) * ow, vt[t], ow);
+      });
+    }
     return;
   }
   pool().run(b * oh, [&](int64_t task) {
