@@ -157,6 +157,24 @@ def end_to_end(graph: InferenceGraph, name: str, batches: list[int]) -> list[dic
     return rows
 
 
+def stage_split(kg: KernelGraph, name: str, batch: int) -> dict:
+    """One batch size: backbone, flow (all scales' steps), scoring and the whole, each replayed in a CUDA graph."""
+    images = torch.rand(batch, 3, 256, 256, device="cuda")
+    with torch.no_grad():
+        feats = kg.features(images)
+        states = [scale(f) for scale, f in zip(kg.scales, feats)]
+        ab = [s.alpha_beta for s in kg.scales]
+        off, rs = [s.offset for s in kg.scales], [s.resize for s in kg.scales]
+        row = {"model": name, "batch": batch,
+               "backbone_ms": median_ms(lambda: kg.features(images)),
+               "flow_ms": median_ms(lambda: [scale(f) for scale, f in zip(kg.scales, feats)]),
+               "scoring_ms": median_ms(lambda: score_maps(states, ab, off, rs, kg.map_weights, kg.image_weights, 256)),
+               "whole_ms": median_ms(lambda: kg(images))}
+    print(f"| {name} | {batch} | {row['backbone_ms']:.3f} | {row['flow_ms']:.3f} | {row['scoring_ms']:.3f} | "
+          f"{row['whole_ms']:.3f} |", flush=True)
+    return row
+
+
 def accuracy(graph: InferenceGraph, name: str) -> list[dict]:
     images = torch.rand(8, 3, 256, 256, device="cuda")
     torch.backends.cudnn.allow_tf32 = False
@@ -178,7 +196,18 @@ def main() -> None:
     p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet18"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32, 128])
     p.add_argument("--kernel-batch", type=int, default=32)
+    p.add_argument("--stages-only", action="store_true", help="only the per-stage split (backbone, flow, scoring)")
     args = p.parse_args()
+    if args.stages_only:
+        print("| model | batch | backbone ms | flow ms | scoring ms | whole (CUDA graph) ms |")
+        print("|---|---|---|---|---|---|")
+        rows = []
+        for name in args.backbones:
+            kg = KernelGraph(InferenceGraph(make_model(name)).cuda().eval(), "bf16").cuda().eval()
+            rows += [stage_split(kg, name, batch) for batch in args.batches]
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "stages": rows}, f, indent=1)
+        return
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     result["ceilings"] = ceil = ceilings()
     print(json.dumps(result), flush=True)

@@ -1,0 +1,51 @@
+"""lineflow's side of the peers benchmark; run by run_peers.py with lineflow's own venv. Prints one JSON line.
+
+Times lineflow's resnet18 configuration (random weights) as PyTorch eager and as onnxruntime / openvino
+engines (fp32, 2 threads) at batch 1 and 8 on random (B, 3, 256, 256) float32 inputs in [0, 1].
+"""
+
+import contextlib
+import json
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from timing import time_calls
+
+from engine.backends import load_backend
+from engine.build import build_engine
+from engine.format import read_engine
+from train.checkpoint import save_model
+from train.model import FastFlow, FlowConfig
+
+THREADS, BATCHES = 2, (1, 8)
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = FastFlow(FlowConfig(backbone="resnet18", input_size=256, flow_steps=8, hidden_ratio=1.0)).eval()
+    meta = {"threshold": {"threshold": 1.0}}
+    runners = {"torch eager": lambda x: model(torch.from_numpy(x))}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        path = Path(tmp) / "model.pt"
+        save_model(path, model, meta)
+        for backend in ("openvino", "onnxruntime"):
+            out = Path(tmp) / f"{backend}.engine"
+            build_engine(model, meta, path.read_bytes(), out, backend, "fp32")
+            runners[backend] = load_backend(*read_engine(out), THREADS)
+    rows = []
+    for batch in BATCHES:
+        x = np.random.default_rng(0).random((batch, 3, 256, 256), dtype=np.float32)
+        for backend, run in runners.items():
+            rows.append({"implementation": "lineflow", "backend": backend, "batch": batch,
+                         "calls_ms": time_calls(run, x)})
+    versions = {p: version(p) for p in ("torch", "onnxruntime", "openvino", "onnx")}
+    print(json.dumps({"versions": versions, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

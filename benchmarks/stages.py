@@ -1,0 +1,120 @@
+"""The engine's stages as separate modules, their FLOPs counted from the graph, and the CPU's GEMM rate.
+
+    python -m benchmarks.stages        # prints the floor table for the benchmarked configurations
+
+Used by benchmarks/test_suite_speed.py (per-stage timings) and by the floor in benchmarks/NOTES.md:
+FLOPs per frame of each stage are counted by torch.utils.flop_counter on the folded inference graph
+(every convolution and matrix product; element-wise work is not counted), and the machine's GEMM
+rate is measured with torch.mm at the precision the stage runs in; FLOPs / rate is the stage's floor.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from engine.graph import InferenceGraph
+from train.model import FastFlow, FlowConfig
+
+__all__ = ["CONFIGS", "make_model", "BackboneStage", "FlowStage", "count_flops", "gemm_rate"]
+
+# name -> FlowConfig: lineflow's default, and the FastFlow paper's resnet18 setting (8 steps, hidden
+# ratio 1.0, 3x3/1x1 alternating, 256 px) with lineflow's default scales and scoring
+CONFIGS = {
+    "efficientnet_lite2 (default)": FlowConfig(),
+    "efficientnet_lite0": FlowConfig(backbone="efficientnet_lite0"),
+    "resnet18 (paper)": FlowConfig(backbone="resnet18", input_size=256, flow_steps=8, hidden_ratio=1.0),
+}
+
+
+def make_model(config: FlowConfig) -> FastFlow:
+    """Random weights of the right shapes: no stage's cost depends on the values."""
+    torch.manual_seed(0)
+    model = FastFlow(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("backbone"):
+                p.add_(torch.randn_like(p) * 0.03)
+    return model
+
+
+class BackboneStage(nn.Module):
+    """Images -> the used scales' features, neighbourhood-pooled (what the flow reads)."""
+
+    def __init__(self, graph: InferenceGraph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.graph.backbone(images)
+        pool = self.graph.pool
+        out = []
+        for key in self.graph.scales:
+            f = feats[int(key)]
+            if pool > 1:
+                f = F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False)
+            out.append(f)
+        return tuple(out)
+
+
+class FlowStage(nn.Module):
+    """Pooled features -> per-scale NLL maps (B, h, h): LayerNorm, 8 folded coupling steps, (A z + B)^2."""
+
+    def __init__(self, graph: InferenceGraph):
+        super().__init__()
+        self.scales = graph.scales
+
+    def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(scale(f)[:, 0] for scale, f in zip(self.scales.values(), feats))
+
+
+def count_flops(config: FlowConfig) -> dict[str, float]:
+    """FLOPs per frame (batch 1) of backbone and flow, counted on the folded graph."""
+    graph = InferenceGraph(make_model(config)).eval()
+    x = torch.rand(1, 3, config.input_size, config.input_size)
+    out = {}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            feats = BackboneStage(graph)(x)
+        out["backbone"] = float(counter.get_total_flops())
+        with FlopCounterMode(display=False) as counter:
+            FlowStage(graph)(*feats)
+        out["flow"] = float(counter.get_total_flops())
+    return out
+
+
+def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
+    """GFLOP/s of an n x n x n torch.mm on this machine (torch's threads), median of `repeats`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    print(f"GEMM 2048^3, {torch.get_num_threads()} threads: fp32 {rates['fp32']:.0f} GFLOP/s, "
+          f"bf16 {rates['bf16']:.0f} GFLOP/s")
+    rows = {}
+    print("| configuration | stage | GFLOP/frame | floor ms (fp32) | floor ms (bf16) |\n|---|---|---|---|---|")
+    for name, cfg in CONFIGS.items():
+        flops = count_flops(cfg)
+        rows[name] = flops
+        for stage, f in flops.items():
+            floors = " | ".join(f"{f / rates[p] / 1e6:.2f}" for p in ("fp32", "bf16"))
+            print(f"| {name} | {stage} | {f / 1e9:.2f} | {floors} |")
+    print(json.dumps({"gemm_GFLOPs": rates, "flops_per_frame": rows}))
+
+
+if __name__ == "__main__":
+    main()

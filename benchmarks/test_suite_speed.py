@@ -1,0 +1,146 @@
+"""Line-speed suite: end to end and per stage, each backend against the PyTorch eager reference, same run.
+
+    python -m pytest benchmarks/test_suite_speed.py --benchmark-json=benchmarks/results.json
+    python -m benchmarks.report benchmarks/results.json     # markdown table + bar chart for README
+
+Configurations (benchmarks/stages.py): lineflow's default (efficientnet_lite2), efficientnet_lite0,
+and the FastFlow paper's resnet18 setting; 256 px, random weights (no cost depends on the values).
+End to end = a prepared (B, 3, 256, 256) batch -> maps + scores (the engine call, including the
+native fusion); batch 1 gives latency, batch 8 throughput. Stages, batch 1: preprocess (one 640x480
+uint8 frame), backbone, flow (LayerNorm + 8 coupling steps + NLL per scale), scoring (upsample, blur,
+fusion, top-k), each in PyTorch eager and in what the engine runs (OpenVINO for the two networks,
+the native extension for the two ends).
+"""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.stages import CONFIGS, BackboneStage, FlowStage, make_model
+from engine import native
+from engine.backends import available_backends, load_backend
+from engine.build import build_engine
+from engine.format import read_engine
+from engine.graph import InferenceGraph
+from train.checkpoint import save_model
+
+BACKENDS = [b for b in ("onnxruntime", "openvino") if b in available_backends()]
+BATCHES = [1, 8]
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def setup(request, tmp_path_factory):
+    """Per configuration: the reference model, its folded graph, and one engine per installed backend."""
+    name = request.param
+    model = make_model(CONFIGS[name])
+    path = tmp_path_factory.mktemp("suite") / "model.pt"
+    save_model(path, model, {"threshold": {"threshold": 1.0}})
+    engines = {}
+    for backend in BACKENDS:
+        out = path.with_name(f"{backend}.engine")
+        build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out, backend, "fp32")
+        header, sections = read_engine(out)
+        engines[backend] = load_backend(header, sections, torch.get_num_threads())
+    return name, model, InferenceGraph(model).eval(), engines
+
+
+def images(batch: int) -> np.ndarray:
+    return np.random.default_rng(0).random((batch, 3, 256, 256), dtype=np.float32)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", ["pytorch eager", *BACKENDS])
+def test_end_to_end(benchmark, setup, impl, batch):
+    name, model, _, engines = setup
+    benchmark.group = f"{name} | end to end | batch {batch}"
+    x = images(batch)
+    if impl == "pytorch eager":
+        with torch.no_grad():
+            benchmark.pedantic(model, args=(torch.from_numpy(x),), rounds=ROUNDS, warmup_rounds=1)
+    else:
+        benchmark.pedantic(engines[impl], args=(x,), rounds=ROUNDS, warmup_rounds=1)
+
+
+def _openvino(module: torch.nn.Module, args: tuple):
+    """Compile one stage for OpenVINO (fp32, 2 threads, latency) through ONNX, as the engine does."""
+    import openvino as ov
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=17)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(buf.getvalue(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                   "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return lambda *xs: request.infer({i: x.numpy() for i, x in enumerate(xs)})
+
+
+@pytest.mark.parametrize("stage", ["backbone", "flow"])
+@pytest.mark.parametrize("impl", ["pytorch eager", "openvino"])
+def test_network_stage(benchmark, setup, stage, impl):
+    name, _, graph, _ = setup
+    if impl == "openvino" and "openvino" not in BACKENDS:
+        pytest.skip("openvino is not installed")
+    benchmark.group = f"{name} | stage {stage} | batch 1"
+    x = torch.from_numpy(images(1))
+    with torch.no_grad():
+        feats = BackboneStage(graph)(x)
+    module, args = (BackboneStage(graph), (x,)) if stage == "backbone" else (FlowStage(graph), feats)
+    run = module if impl == "pytorch eager" else _openvino(module, args)
+    with torch.no_grad():
+        benchmark.pedantic(run, args=args, rounds=ROUNDS, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["pytorch eager", "native"])
+def test_preprocess_stage(benchmark, setup, impl):
+    name = setup[0]
+    benchmark.group = f"{name} | stage preprocess (640x480 uint8) | batch 1"
+    frame = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    if impl == "native":
+        out = np.empty((1, 3, 256, 256), np.float32)
+        benchmark.pedantic(native.preprocess, args=([frame], 256), kwargs={"out": out}, rounds=ROUNDS * 3,
+                           warmup_rounds=1)
+    else:
+        def torch_pre(f):
+            x = torch.from_numpy(f).permute(2, 0, 1)[None].float().div_(255)
+            return F.interpolate(x, size=(256, 256), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+        benchmark.pedantic(torch_pre, args=(frame,), rounds=ROUNDS * 3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["pytorch eager", "native"])
+def test_scoring_stage(benchmark, setup, impl):
+    name, _, graph, _ = setup
+    benchmark.group = f"{name} | stage scoring | batch 1"
+    with torch.no_grad():
+        qmaps = FlowStage(graph)(*BackboneStage(graph)(torch.from_numpy(images(1))))
+    if impl == "native":
+        scoring = native.NativeScoring(graph.scoring_spec())
+        qs = [q.numpy() for q in qmaps]
+        benchmark.pedantic(scoring, args=(qs,), rounds=ROUNDS * 3, warmup_rounds=1)
+    else:
+        def torch_scoring(qs):
+            maps = {int(k): F.interpolate(q[:, None], size=(256, 256), mode="bilinear", align_corners=False)
+                    for k, q in zip(graph.scales, qs)}
+            amap = graph._fused(maps, graph.map_scales)
+            smap = amap if graph.image_scales == graph.map_scales else graph._fused(maps, graph.image_scales)
+            return amap, smap.flatten(1).topk(graph.top_k, dim=1).values.mean(1)
+        with torch.no_grad():
+            benchmark.pedantic(torch_scoring, args=(qmaps,), rounds=ROUNDS * 3, warmup_rounds=1)
+
+
+def test_scoring_stage_agrees(setup):
+    """The two scoring implementations timed above compute the same maps and scores."""
+    _, _, graph, _ = setup
+    with torch.no_grad():
+        x = torch.from_numpy(images(2))
+        qmaps = FlowStage(graph)(*BackboneStage(graph)(x))
+        ref_map, ref_score = graph(x)
+    amap, score = native.NativeScoring(graph.scoring_spec())([q.numpy() for q in qmaps])
+    assert np.abs(amap - ref_map.numpy()).max() <= 1e-4 * max(1.0, float(ref_map.abs().max()))
+    assert np.abs(score - ref_score.numpy()).max() <= 1e-4 * max(1.0, float(ref_score.abs().max()))
