@@ -32,6 +32,7 @@ setup(
     ],
     extras_require={
         # triton: the kernels (kernels/), compiled on NVIDIA GPUs, checked in its interpreter on CPUs
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5", "triton>=3.2"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5", "triton>=3.2",
+                "hypothesis>=6.100"],  # hypothesis: fuzzing the image reader, frame path and engine loader
     },
 )

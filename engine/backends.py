@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -72,10 +73,12 @@ def _openvino(header: dict, sections: dict[str, bytes], threads: int | None) -> 
               "INFERENCE_NUM_THREADS": _threads(threads), "PERFORMANCE_HINT": "LATENCY"}
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
+    lock = threading.Lock()  # an infer request is not thread-safe: one engine used from several threads queues
 
     def run(images: np.ndarray) -> list[np.ndarray]:
-        out = request.infer({0: images})
-        return [np.array(out[o]) for o in compiled.outputs]
+        with lock:
+            out = request.infer({0: images})
+            return [np.array(out[o]) for o in compiled.outputs]
     return _fused(header, run)
 
 

@@ -24,6 +24,7 @@ __all__ = ["MAGIC", "FORMAT_VERSION", "EngineFileError", "write_engine", "read_e
 MAGIC = b"LFENGINE"
 FORMAT_VERSION = 2  # 2: CPU engines end at per-scale maps, fused natively (header['scoring'])
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
+REQUIRED_KEYS = ("sections", "input_size", "threshold", "backend")  # what loading needs of a header
 
 
 class EngineFileError(UserError):
@@ -66,6 +67,9 @@ def read_engine(path: str | Path) -> tuple[dict, dict[str, bytes]]:
     if len(blob) < _FIXED.size + 32 or blob[:8] != MAGIC:
         raise EngineFileError(f"{path}: not a lineflow engine file (build one with python -m engine.build model.pt)")
     _, version, head_len = _FIXED.unpack_from(blob)
+    if version > FORMAT_VERSION:
+        raise EngineFileError(f"{path}: engine format version {version} was written by a newer lineflow; this one "
+                              f"reads version {FORMAT_VERSION}: upgrade lineflow, or rebuild the engine with this one")
     if version != FORMAT_VERSION:
         raise EngineFileError(f"{path}: engine format version {version}; this lineflow reads version "
                               f"{FORMAT_VERSION}: rebuild it with this lineflow's python -m engine.build")
@@ -74,14 +78,20 @@ def read_engine(path: str | Path) -> tuple[dict, dict[str, bytes]]:
     body_start = _FIXED.size + head_len
     try:
         header = json.loads(blob[_FIXED.size:body_start])
+        missing = [k for k in REQUIRED_KEYS if k not in header]
+        if missing or not isinstance(header["sections"], list):
+            raise EngineFileError(f"{path}: engine header lacks {', '.join(missing) or 'a section table'}; "
+                                  f"rebuild the engine")
         sections = {}
         for s in header["sections"]:
+            if not (isinstance(s["offset"], int) and isinstance(s["length"], int) and s["offset"] >= 0):
+                raise EngineFileError(f"{path}: malformed section table; rebuild the engine")
             data = blob[body_start + s["offset"]:body_start + s["offset"] + s["length"]]
             if len(data) != s["length"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
                 raise EngineFileError(f"{path}: section {s['name']!r} is damaged; rebuild the engine")
             sections[s["name"]] = data
     except EngineFileError:
         raise
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise EngineFileError(f"{path}: malformed engine header ({type(e).__name__}); rebuild the engine") from None
     return header, sections

@@ -16,10 +16,14 @@ from pathlib import Path
 
 from engine.runtime import Engine
 from engine.sinks import JsonlSink, MapSink, VideoSink
+from engine.sources import SourceError
 from engine.stream import POLICIES, StreamStats, run
 from train.cli import UserError, run_cli
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_SOURCE_FAILED"]
+
+EXIT_SOURCE_FAILED = 3  # exit codes: 0 done, 2 bad input or settings (nothing written), 3 the source failed
+#                         mid-run (results up to the fault written), 130 interrupted
 
 
 def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> None:
@@ -29,7 +33,11 @@ def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> N
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="exit status: 0 done; 2 bad engine, source or option (nothing written); "
+                                "3 the source failed mid-run: a camera or stream lost after "
+                                "reconnection attempts with backoff, or a video cut short (every result before "
+                                "the fault is written); 130 interrupted")
     p.add_argument("engine", help="engine file written by python -m engine.build")
     p.add_argument("--source", required=True, help="camera:N, /dev/videoN, rtsp/http URL, video file, image folder "
                    "or image file")
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         status.start()
     t0 = time.perf_counter()
     anomalous = 0
+    failure: SourceError | None = None
     try:
         for r in itertools.chain([first] if first is not None else [], results):
             anomalous += bool(r.is_anomalous)
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r.index}\t{r.source}\t{r.score:.4f}\t{'ANOMALOUS' if r.is_anomalous else 'ok'}")
             elif args.out is None:
                 print(f"{r.index}\t{r.source}\terror: {r.error}")
+    except SourceError as e:  # every result before the fault has been written; the sinks close below
+        failure = e
     finally:
         stop.set()
         for s in sinks:
@@ -93,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{stats.frames} frames in {time.perf_counter() - t0:.1f} s: {stats.scored} scored, {anomalous} anomalous "
           f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} could not be read; "
           f"{engine.backend_name} {engine.header['precision']}", file=sys.stderr)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return EXIT_SOURCE_FAILED
     return 0
 
 

@@ -18,9 +18,17 @@ import numpy as np
 from train.cli import UserError
 from train.images import IMAGE_SUFFIXES, DataError, images_in, read_image
 
-__all__ = ["Frame", "open_source", "is_live", "VIDEO_SUFFIXES"]
+__all__ = ["Frame", "SourceError", "open_source", "is_live", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+RECONNECT_ATTEMPTS = 5  # live sources: tries before giving up on a camera or stream that stopped
+RECONNECT_BACKOFF_S = 0.5  # first wait; doubles per attempt, at most RECONNECT_MAX_WAIT_S
+RECONNECT_MAX_WAIT_S = 8.0
+STREAM_TIMEOUT_MS = 5000  # a network stream that delivers nothing this long counts as stalled
+
+
+class SourceError(UserError):
+    """A source failed after frames were delivered: a camera or stream lost for good, a video cut short."""
 
 
 @dataclass
@@ -45,21 +53,53 @@ def _video(spec: str, capture_arg: int | str) -> Iterator[Frame]:
         import cv2
     except ImportError:
         raise UserError(f"{spec}: video and cameras need OpenCV (pip install opencv-python-headless)") from None
-    cap = cv2.VideoCapture(capture_arg)
+    live = is_live(spec)
+
+    def open_capture():
+        cap = cv2.VideoCapture(capture_arg)
+        if live and isinstance(capture_arg, str):  # a stalled stream times out instead of blocking forever
+            for prop in ("CAP_PROP_OPEN_TIMEOUT_MSEC", "CAP_PROP_READ_TIMEOUT_MSEC"):
+                if hasattr(cv2, prop):
+                    cap.set(getattr(cv2, prop), STREAM_TIMEOUT_MS)
+        return cap
+    cap = open_capture()
     if not cap.isOpened():  # checked now, not at the first frame: a bad source fails before anything runs
         raise UserError(f"{spec}: cannot open (not a readable video, camera or stream)")
-    return _read_video(cap, spec)
+    expected = 0 if live else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    return _read_video(cap, spec, open_capture if live else None, expected)
 
 
-def _read_video(cap, spec: str) -> Iterator[Frame]:
+def _read_video(cap, spec: str, reopen, expected: int) -> Iterator[Frame]:
+    """Frames until the end. Files: ending short of the container's frame count is a SourceError. Live
+    sources: a failed read reconnects with exponential backoff, each attempt reported as an error frame."""
+    index = 0
     try:
-        index = 0
         while True:
             ok, frame = cap.read()
-            if not ok:
-                break
-            yield Frame(index, spec, time.time(), frame, bgr=True)
-            index += 1
+            if ok:
+                yield Frame(index, spec, time.time(), frame, bgr=True)
+                index += 1
+                continue
+            if reopen is None:
+                if expected and index + 1 < expected:  # one frame of slack: some containers round their count
+                    raise SourceError(f"{spec}: video ended after {index} of {expected} frames (file cut short "
+                                      f"or damaged); the results before the cut were written")
+                return
+            for attempt in range(1, RECONNECT_ATTEMPTS + 1):
+                wait = min(RECONNECT_BACKOFF_S * 2 ** (attempt - 1), RECONNECT_MAX_WAIT_S)
+                yield Frame(index, spec, time.time(), error=f"no frame from {spec}: reconnecting in {wait:g} s "
+                                                            f"(attempt {attempt} of {RECONNECT_ATTEMPTS})")
+                index += 1
+                time.sleep(wait)
+                cap.release()
+                cap = reopen()
+                ok, frame = cap.read() if cap.isOpened() else (False, None)
+                if ok:
+                    yield Frame(index, spec, time.time(), frame, bgr=True)
+                    index += 1
+                    break
+            else:
+                raise SourceError(f"{spec}: lost: no frame after {RECONNECT_ATTEMPTS} reconnection attempts")
     finally:
         cap.release()
 

@@ -106,11 +106,11 @@ def _infer(engine: Engine, q_in: queue.Queue, q_out: queue.Queue, batch_size: in
             try:
                 for f, r in zip(good, _score(engine, good, with_maps)):
                     results[id(f)] = r
-            except ValueError:  # a frame the preprocessing refuses (shape, dtype): find it, score the rest
+            except (ValueError, TypeError):  # a frame the preprocessing refuses (shape, dtype): find it, score the rest
                 for f in good:
                     try:
                         results[id(f)] = _score(engine, [f], with_maps)[0]
-                    except ValueError as e:
+                    except (ValueError, TypeError) as e:
                         results[id(f)] = Result(None, None, error=f"bad frame: {e}")
             for f in batch:
                 r = results.get(id(f)) or Result(None, None, error=f.error)
