@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
+from benchmarks import stages
 from engine.gpu_head import CudaGraphRunner, KernelGraph
 from engine.graph import InferenceGraph
 from kernels.coupling import conv_coupling, conv_relu
@@ -49,14 +50,7 @@ def ceilings() -> dict:
 
 
 def make_model(backbone: str) -> FastFlow:
-    torch.manual_seed(0)
-    model = FastFlow(FlowConfig(backbone=backbone, input_size=256, flow_steps=8)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("backbone"):
-                p.add_(torch.randn_like(p) * 0.03)
-        model.scale_stats.copy_(torch.tensor([[0.5, 2.0], [0.7, 3.0], [0.2, 1.5], [0.4, 2.5]]))
-    return model
+    return stages.make_model(FlowConfig(backbone=backbone, input_size=256, flow_steps=8))
 
 
 def floor_ms(flops: float, nbytes: float, ceil: dict) -> tuple[float, str]:

@@ -34,13 +34,15 @@ CONFIGS = {
 
 
 def make_model(config: FlowConfig) -> FastFlow:
-    """Random weights of the right shapes: no stage's cost depends on the values."""
+    """Random weights of the right shapes (no stage's cost depends on the values); flow parameters and
+    per-scale statistics moved off their initial values, so no folded constant is trivially 0 or 1."""
     torch.manual_seed(0)
     model = FastFlow(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith("backbone"):
                 p.add_(torch.randn_like(p) * 0.03)
+        model.scale_stats.copy_(torch.tensor([[0.5, 2.0], [0.7, 3.0], [0.2, 1.5], [0.4, 2.5]]))
     return model
 
 

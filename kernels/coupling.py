@@ -71,6 +71,16 @@ def _patch(x_ptr, chan_ptr, offs_k, b, py, px, m_ok, H, W, K, x_bstride, KS: tl.
 
 
 @triton.jit
+def _tile(M, N, H, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile: channels (offs_n) and pixels as (image b, flat p, row py, column px)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw = H * W
+    b, p = offs_m // hw, offs_m % hw
+    return offs_n, offs_n < N, b, p, p // W, p % W, offs_m < M
+
+
+@triton.jit
 def _dot(a, w, IEEE: tl.constexpr):
     """fp32 accumulation; IEEE (fp32 operands, exact path) or the operands' own tensor-core precision."""
     if INTERPRET_DOT:  # the interpreter's dot gives garbage on bf16: round to the operand dtype, multiply in fp32
@@ -89,12 +99,8 @@ _RUNTIME_INTS = ["M", "H", "W", "K", "N", "x_bstride", "h_bstride"]
 def _conv_relu_kernel(x_ptr, chan_ptr, w_ptr, bias_ptr, out_ptr, M, H, W, K, N, x_bstride,
                       KS: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_n, n_ok, b, p, py, px, m_ok = _tile(M, N, H, W, BLOCK_M, BLOCK_N)
     hw = H * W
-    b, p = offs_m // hw, offs_m % hw
-    py, px = p // W, p % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -114,12 +120,8 @@ def _conv_coupling_kernel(h_ptr, chan_ptr, w_ptr, b_ptr, g_ptr, a_ptr, c_ptr, ch
                           M, H, W, K, N, h_bstride, x_bstride, clamp,
                           KS: tl.constexpr, IEEE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_n, n_ok, b, p, py, px, m_ok = _tile(M, N, H, W, BLOCK_M, BLOCK_N)
     hw = H * W
-    b, p = offs_m // hw, offs_m % hw
-    py, px = p // W, p % W
     acc_s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

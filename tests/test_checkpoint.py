@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import CodePickle
 
 from train.checkpoint import FORMAT_VERSION, ModelFileError, load_model, save_model
 from train.model import FastFlow, FlowConfig
@@ -58,18 +59,10 @@ def test_truncated_and_foreign_files_are_refused(model_file, tmp_path):
         load_model(other)
 
 
-class _Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_pickle_with_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"meta": {"format": "lineflow-model"}, "x": _Exploit(str(marker))}, path)
+    torch.save({"meta": {"format": "lineflow-model"}, "x": CodePickle(str(marker))}, path)
     with pytest.raises(ModelFileError, match="refused"):
         load_model(path)
     assert not marker.exists()

@@ -15,6 +15,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import CodePickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -199,14 +200,6 @@ def test_future_engine_version_says_upgrade(tmp_path):
         read_engine(path)
 
 
-class _Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_engine_with_a_code_pickle_is_refused_without_running_it(tmp_path):
     """A torch-backend engine whose model section is a pickle that would create a file."""
     import pickle
@@ -214,7 +207,7 @@ def test_engine_with_a_code_pickle_is_refused_without_running_it(tmp_path):
     import engine
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.engine"
-    write_engine(path, dict(HEADER, backend="torch"), {"model": pickle.dumps({"x": _Exploit(str(marker))})})
+    write_engine(path, dict(HEADER, backend="torch"), {"model": pickle.dumps({"x": CodePickle(str(marker))})})
     with pytest.raises(Exception, match="refused|not a lineflow model|cannot read") as info:
         engine.load(path)
     assert type(info.value).__name__ in ("ModelFileError", "EngineFileError"), info.value
