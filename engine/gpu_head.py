@@ -83,9 +83,8 @@ class KernelGraph(nn.Module):
         self.keys = [int(k) for k in graph.scales]
         self.scales = nn.ModuleList(_PackedScale(graph.scales[str(k)], graph.size, graph.sigma, dtype)
                                     for k in self.keys)
-        self.map_weights = [1 / len(graph.map_scales) if k in graph.map_scales else 0.0 for k in self.keys]
-        self.image_weights = [1 / len(graph.image_scales) if k in graph.image_scales else 0.0 for k in self.keys]
-        self.top_k = graph.top_k
+        spec = graph.scoring_spec()  # the same fusion weights the CPU engines' native scoring uses
+        self.map_weights, self.image_weights, self.top_k = spec["map_weights"], spec["image_weights"], spec["top_k"]
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Backbone (bf16/fp16 autocast and channels-last on CUDA unless fp32), then the neighbourhood pool."""
