@@ -19,8 +19,11 @@ from PIL import Image, ImageDraw
 from train.cli import UserError, run_cli
 
 
-def _impl(name: str) -> str:
-    """test_end_to_end[resnet18 (paper)-openvino-1] -> the implementation's parameter."""
+def _impl(bench: dict) -> str:
+    """The implementation's parameter: pytest-benchmark saves it under params; else from the test's name."""
+    if (bench.get("params") or {}).get("impl"):
+        return bench["params"]["impl"]
+    name = bench["name"]
     inner = name[name.index("[") + 1:-1] if "[" in name else name
     for impl in ("pytorch eager", "onnxruntime", "openvino", "native"):
         if impl in inner:
@@ -37,7 +40,7 @@ def load(path: Path) -> dict[str, dict[str, float]]:
         raise UserError(f"{path}: not a pytest-benchmark JSON file ({e})") from None
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for b in benches:
-        groups[b["group"]][_impl(b["name"])] = b["stats"]["median"]
+        groups[b["group"]][_impl(b)] = b["stats"]["median"]
     return dict(groups)
 
 

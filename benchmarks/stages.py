@@ -15,14 +15,12 @@ import statistics
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.graph import InferenceGraph
+from engine.graph import BackboneGraph, FlowGraph, InferenceGraph
 from train.model import FastFlow, FlowConfig
 
-__all__ = ["CONFIGS", "make_model", "BackboneStage", "FlowStage", "count_flops", "gemm_rate"]
+__all__ = ["CONFIGS", "make_model", "count_flops", "gemm_rate"]
 
 # name -> FlowConfig: lineflow's default, and the FastFlow paper's resnet18 setting (8 steps, hidden
 # ratio 1.0, 3x3/1x1 alternating, 256 px) with lineflow's default scales and scoring
@@ -46,36 +44,6 @@ def make_model(config: FlowConfig) -> FastFlow:
     return model
 
 
-class BackboneStage(nn.Module):
-    """Images -> the used scales' features, neighbourhood-pooled (what the flow reads)."""
-
-    def __init__(self, graph: InferenceGraph):
-        super().__init__()
-        self.graph = graph
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = self.graph.backbone(images)
-        pool = self.graph.pool
-        out = []
-        for key in self.graph.scales:
-            f = feats[int(key)]
-            if pool > 1:
-                f = F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False)
-            out.append(f)
-        return tuple(out)
-
-
-class FlowStage(nn.Module):
-    """Pooled features -> per-scale NLL maps (B, h, h): LayerNorm, 8 folded coupling steps, (A z + B)^2."""
-
-    def __init__(self, graph: InferenceGraph):
-        super().__init__()
-        self.scales = graph.scales
-
-    def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(scale(f)[:, 0] for scale, f in zip(self.scales.values(), feats))
-
-
 def count_flops(config: FlowConfig) -> dict[str, float]:
     """FLOPs per frame (batch 1) of backbone and flow, counted on the folded graph."""
     graph = InferenceGraph(make_model(config)).eval()
@@ -83,10 +51,10 @@ def count_flops(config: FlowConfig) -> dict[str, float]:
     out = {}
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
-            feats = BackboneStage(graph)(x)
+            feats = BackboneGraph(graph)(x)
         out["backbone"] = float(counter.get_total_flops())
         with FlopCounterMode(display=False) as counter:
-            FlowStage(graph)(*feats)
+            FlowGraph(graph)(*feats)
         out["flow"] = float(counter.get_total_flops())
     return out
 

@@ -4,7 +4,8 @@ A backend takes (B, 3, S, S) float32 images in [0, 1] and returns the anomaly ma
 image scores (B,). Each loader imports only its own runtime, and only when asked for it.
 
 - onnxruntime: the ONNX graph, CPU (or CUDA where onnxruntime-gpu is installed).
-- openvino: the same ONNX graph compiled by OpenVINO for this CPU, at the precision the build chose.
+- openvino: the same ONNX graph compiled by OpenVINO for this CPU, at the precision the build chose; at
+  precision "bf16-flow" as two graphs, the backbone in fp32 and the flow in bf16 (STAGE_PRECISIONS).
 - tensorrt: a serialised TensorRT plan (NVIDIA GPUs; written against the TensorRT 10 Python API; not
   run here: TensorRT cannot be installed on our machines).
 - torch: rebuilt from the model.pt bytes the engine carries. On the CPU the PyTorch reference itself;
@@ -24,7 +25,7 @@ import numpy as np
 
 from engine.format import EngineFileError
 
-__all__ = ["Backend", "BACKENDS", "available_backends", "load_backend"]
+__all__ = ["Backend", "BACKENDS", "STAGE_PRECISIONS", "available_backends", "load_backend"]
 
 Backend = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -63,22 +64,34 @@ def _onnxruntime(header: dict, sections: dict[str, bytes], threads: int | None) 
 
 
 OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# precisions that run the graph as two stages: (backbone, flow); the engine then carries "onnx_backbone" and
+# "onnx_flow" (engine.graph.BackboneGraph / FlowGraph) instead of one "onnx" graph
+STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
 
 
 def _openvino(header: dict, sections: dict[str, bytes], threads: int | None) -> Backend:
     import openvino as ov
+    precision = header.get("precision")
+    if precision in STAGE_PRECISIONS:
+        stages = list(zip((sections["onnx_backbone"], sections["onnx_flow"]), STAGE_PRECISIONS[precision]))
+    elif precision in OPENVINO_PRECISION:
+        stages = [(sections["onnx"], precision)]
+    else:
+        raise EngineFileError(f"unknown OpenVINO precision {precision!r} in the engine header")
     core = ov.Core()
-    model = core.read_model(sections["onnx"], b"")
-    config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[header["precision"]],
-              "INFERENCE_NUM_THREADS": _threads(threads), "PERFORMANCE_HINT": "LATENCY"}
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
+    config = {"INFERENCE_NUM_THREADS": _threads(threads), "PERFORMANCE_HINT": "LATENCY"}
+    compiled = [core.compile_model(core.read_model(onnx, b""), "CPU",
+                                   {**config, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[p]}) for onnx, p in stages]
+    requests = [c.create_infer_request() for c in compiled]
     lock = threading.Lock()  # an infer request is not thread-safe: one engine used from several threads queues
 
     def run(images: np.ndarray) -> list[np.ndarray]:
         with lock:
-            out = request.infer({0: images})
-            return [np.array(out[o]) for o in compiled.outputs]
+            values = [images]
+            for c, request in zip(compiled, requests):  # each stage's outputs are the next one's inputs
+                out = request.infer(dict(enumerate(values)))
+                values = [out[o] for o in c.outputs]
+            return [np.array(v) for v in values]
     return _fused(header, run)
 
 
@@ -147,4 +160,9 @@ def load_backend(header: dict, sections: dict[str, bytes], threads: int | None =
         raise EngineFileError(f"this engine was built for {name}, which is not installed here "
                               f"(installed: {', '.join(available_backends()) or 'none'}); "
                               f"install it or rebuild with --backend {'/'.join(available_backends()) or '...'}")
+    needed = {"tensorrt": ["tensorrt_plan"], "torch": ["model"]}.get(name) or (
+        ["onnx_backbone", "onnx_flow"] if header.get("precision") in STAGE_PRECISIONS else ["onnx"])
+    missing = [s for s in needed if s not in sections]
+    if missing:
+        raise EngineFileError(f"this {name} engine lacks its section {', '.join(missing)}; rebuild it")
     return _LOADERS[name](header, sections, threads)

@@ -22,7 +22,8 @@ from train.cli import UserError
 __all__ = ["MAGIC", "FORMAT_VERSION", "EngineFileError", "write_engine", "read_engine"]
 
 MAGIC = b"LFENGINE"
-FORMAT_VERSION = 2  # 2: CPU engines end at per-scale maps, fused natively (header['scoring'])
+FORMAT_VERSION = 3  # 2: CPU engines end at per-scale maps, fused natively (header['scoring']); 3: precision bf16-flow
+OLDEST_READABLE = 2  # version 2 files are version 3 files without bf16-flow engines
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
 REQUIRED_KEYS = ("sections", "input_size", "threshold", "backend")  # what loading needs of a header
 
@@ -70,9 +71,9 @@ def read_engine(path: str | Path) -> tuple[dict, dict[str, bytes]]:
     if version > FORMAT_VERSION:
         raise EngineFileError(f"{path}: engine format version {version} was written by a newer lineflow; this one "
                               f"reads version {FORMAT_VERSION}: upgrade lineflow, or rebuild the engine with this one")
-    if version != FORMAT_VERSION:
-        raise EngineFileError(f"{path}: engine format version {version}; this lineflow reads version "
-                              f"{FORMAT_VERSION}: rebuild it with this lineflow's python -m engine.build")
+    if version < OLDEST_READABLE:
+        raise EngineFileError(f"{path}: engine format version {version}; this lineflow reads versions "
+                              f"{OLDEST_READABLE}-{FORMAT_VERSION}: rebuild it with python -m engine.build")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
         raise EngineFileError(f"{path}: damaged (checksum mismatch): the file was truncated or altered; rebuild it")
     body_start = _FIXED.size + head_len

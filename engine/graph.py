@@ -14,6 +14,9 @@ and the log-scale of the coupling; the pending affine of x1 folds into the first
 its weights, shift into a constant bias map, exact at zero-padded borders); AltUB's mean and
 scale, the 0.5 / C and the per-scale normalisation fold into one (A * X + B)^2 sum. What remains per
 step is two channel gathers, two convolutions, one clamp and one multiply-add.
+
+The soft clamp's atan is a polynomial here (poly_atan): runtimes fuse its multiply-adds into the
+element-wise chain around it, where OpenVINO runs an Atan node as a scalar reference loop.
 """
 
 from __future__ import annotations
@@ -22,9 +25,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.model import CouplingStep, FastFlow, gaussian_blur, soft_clamp
+from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, gaussian_blur
 
-__all__ = ["InferenceGraph", "ScaleMapsGraph", "FoldedStep", "FoldedScale"]
+__all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "FoldedStep", "FoldedScale",
+           "poly_atan"]
+
+# atan(r) / r on [0, 1] as a polynomial in r^2, highest power first (the Triton kernels' _atan uses the same)
+ATAN_COEFFS = (-0.00466877, 0.02416619, -0.05936710, 0.09906097, -0.14016585, 0.19969235, -0.33331960, 0.99999990)
+
+
+def poly_atan(x: torch.Tensor) -> torch.Tensor:
+    """atan as element-wise multiply-adds: max |error| 1.9e-7 in float32; atan(x) = pi/2 - atan(1/x) above 1."""
+    ax = x.abs()
+    big = ax > 1.0
+    r = torch.where(big, 1.0 / ax.clamp(min=1.0), ax)
+    u = r * r
+    p = torch.full_like(u, ATAN_COEFFS[0])
+    for c in ATAN_COEFFS[1:]:
+        p = p * u + c
+    a = r * p
+    a = torch.where(big, torch.pi / 2 - a, a)
+    return torch.where(x < 0, -a, a)
 
 
 class FoldedStep(nn.Module):
@@ -63,7 +84,7 @@ class FoldedStep(nn.Module):
         x2 = x.index_select(1, self.idx2) * self.a2 + self.c2
         hidden = F.relu(F.conv2d(x1, self.w1, None, padding=self.kernel // 2) + self.bias_map1)
         s, t = F.conv2d(hidden, self.w2, self.b2, padding=self.kernel // 2).split(self.c2_channels, dim=1)
-        y2 = x2 * (soft_clamp(s, self.clamp) + self.g2).exp() + t
+        y2 = x2 * (self.clamp * SOFT_CLAMP_FACTOR * poly_atan(s / self.clamp) + self.g2).exp() + t
         return torch.cat([x1, y2], dim=1)
 
 
@@ -123,16 +144,20 @@ class InferenceGraph(nn.Module):
             {str(s): FoldedScale(model, s, (self.size // strides[s], self.size // strides[s])) for s in used})
         self.top_k = max(1, int(round(cfg.image_score_top * self.size * self.size)))
 
-    def scale_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Each used scale's NLL map (B, 1, h_s, h_s), in the order of self.scales."""
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The used scales' backbone features, neighbourhood-averaged: what the flows read."""
         feats = self.backbone(images)
         out = []
-        for key, scale in self.scales.items():
+        for key in self.scales:
             f = feats[int(key)]
             if self.pool > 1:
                 f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
-            out.append(scale(f))
+            out.append(f)
         return out
+
+    def scale_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each used scale's NLL map (B, 1, h_s, h_s), in the order of self.scales."""
+        return [scale(f) for scale, f in zip(self.scales.values(), self.features(images))]
 
     def per_scale(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         size = (self.size, self.size)
@@ -169,3 +194,26 @@ class ScaleMapsGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(q[:, 0] for q in self.graph.scale_maps(images))
+
+
+class BackboneGraph(nn.Module):
+    """ScaleMapsGraph's first stage: images -> the used scales' averaged features (an engine may run the two
+    stages at different precisions: the frozen backbone's features are the precision-sensitive part)."""
+
+    def __init__(self, graph: InferenceGraph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.graph.features(images))
+
+
+class FlowGraph(nn.Module):
+    """ScaleMapsGraph's second stage: the features -> per-scale NLL maps (B, h_s, h_s)."""
+
+    def __init__(self, graph: InferenceGraph):
+        super().__init__()
+        self.scales = graph.scales
+
+    def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(scale(f)[:, 0] for scale, f in zip(self.scales.values(), feats))

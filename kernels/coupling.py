@@ -21,13 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from train.model import SOFT_CLAMP_FACTOR
+
 __all__ = ["conv_relu", "conv_coupling", "pack_conv_weight", "conv_relu_reference", "conv_coupling_reference",
            "soft_clamp_reference", "atan"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRET_DOT = tl.constexpr(INTERPRET)
-SOFT_CLAMP_FACTOR = 0.636  # train.model.soft_clamp: clamp * 0.636 * atan(s / clamp)
-
+_SOFT_CLAMP = tl.constexpr(SOFT_CLAMP_FACTOR)  # a jit function reads module globals only as constexpr
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def _atan(x):
     """atan from a polynomial: the Triton interpreter has no atan, and the GPU needs none.
 
     atan(r) / r on [0, 1] as a degree-7 polynomial in r^2 (Chebyshev-weighted least squares; max |error|
-    of atan 7.5e-8), and atan(x) = pi/2 - atan(1/x) above 1.
+    of atan 7.5e-8), and atan(x) = pi/2 - atan(1/x) above 1. engine.graph.ATAN_COEFFS are these numbers.
     """
     ax = tl.abs(x)
     big = ax > 1.0
@@ -136,7 +137,7 @@ def _conv_coupling_kernel(h_ptr, chan_ptr, w_ptr, b_ptr, g_ptr, a_ptr, c_ptr, ch
     # epilogue: soft-clamped log-scale, then y2 = x2 * exp(s) + t written over x2
     s = acc_s + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     t = acc_t + tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0)[None, :]
-    s = clamp * 0.636 * _atan(s / clamp) + tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    s = clamp * _SOFT_CLAMP * _atan(s / clamp) + tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     ch = tl.load(chan2_ptr + offs_n, mask=n_ok, other=0)
     ok = m_ok[:, None] & n_ok[None, :]
     ptrs = x_ptr + b[:, None] * x_bstride + ch[None, :] * hw + p[:, None]

@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from train.backbones import Backbone, create_backbone
 
 __all__ = ["FlowConfig", "FastFlow", "CouplingStep", "FeatureNorm", "GaussianBase", "soft_clamp",
-           "gaussian_blur"]
+           "SOFT_CLAMP_FACTOR", "gaussian_blur"]
+
+
+SOFT_CLAMP_FACTOR = 0.636  # ~2/pi, as FastFlow's reference code writes it
 
 
 def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
     """clamp * (2/pi) * atan(s / clamp): smooth, odd, bounded by +-clamp; keeps exp(s) finite."""
-    return clamp * 0.636 * torch.atan(s / clamp)
+    return clamp * SOFT_CLAMP_FACTOR * torch.atan(s / clamp)
 
 
 class FeatureNorm(nn.Module):

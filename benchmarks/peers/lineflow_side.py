@@ -1,7 +1,7 @@
 """lineflow's side of the peers benchmark; run by run_peers.py with lineflow's own venv. Prints one JSON line.
 
-Times lineflow's resnet18 configuration (random weights) as PyTorch eager and as onnxruntime / openvino
-engines (fp32, 2 threads) at batch 1 and 8 on random (B, 3, 256, 256) float32 inputs in [0, 1].
+Times lineflow's resnet18 configuration (random weights) as PyTorch eager and as onnxruntime fp32 / openvino
+fp32 / openvino bf16-flow engines (2 threads) at batch 1 and 8 on random (B, 3, 256, 256) float32 inputs in [0, 1].
 """
 
 import contextlib
@@ -33,10 +33,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         path = Path(tmp) / "model.pt"
         save_model(path, model, meta)
-        for backend in ("openvino", "onnxruntime"):
-            out = Path(tmp) / f"{backend}.engine"
-            build_engine(model, meta, path.read_bytes(), out, backend, "fp32")
-            runners[backend] = load_backend(*read_engine(out), THREADS)
+        for backend, precision in (("openvino", "fp32"), ("openvino", "bf16-flow"), ("onnxruntime", "fp32")):
+            out = Path(tmp) / f"{backend}-{precision}.engine"
+            build_engine(model, meta, path.read_bytes(), out, backend, precision)
+            runners[backend if precision == "fp32" else f"{backend} {precision}"] = load_backend(*read_engine(out),
+                                                                                                 THREADS)
     rows = []
     for batch in BATCHES:
         x = np.random.default_rng(0).random((batch, 3, 256, 256), dtype=np.float32)

@@ -1,0 +1,110 @@
+"""Per-stage precision: the polynomial atan, the two-graph split, and OpenVINO's bf16-flow engines.
+
+Tolerances: the split graphs equal the one-graph maps to 1e-5 (float32 rounding); a bf16-flow engine
+stays within the build's low-precision tolerance of the reference (0.1 map units, 0.02 on scores).
+"""
+
+import importlib.util
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import MTD
+from test_engine import _rewrite, perturbed_model
+
+import engine
+from engine.build import LOW_PRECISION_TOLERANCE, _auto_candidates, build_engine, export_onnx
+from engine.format import EngineFileError, read_engine, write_engine
+from engine.graph import InferenceGraph, poly_atan
+from train.checkpoint import save_model
+from train.data import read_image, to_model_input
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+def test_poly_atan_matches_atan():
+    x = torch.cat([torch.linspace(-50, 50, 200_001), torch.tensor([0.0, 1.0, -1.0, 1e-8, -1e-8, 1e6, -1e6])])
+    err = (poly_atan(x).double() - torch.atan(x.double())).abs().max().item()
+    assert err <= 3e-7  # measured 1.9e-7 (the fit's 7.5e-8 plus float32 rounding)
+
+
+def test_split_graphs_equal_the_one_graph():
+    """backbone -> features -> flow, as two ONNX graphs, computes what the one maps graph computes."""
+    graph = InferenceGraph(perturbed_model()).eval()
+    x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    session = {part: ort.InferenceSession(export_onnx(graph, None, part)) for part in ("maps", "backbone", "flow")}
+    ref = session["maps"].run(None, {"images": x})
+    feats = session["backbone"].run(None, {"images": x})
+    maps = session["flow"].run(None, {f"f{i}": f for i, f in enumerate(feats)})
+    assert len(maps) == len(ref) == len(graph.scales)
+    for q, r in zip(maps, ref):
+        assert np.abs(q - r).max() <= 1e-5 * max(1.0, np.abs(r).max())
+
+
+@pytest.fixture(scope="module")
+def bf16_flow_engine(tmp_path_factory):
+    model = perturbed_model()
+    path = tmp_path_factory.mktemp("p") / "model.pt"
+    save_model(path, model, {"threshold": {"threshold": 1.0}})
+    out = path.with_name("bf16-flow.engine")
+    header = build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out, "openvino", "bf16-flow")
+    return model, out, header
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
+def test_bf16_flow_engine_carries_two_graphs_and_matches_reference(bf16_flow_engine):
+    model, path, header = bf16_flow_engine
+    assert header["precision"] == "bf16-flow" and header["backend"] == "openvino"
+    _, sections = read_engine(path)
+    assert sorted(sections) == ["onnx_backbone", "onnx_flow"]
+    x = np.random.default_rng(2).random((4, 3, 64, 64), dtype=np.float32)
+    amap, score = engine.load(path).infer_prepared(x)
+    with torch.no_grad():
+        ref_map, ref_score = (t.numpy() for t in model(torch.from_numpy(x)))
+    assert np.abs(amap - ref_map).max() <= LOW_PRECISION_TOLERANCE["map"] * max(1.0, np.abs(ref_map).max())
+    assert np.abs(score - ref_score).max() <= LOW_PRECISION_TOLERANCE["score"] * max(1.0, np.abs(ref_score).max())
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
+@pytest.mark.skipif(not (MTD / "test").is_dir(), reason=f"real data absent: {MTD} is not on this machine")
+def test_bf16_flow_engine_on_real_images(bf16_flow_engine):
+    model, path, _ = bf16_flow_engine
+    paths = [sorted((MTD / "test" / t).iterdir())[0] for t in ("good", "blowhole", "break", "crack", "fray")]
+    frames = [read_image(p) for p in paths]
+    results = engine.load(path).infer(frames)
+    with torch.no_grad():
+        _, ref_score = model(torch.stack([to_model_input(f, 64) for f in frames]))
+    scores = np.array([r.score for r in results])
+    assert np.abs(scores - ref_score.numpy()).max() <= LOW_PRECISION_TOLERANCE["score"] * max(
+        1.0, ref_score.abs().max().item())
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
+def test_engine_missing_a_stage_is_refused(bf16_flow_engine, tmp_path):
+    _, path, _ = bf16_flow_engine
+    header, sections = read_engine(path)
+    del sections["onnx_flow"]
+    header.pop("sections")
+    broken = tmp_path / "broken.engine"
+    write_engine(broken, header, sections)
+    with pytest.raises(EngineFileError, match="lacks its section onnx_flow"):
+        engine.load(broken)
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
+def test_version_2_files_are_still_read(bf16_flow_engine, tmp_path):
+    """Format 3 only added the two-graph sections: a version 2 file reads as before."""
+    _, path, _ = bf16_flow_engine
+    old = tmp_path / "v2.engine"
+    _rewrite(path, old, 2)
+    x = np.random.default_rng(3).random((1, 3, 64, 64), dtype=np.float32)
+    assert np.array_equal(engine.load(old).infer_prepared(x)[1], engine.load(path).infer_prepared(x)[1])
+
+
+def test_auto_tries_all_bf16_only_with_real_check_images():
+    if not HAS_OPENVINO:
+        pytest.skip("openvino is not installed: its precisions are not offered")
+    with_calib, without = _auto_candidates("openvino", True), _auto_candidates("openvino", False)
+    assert "bf16" not in without and without[-1] == "fp32" and with_calib[-1] == "fp32"
+    assert _auto_candidates("onnxruntime", True) == ["fp32"]
