@@ -81,6 +81,33 @@ def test_bf16_flow_engine_on_real_images(bf16_flow_engine):
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
+def test_every_batch_size_gets_the_same_scores(bf16_flow_engine):
+    """OpenVINO engines run a single frame on the latency graph and batches over the throughput streams."""
+    _, path, _ = bf16_flow_engine
+    eng = engine.load(path)
+    x = np.random.default_rng(4).random((10, 3, 64, 64), dtype=np.float32)
+    single = np.concatenate([eng.infer_prepared(x[i:i + 1])[1] for i in range(10)])
+    for b in range(2, 11):
+        scores = eng.infer_prepared(x[:b])[1]
+        assert np.abs(scores - single[:b]).max() <= 1e-3 * max(1.0, np.abs(single).max())
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_fixed_batch_openvino_engine_matches_reference(tmp_path):
+    model = perturbed_model()
+    path = tmp_path / "model.pt"
+    save_model(path, model, {"threshold": {"threshold": 1.0}})
+    out = tmp_path / "b3.engine"
+    build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out, "openvino", "fp32", batch=3)
+    x = np.random.default_rng(5).random((5, 3, 64, 64), dtype=np.float32)
+    amap, score = engine.load(out).infer_prepared(x)
+    with torch.no_grad():
+        ref_map, ref_score = (t.numpy() for t in model(torch.from_numpy(x)))
+    assert np.abs(amap - ref_map).max() <= 1e-4 * max(1.0, np.abs(ref_map).max())
+    assert np.abs(score - ref_score).max() <= 1e-4 * max(1.0, np.abs(ref_score).max())
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
 def test_engine_missing_a_stage_is_refused(bf16_flow_engine, tmp_path):
     _, path, _ = bf16_flow_engine
     header, sections = read_engine(path)
