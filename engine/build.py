@@ -35,9 +35,6 @@ GRAPH_TOLERANCE = 1e-4  # max |map difference|, folded graph or fp32 engine vs t
 LOW_PRECISION_TOLERANCE = {"score": 0.02, "map": 0.1}  # bf16/fp16 vs fp32, in map units (1 = q99 of good pixels)
 
 
-ONNX_PARTS = ("full", "maps", "backbone", "flow")
-
-
 def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") -> bytes:
     """The inference graph, or a part of it, as ONNX (opset 17); batch None = dynamic batch dimension.
 
@@ -50,12 +47,11 @@ def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") ->
     feats, maps = [f"f{i}" for i in range(n)], [f"q{i}" for i in range(n)]
     if part == "flow":
         with torch.no_grad():
-            args = tuple(graph.features(x))
-    module, args, inputs, outputs = {
-        "full": (graph, (x,), ["images"], ["anomaly_map", "score"]),
-        "maps": (ScaleMapsGraph(graph), (x,), ["images"], maps),
-        "backbone": (BackboneGraph(graph), (x,), ["images"], feats),
-        "flow": (FlowGraph(graph), args if part == "flow" else (), feats, maps)}[part]
+            module, args, inputs, outputs = FlowGraph(graph), tuple(graph.features(x)), feats, maps
+    else:
+        module, outputs = {"full": (graph, ["anomaly_map", "score"]), "maps": (ScaleMapsGraph(graph), maps),
+                           "backbone": (BackboneGraph(graph), feats)}[part]
+        args, inputs = (x,), ["images"]
     dynamic = None if batch else {name: {0: "batch"} for name in [*inputs, *outputs]}
     buf = io.BytesIO()
     with warnings.catch_warnings():
