@@ -128,6 +128,8 @@ def test_invalid_model_option_is_a_clean_error(demo_dir, tmp_path):
     out = tmp_path / "m.pt"
     proc = run("train.fit", "--data", str(demo_dir), "--out", str(out), "--feature-pool", "2", check=False)
     _assert_clean_failure(proc, "feature_pool")
+    proc = run("train.fit", "--data", str(demo_dir), "--out", str(out), "--clamp", "0", check=False)
+    _assert_clean_failure(proc, "--clamp")
     assert not out.exists()
 
 

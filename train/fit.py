@@ -180,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-steps", type=int, default=m.flow_steps, help="coupling steps per scale")
     p.add_argument("--hidden-ratio", type=float, default=m.hidden_ratio,
                    help="subnet hidden channels / input channels")
+    p.add_argument("--clamp", type=float, default=m.clamp, help="bound of the coupling's soft-clamped log-scale")
     p.add_argument("--no-altub", action="store_true", help="plain FastFlow: fixed N(0, I) base")
     p.add_argument("--altub-every", type=int, default=d.altub_every, help="every k-th step updates only the base")
     p.add_argument("--base-lr", type=float, default=d.base_lr, help="AltUB base learning rate (Adam)")
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("input_size", "epochs", "batch_size", "flow_steps", "altub_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if not (args.lr > 0 and args.base_lr > 0 and args.hidden_ratio > 0 and args.blur_sigma >= 0):
-        raise UserError("--lr, --base-lr and --hidden-ratio must be positive, --blur-sigma non-negative")
+    if not (args.lr > 0 and args.base_lr > 0 and args.hidden_ratio > 0 and args.clamp > 0 and args.blur_sigma >= 0):
+        raise UserError("--lr, --base-lr, --hidden-ratio and --clamp must be positive, --blur-sigma non-negative")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out takes a file name")
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = FlowConfig(backbone=args.backbone, input_size=args.input_size, flow_steps=args.flow_steps,
                                hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
                                fusion=args.fusion, image_score_top=args.image_score_top, image_scales=args.image_scales,
-                               map_scales=args.map_scales,
+                               map_scales=args.map_scales, clamp=args.clamp,
                                feature_pool=args.feature_pool)
     except ValueError as e:
         raise UserError(f"invalid option: {e}") from None
