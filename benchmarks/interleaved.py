@@ -13,8 +13,6 @@ Same models, engines and inputs as the suite; prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import statistics
 import tempfile
 import time
@@ -23,25 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.stages import CONFIGS, make_model
-from benchmarks.test_suite_speed import ENGINES
-from engine.backends import load_backend
-from engine.build import build_engine
-from engine.format import read_engine
-from train.checkpoint import save_model
-
-
-def _engines(model: torch.nn.Module, folder: Path) -> dict:
-    path = folder / "model.pt"
-    meta = {"threshold": {"threshold": 1.0}}
-    save_model(path, model, meta)
-    out = {}
-    for name, (backend, precision) in ENGINES.items():
-        engine_path = folder / f"{backend}-{precision}.engine"
-        with contextlib.redirect_stdout(io.StringIO()):
-            build_engine(model, meta, path.read_bytes(), engine_path, backend, precision)
-        out[name] = load_backend(*read_engine(engine_path), torch.get_num_threads())
-    return out
+from benchmarks.stages import CONFIGS, build_engines, make_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     for config_name, config in CONFIGS.items():
         model = make_model(config)
         with tempfile.TemporaryDirectory() as tmp:
-            runners = {"pytorch eager": lambda x, m=model: m(torch.from_numpy(x)), **_engines(model, Path(tmp))}
+            runners = {"pytorch eager": lambda x, m=model: m(torch.from_numpy(x)), **build_engines(model, Path(tmp))}
             for batch in args.batches:
                 x = np.random.default_rng(0).random((batch, 3, config.input_size, config.input_size), dtype=np.float32)
                 times: dict[str, list[float]] = {name: [] for name in runners}

@@ -10,17 +10,24 @@ rate is measured with torch.mm at the precision the stage runs in; FLOPs / rate 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.backends import Backend, available_backends, load_backend
+from engine.build import build_engine
+from engine.format import read_engine
 from engine.graph import BackboneGraph, FlowGraph, InferenceGraph
+from train.checkpoint import save_model
 from train.model import FastFlow, FlowConfig
 
-__all__ = ["CONFIGS", "make_model", "count_flops", "gemm_rate"]
+__all__ = ["CONFIGS", "ENGINES", "make_model", "build_engines", "count_flops", "gemm_rate"]
 
 # name -> FlowConfig: lineflow's default, and the FastFlow paper's resnet18 setting (8 steps, hidden
 # ratio 1.0, 3x3/1x1 alternating, 256 px) with lineflow's default scales and scoring
@@ -42,6 +49,27 @@ def make_model(config: FlowConfig) -> FastFlow:
                 p.add_(torch.randn_like(p) * 0.03)
         model.scale_stats.copy_(torch.tensor([[0.5, 2.0], [0.7, 3.0], [0.2, 1.5], [0.4, 2.5]]))
     return model
+
+
+# the benchmarked engines, name -> (backend, precision): fp32 on both CPU runtimes, and OpenVINO bf16-flow (what
+# `--precision auto` picks on a bf16 CPU)
+ENGINES = {name: spec for name, spec in {"onnxruntime": ("onnxruntime", "fp32"), "openvino": ("openvino", "fp32"),
+                                         "openvino bf16-flow": ("openvino", "bf16-flow")}.items()
+           if spec[0] in available_backends()}
+
+
+def build_engines(model: FastFlow, folder: Path) -> dict[str, Backend]:
+    """Build each of ENGINES for `model` in `folder` (build output silenced) and load it with torch's threads."""
+    path = folder / "model.pt"
+    meta = {"threshold": {"threshold": 1.0}}
+    save_model(path, model, meta)
+    out = {}
+    for name, (backend, precision) in ENGINES.items():
+        engine_path = folder / f"{backend}-{precision}.engine"
+        with contextlib.redirect_stdout(io.StringIO()):
+            build_engine(model, meta, path.read_bytes(), engine_path, backend, precision)
+        out[name] = load_backend(*read_engine(engine_path), torch.get_num_threads())
+    return out
 
 
 def count_flops(config: FlowConfig) -> dict[str, float]:

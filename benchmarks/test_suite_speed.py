@@ -21,19 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.stages import CONFIGS, make_model
+from benchmarks.stages import CONFIGS, ENGINES, build_engines, make_model
 from engine import native
-from engine.backends import available_backends, load_backend
-from engine.build import build_engine
-from engine.format import read_engine
+from engine.backends import available_backends
 from engine.graph import BackboneGraph, FlowGraph, InferenceGraph
-from train.checkpoint import save_model
 
 HAS_OPENVINO = "openvino" in available_backends()
-# engine name -> (backend, precision)
-ENGINES = {name: spec for name, spec in {"onnxruntime": ("onnxruntime", "fp32"), "openvino": ("openvino", "fp32"),
-                                         "openvino bf16-flow": ("openvino", "bf16-flow")}.items()
-           if spec[0] in available_backends()}
 BATCHES = [1, 8]
 ROUNDS = 10
 
@@ -43,14 +36,7 @@ def setup(request, tmp_path_factory):
     """Per configuration: the reference model, its folded graph, and one engine per installed backend."""
     name = request.param
     model = make_model(CONFIGS[name])
-    path = tmp_path_factory.mktemp("suite") / "model.pt"
-    save_model(path, model, {"threshold": {"threshold": 1.0}})
-    engines = {}
-    for engine_name, (backend, precision) in ENGINES.items():
-        out = path.with_name(f"{backend}-{precision}.engine")
-        build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out, backend, precision)
-        header, sections = read_engine(out)
-        engines[engine_name] = load_backend(header, sections, torch.get_num_threads())
+    engines = build_engines(model, tmp_path_factory.mktemp("suite"))
     return name, model, InferenceGraph(model).eval(), engines
 
 
