@@ -34,13 +34,13 @@ def band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     last = np.where(any_nz, m.shape[1] - 1 - nz[:, ::-1].argmax(axis=1), 0)
     width = int(max(1, (last - first + 1).max()))
     start = np.minimum(first, m.shape[1] - width).astype(np.int32)
-    taps = np.stack([m[i, s:s + width] for i, s in enumerate(start)]).astype(np.float32)
+    taps = np.take_along_axis(m, start[:, None] + np.arange(width)[None, :], axis=1)
     if int((taps != 0).sum()) != int(nz.sum()):
         raise AssertionError("band lost weights")  # cannot happen: the band covers every non-zero
     return np.ascontiguousarray(start), np.ascontiguousarray(taps)
 
 
-@lru_cache(maxsize=128)
+@lru_cache(maxsize=512)
 def resize_band(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """resize_matrix(n_in, n_out) (PyTorch's bilinear, antialiased when shrinking) in band form."""
     return band(resize_matrix(n_in, n_out))

@@ -72,6 +72,17 @@ def test_numpy_resize_is_pytorchs(hw):
     assert resize_matrix(hw[0], 64).sum(axis=1) == pytest.approx(np.ones(64), abs=1e-5)
 
 
+@pytest.mark.parametrize("n_out", [1, 37, 64, 256])
+def test_resize_matrix_is_pytorchs_for_many_sizes(n_out):
+    """The vectorised weights against PyTorch resizing an identity (column j = input pixel j's weights).
+
+    1e-5: PyTorch computes the weights in float32, these in float64 (1.5e-6 apart at worst here)."""
+    for n_in in [1, 2, 3, 63, 64, 65, 103, 255, 256, 257, 511, 632, 1000]:
+        eye = torch.eye(n_in)[None, None]  # (1, 1, n_in, n_in): resizing rows maps input pixel j to column j
+        ref = F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        assert np.abs(resize_matrix(n_in, n_out) - ref.numpy()).max() <= 1e-5, (n_in, n_out)
+
+
 @pytest.fixture(scope="module")
 def model_file(demo_dir, tmp_path_factory):
     """A small model trained on the generated set: scores that rank images, for the AUROC comparison."""
