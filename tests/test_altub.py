@@ -81,3 +81,26 @@ def test_calibrated_scales_put_held_out_pixels_in_common_units():
     for nll, (median, q99) in zip(model.pixel_nll(zs), model.scale_stats):
         units = ((nll - median) / (q99 - median)).detach().numpy().ravel()
         assert abs(np.median(units)) < 1e-5 and abs(np.quantile(units, 0.99) - 1) < 1e-5
+
+
+def test_cosine_schedule_decays_both_learning_rates_to_zero(monkeypatch):
+    """--lr-schedule cosine: step 0 at the configured rates, then down to ~0 at the last step, flow and base alike."""
+    import train.fit as fit_mod
+
+    torch.manual_seed(0)
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=1, altub=True))
+    cfg = TrainConfig(epochs=3, batch_size=2, lr=1e-3, base_lr=1e-2, altub_every=2, lr_schedule="cosine")
+    seen = []
+    real_step = fit_mod.train_step
+
+    def recording_step(model, feats, step, flow_opt, base_opt, cfg):
+        seen.append((flow_opt.param_groups[0]["lr"], base_opt.param_groups[0]["lr"]))
+        return real_step(model, feats, step, flow_opt, base_opt, cfg)
+
+    monkeypatch.setattr(fit_mod, "train_step", recording_step)
+    fit_mod.fit(model, _feats(model, 1), _feats(model, 2), cfg, torch.device("cpu"))
+    assert len(seen) == 6  # 3 epochs x 2 batches of 2
+    assert seen[0] == (1e-3, 1e-2)
+    flow_lrs = [f for f, _ in seen]
+    assert all(a > b for a, b in zip(flow_lrs, flow_lrs[1:]))
+    assert seen[-1][0] < 0.1 * 1e-3 and abs(seen[-1][1] / seen[-1][0] - 10) < 1e-9

@@ -43,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     altub_every: int = 5  # every k-th optimisation step updates only the base
     base_lr: float = 1e-2  # base (Adam), with AltUB
+    lr_schedule: str = "constant"  # or "cosine": both learning rates decay to 0 over the run, step by step
     grad_clip: float = 100.0  # max gradient norm, flow and base
     holdout_fraction: float = 0.1  # good images kept out of training, for the threshold
     threshold_quantile: float = 0.99  # of held-out good image scores
@@ -123,6 +124,14 @@ def make_optimisers(model: FastFlow, cfg: TrainConfig) -> tuple[torch.optim.Opti
     return flow_opt, base_opt
 
 
+def set_learning_rates(flow_opt: torch.optim.Optimizer, base_opt: torch.optim.Optimizer | None, cfg: TrainConfig,
+                       factor: float) -> None:
+    """Both optimisers at `factor` x their configured learning rate."""
+    for opt, lr in ((flow_opt, cfg.lr), (base_opt, cfg.base_lr)):
+        for group in opt.param_groups if opt is not None else []:
+            group["lr"] = lr * factor
+
+
 def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch.Tensor], cfg: TrainConfig,
         device: torch.device, on_epoch=None) -> tuple[list[dict], np.ndarray]:
     """Train the flow (and the AltUB base) on cached features.
@@ -132,6 +141,7 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
     flow_opt, base_opt = make_optimisers(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, step, history = len(train_feats[0]), 0, []
+    total_steps = cfg.epochs * math.ceil(n / cfg.batch_size)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0, losses = time.perf_counter(), []
@@ -139,6 +149,8 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
         batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         with tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False) as bar:
             for idx in bar:
+                if cfg.lr_schedule == "cosine":
+                    set_learning_rates(flow_opt, base_opt, cfg, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
                 loss = train_step(model, [f[idx].to(device) for f in train_feats], step, flow_opt, base_opt, cfg)
                 if not math.isfinite(loss):
                     raise RuntimeError(f"training diverged at epoch {epoch} (loss {loss}); try a lower --lr")
@@ -184,6 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-altub", action="store_true", help="plain FastFlow: fixed N(0, I) base")
     p.add_argument("--altub-every", type=int, default=d.altub_every, help="every k-th step updates only the base")
     p.add_argument("--base-lr", type=float, default=d.base_lr, help="AltUB base learning rate (Adam)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine"],
+                   help="constant learning rates, or both decaying to 0 over the run (cosine)")
     p.add_argument("--feature-pool", type=int, default=m.feature_pool, metavar="K",
                    help="average backbone features over K x K neighbours before the flow; 1 = off")
     p.add_argument("--blur-sigma", type=float, default=m.blur_sigma, help="anomaly-map smoothing; 0 = off")
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, altub_every=args.altub_every,
-                      base_lr=args.base_lr, seed=args.seed)
+                      base_lr=args.base_lr, lr_schedule=args.lr_schedule, seed=args.seed)
     try:  # FlowConfig checks its own fields; one place for the rules
         model_cfg = FlowConfig(backbone=args.backbone, input_size=args.input_size, flow_steps=args.flow_steps,
                                hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
