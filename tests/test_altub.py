@@ -104,3 +104,15 @@ def test_cosine_schedule_decays_both_learning_rates_to_zero(monkeypatch):
     flow_lrs = [f for f, _ in seen]
     assert all(a > b for a, b in zip(flow_lrs, flow_lrs[1:]))
     assert seen[-1][0] < 0.1 * 1e-3 and abs(seen[-1][1] / seen[-1][0] - 10) < 1e-9
+
+
+def test_anneal_schedule_holds_then_decays_over_the_last_fifth():
+    from train.fit import schedule_factor
+
+    total = 100
+    assert [schedule_factor("constant", s, total) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert all(schedule_factor("anneal", s, total) == 1.0 for s in range(80))
+    tail = [schedule_factor("anneal", s, total) for s in range(80, total)]
+    assert all(a > b for a, b in zip(tail, tail[1:])) and tail[-1] < 0.01
+    assert abs(schedule_factor("anneal", 90, total) - 0.5) < 1e-12  # halfway through the decay
+    assert abs(schedule_factor("cosine", 50, total) - 0.5) < 1e-12

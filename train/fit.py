@@ -43,7 +43,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     altub_every: int = 5  # every k-th optimisation step updates only the base
     base_lr: float = 1e-2  # base (Adam), with AltUB
-    lr_schedule: str = "constant"  # or "cosine": both learning rates decay to 0 over the run, step by step
+    lr_schedule: str = "anneal"  # both rates decay to 0 over the last fifth of the run ("cosine": all of it)
     grad_clip: float = 100.0  # max gradient norm, flow and base
     holdout_fraction: float = 0.1  # good images kept out of training, for the threshold
     threshold_quantile: float = 0.99  # of held-out good image scores
@@ -124,6 +124,20 @@ def make_optimisers(model: FastFlow, cfg: TrainConfig) -> tuple[torch.optim.Opti
     return flow_opt, base_opt
 
 
+ANNEAL_FRACTION = 0.2  # "anneal": the share of the run, at its end, over which the learning rates decay
+
+
+def schedule_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The learning-rate multiplier at `step`: 1 for "constant"; a half cosine to 0 over the whole run
+    ("cosine") or over its last ANNEAL_FRACTION ("anneal", constant before)."""
+    if schedule == "constant":
+        return 1.0
+    start = 0 if schedule == "cosine" else int(total_steps * (1 - ANNEAL_FRACTION))
+    if step < start:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - start) / (total_steps - start)))
+
+
 def set_learning_rates(flow_opt: torch.optim.Optimizer, base_opt: torch.optim.Optimizer | None, cfg: TrainConfig,
                        factor: float) -> None:
     """Both optimisers at `factor` x their configured learning rate."""
@@ -149,8 +163,8 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
         batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         with tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False) as bar:
             for idx in bar:
-                if cfg.lr_schedule == "cosine":
-                    set_learning_rates(flow_opt, base_opt, cfg, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+                if cfg.lr_schedule != "constant":
+                    set_learning_rates(flow_opt, base_opt, cfg, schedule_factor(cfg.lr_schedule, step, total_steps))
                 loss = train_step(model, [f[idx].to(device) for f in train_feats], step, flow_opt, base_opt, cfg)
                 if not math.isfinite(loss):
                     raise RuntimeError(f"training diverged at epoch {epoch} (loss {loss}); try a lower --lr")
@@ -196,8 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-altub", action="store_true", help="plain FastFlow: fixed N(0, I) base")
     p.add_argument("--altub-every", type=int, default=d.altub_every, help="every k-th step updates only the base")
     p.add_argument("--base-lr", type=float, default=d.base_lr, help="AltUB base learning rate (Adam)")
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine"],
-                   help="constant learning rates, or both decaying to 0 over the run (cosine)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine", "anneal"],
+                   help="constant learning rates, or both decaying to 0 along a half cosine: over the whole run "
+                   "(cosine) or over its last fifth (anneal)")
     p.add_argument("--feature-pool", type=int, default=m.feature_pool, metavar="K",
                    help="average backbone features over K x K neighbours before the flow; 1 = off")
     p.add_argument("--blur-sigma", type=float, default=m.blur_sigma, help="anomaly-map smoothing; 0 = off")

@@ -4,7 +4,7 @@
           -> per scale: normalise -> N affine coupling steps -> z
           -> log-likelihood of z under N(mu_c, sigma_c^2) (learned per channel: AltUB)
           -> per-pixel NLL per scale, in units of held-out good pixels -> upsample, mean over the
-             fine scales (strides 4, 8, 16), blur -> anomaly map; image score = mean of the top 1 %
+             fine scales (strides 4, 8, 16), blur -> anomaly map; image score = mean of the top 10 %
              of the same kind of map made from the coarse scales (strides 16 and 32)
 
 Training minimises the exact negative log-likelihood (with log|det J|); the anomaly map uses only
@@ -149,7 +149,7 @@ class FlowConfig:
     feature_pool: int = 3  # k x k neighbourhood average of backbone features before the flow; 1 = off
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
     fusion: str = "normalised"  # how scales are combined: "normalised" or "probability" (FastFlow's)
-    image_score_top: float = 0.01  # image score = mean of this fraction of the map's highest pixels; 0 = max
+    image_score_top: float = 0.1  # image score = mean of this fraction of the map's highest pixels; 0 = max
     map_scales: str = "fine"  # the scales the anomaly map fuses: "fine" (strides 4, 8, 16) or "all" four
     image_scales: str = "coarse"  # the map the image score reads: "coarse" (strides 16 + 32), "coarsest" (32), "all"
 
