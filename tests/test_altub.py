@@ -1,5 +1,6 @@
 """AltUB alternation: on the base's turn only the base moves; otherwise only the flow moves."""
 
+import pytest
 import torch
 
 from train.fit import TrainConfig, make_optimisers, train_step
@@ -116,3 +117,5 @@ def test_anneal_schedule_holds_then_decays_over_the_last_fifth():
     assert all(a > b for a, b in zip(tail, tail[1:])) and tail[-1] < 0.01
     assert abs(schedule_factor("anneal", 90, total) - 0.5) < 1e-12  # halfway through the decay
     assert abs(schedule_factor("cosine", 50, total) - 0.5) < 1e-12
+    with pytest.raises(ValueError, match="lr_schedule"):
+        schedule_factor("linear", 0, total)

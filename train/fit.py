@@ -124,12 +124,15 @@ def make_optimisers(model: FastFlow, cfg: TrainConfig) -> tuple[torch.optim.Opti
     return flow_opt, base_opt
 
 
+LR_SCHEDULES = ("constant", "cosine", "anneal")
 ANNEAL_FRACTION = 0.2  # "anneal": the share of the run, at its end, over which the learning rates decay
 
 
 def schedule_factor(schedule: str, step: int, total_steps: int) -> float:
     """The learning-rate multiplier at `step`: 1 for "constant"; a half cosine to 0 over the whole run
     ("cosine") or over its last ANNEAL_FRACTION ("anneal", constant before)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {schedule!r}")
     if schedule == "constant":
         return 1.0
     start = 0 if schedule == "cosine" else int(total_steps * (1 - ANNEAL_FRACTION))
@@ -142,8 +145,9 @@ def set_learning_rates(flow_opt: torch.optim.Optimizer, base_opt: torch.optim.Op
                        factor: float) -> None:
     """Both optimisers at `factor` x their configured learning rate."""
     for opt, lr in ((flow_opt, cfg.lr), (base_opt, cfg.base_lr)):
-        for group in opt.param_groups if opt is not None else []:
-            group["lr"] = lr * factor
+        if opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
 
 
 def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch.Tensor], cfg: TrainConfig,
@@ -210,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-altub", action="store_true", help="plain FastFlow: fixed N(0, I) base")
     p.add_argument("--altub-every", type=int, default=d.altub_every, help="every k-th step updates only the base")
     p.add_argument("--base-lr", type=float, default=d.base_lr, help="AltUB base learning rate (Adam)")
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine", "anneal"],
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
                    help="constant learning rates, or both decaying to 0 along a half cosine: over the whole run "
                    "(cosine) or over its last fifth (anneal)")
     p.add_argument("--feature-pool", type=int, default=m.feature_pool, metavar="K",
