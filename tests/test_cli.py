@@ -146,3 +146,26 @@ def test_feature_cache_keeps_models_with_different_feature_averages_apart(demo_d
                          backbone)
         evaluate(model.eval(), demo_dir, None, feature_cache=cache)
     assert len(cache) == 2  # pool 3 and pool 1 apart; the second pool-3 model reuses the first's features
+
+
+def test_evaluate_rereads_the_image_score_at_other_top_fractions(tiny_model, demo_dir, tmp_path):
+    """`--image-score-top` must give exactly what a model configured with that fraction scores."""
+    import dataclasses
+
+    from train.checkpoint import load_model
+    from train.evaluate import evaluate
+
+    out = tmp_path / "tops.json"
+    proc = run("train.evaluate", str(tiny_model), "--data", str(demo_dir), "--json", str(out),
+               "--image-score-top", "0", "0.1", "0.3")
+    result = json.loads(out.read_text())
+    assert set(result["image_auroc_by_top"]) == {"0.0", "0.1", "0.3"}
+    assert "top fraction at: 0.0" in proc.stdout
+    model, _ = load_model(tiny_model)
+    assert model.config.image_score_top == 0.1  # the fit default: its re-read is the headline number
+    assert result["image_auroc_by_top"]["0.1"] == result["image_auroc"]
+    for top in (0.0, 0.3):
+        model.config = dataclasses.replace(model.config, image_score_top=top)
+        assert result["image_auroc_by_top"][str(top)] == evaluate(model.eval(), demo_dir, None)["image_auroc"]
+    _assert_clean_failure(run("train.evaluate", str(tiny_model), "--data", str(demo_dir), "--image-score-top", "1",
+                              check=False), "--image-score-top")

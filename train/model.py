@@ -288,18 +288,26 @@ class FastFlow(nn.Module):
         n = len(self.flows)
         return {"coarse": [n - 2, n - 1], "coarsest": [n - 1], "all": list(range(n))}[self.config.image_scales]
 
-    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) -> (B,): the mean of the top `image_score_top` fraction of pixels (the max when 0)."""
-        flat = amap.flatten(1)
-        k = max(1, int(round(self.config.image_score_top * flat.shape[1])))
+    def image_score(self, score_map: torch.Tensor, top: float | None = None) -> torch.Tensor:
+        """(B, H, W) -> (B,): the mean of the top `top` fraction of pixels (the max when 0).
+
+        `top` defaults to the config's `image_score_top`; train.evaluate passes others to compare rules.
+        """
+        top = self.config.image_score_top if top is None else top
+        flat = score_map.flatten(1)
+        k = max(1, int(round(top * flat.shape[1])))
         return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)
 
-    def score(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """z per scale -> anomaly maps (B, H, W) from `map_scales`, image scores (B,) from `image_scales`."""
+    def score_maps(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """z per scale -> the anomaly map (B, H, W) from `map_scales` and the map the image score reads."""
         nlls = self.pixel_nll(zs)  # once for both maps
         map_scales, image_scales = self.map_scale_indices(), self.image_scale_indices()
         amap = self._fuse(nlls, map_scales, size)
-        score_map = amap if image_scales == map_scales else self._fuse(nlls, image_scales, size)
+        return amap, amap if image_scales == map_scales else self._fuse(nlls, image_scales, size)
+
+    def score(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """z per scale -> anomaly maps (B, H, W) from `map_scales`, image scores (B,) from `image_scales`."""
+        amap, score_map = self.score_maps(zs, size)
         return amap, self.image_score(score_map)
 
     @torch.no_grad()
