@@ -23,7 +23,7 @@ from train.cli import UserError, run_cli
 from train.data import evaluation_samples, read_image, read_mask
 from train.fit import extract_features
 from train.metrics import aupro, auroc
-from train.model import FastFlow
+from train.model import FastFlow, FlowConfig
 
 __all__ = ["predict", "evaluate", "main"]
 
@@ -141,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{Path(args.json).parent}: folder does not exist")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    if not all(0 <= t < 1 for t in args.image_score_top):
-        raise UserError("--image-score-top: each fraction must be in [0, 1)")
+    for t in args.image_score_top:  # FlowConfig holds the rule for a fraction; one place for it
+        try:
+            FlowConfig(image_score_top=t)
+        except ValueError as e:
+            raise UserError(f"--image-score-top {t}: {e}") from None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to this PyTorch")
     device = torch.device(args.device)
