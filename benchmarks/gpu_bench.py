@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 from benchmarks import stages
-from engine.gpu_head import CudaGraphRunner, KernelGraph
-from engine.graph import InferenceGraph
+from engine.backends.cuda import CudaGraphRunner, KernelGraph
+from engine.build.graph import InferenceGraph
 from kernels.coupling import conv_coupling, conv_relu
 from kernels.scoring import score_maps
 from train.model import FastFlow, FlowConfig
@@ -75,7 +75,7 @@ def time_step(step, pstep, x0: torch.Tensor, ceil: dict) -> dict:
     def couple():
         x.copy_(x0)
         conv_coupling(hid, pstep.w2, pstep.b2, pstep.g2, pstep.a2, pstep.c2, pstep.chan2, x, pstep.kernel,
-                      pstep.clamp, pstep.hidden_chan)
+                      pstep.clamp, pstep.clamp_factor, pstep.hidden_chan)
     t_couple = median_ms(couple) - t_copy
     xc = x0.clone().contiguous(memory_format=torch.channels_last)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from train.cli import UserError, run_cli
+from engine.common.errors import UserError, run_cli
 
 
 def _impl(bench: dict) -> str:

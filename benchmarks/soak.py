@@ -5,7 +5,7 @@
 Outside CI (minutes). A 64 px efficientnet_lite0 engine scores a generator of 48x64 uint8 frames
 through engine.run (capture, inference and caller threads, block policy); every 1,000 frames it
 records the process's RSS and the window's median and 99th-percentile capture-to-result latency.
-Pass criteria printed at the end (issue 7): RSS growth after warm-up <= 5 %, and the last window's
+Pass criteria printed at the end: RSS growth after warm-up <= 5 %, and the last window's
 median latency within 20 % of the first window after warm-up.
 """
 
@@ -29,14 +29,14 @@ def rss_mib() -> float:
 def build(backend: str, folder: Path) -> Path:
     import torch
 
-    from engine.build import build_engine
+    from engine.build import BuildConfig, build_engine
     from train.checkpoint import save_model
     from train.model import FastFlow, FlowConfig
     torch.manual_seed(0)
     model = FastFlow(FlowConfig(backbone="efficientnet_lite0", input_size=64, flow_steps=4)).eval()
     save_model(folder / "m.pt", model, {"threshold": {"threshold": 1.0}})
     build_engine(model, {"threshold": {"threshold": 1.0}}, (folder / "m.pt").read_bytes(), folder / "m.engine",
-                 backend, "fp32")
+                 BuildConfig(backend, "fp32"))
     return folder / "m.engine"
 
 

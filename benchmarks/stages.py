@@ -15,15 +15,17 @@ import io
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.backends import Backend, available_backends, load_backend
-from engine.build import build_engine
+from engine.backends import available_backends, load_backend
+from engine.build import BuildConfig, build_engine
+from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph
 from engine.format import read_engine
-from engine.graph import BackboneGraph, FlowGraph, InferenceGraph
 from train.checkpoint import save_model
 from train.model import FastFlow, FlowConfig
 
@@ -58,8 +60,9 @@ ENGINES = {name: spec for name, spec in {"onnxruntime": ("onnxruntime", "fp32"),
            if spec[0] in available_backends()}
 
 
-def build_engines(model: FastFlow, folder: Path) -> dict[str, Backend]:
-    """Build each of ENGINES for `model` in `folder` (build output silenced) and load it with torch's threads."""
+def build_engines(model: FastFlow, folder: Path) -> dict[str, Callable[[np.ndarray], tuple]]:
+    """Build each of ENGINES for `model` in `folder` (build output silenced), load it with torch's threads:
+    name -> its backend's infer."""
     path = folder / "model.pt"
     meta = {"threshold": {"threshold": 1.0}}
     save_model(path, model, meta)
@@ -67,8 +70,8 @@ def build_engines(model: FastFlow, folder: Path) -> dict[str, Backend]:
     for name, (backend, precision) in ENGINES.items():
         engine_path = folder / f"{backend}-{precision}.engine"
         with contextlib.redirect_stdout(io.StringIO()):
-            build_engine(model, meta, path.read_bytes(), engine_path, backend, precision)
-        out[name] = load_backend(*read_engine(engine_path), torch.get_num_threads())
+            build_engine(model, meta, path.read_bytes(), engine_path, BuildConfig(backend, precision))
+        out[name] = load_backend(*read_engine(engine_path), torch.get_num_threads()).infer
     return out
 
 

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import native
-from engine.preprocess import frames_to_input, resize_map, resize_matrix, to_rgb_float
+from engine.common.maths import blur_matrix, resize_matrix
+from engine.header import ScoringSpec
+from engine.preprocess import frames_to_input, resize_map, to_rgb_float
 from train.model import gaussian_blur
 
 SIZES = {"640x480": (480, 640), "1920x1080": (1080, 1920)}
@@ -70,9 +72,9 @@ def test_preprocess(benchmark, impl, size, batch):
 
 # ---- postprocess ---------------------------------------------------------------------------------------
 
-SCORING = native.NativeScoring({"size": S, "sigma": 4.0, "top_k": TOP_K, "heights": HEIGHTS,
-                                "map_weights": MAP_W, "image_weights": IMG_W})
-DENSE = [(native.blur_matrix(S, 4.0) @ resize_matrix(h, S)).astype(np.float32) for h in HEIGHTS]
+SCORING = native.NativeScoring(ScoringSpec(size=S, sigma=4.0, top_k=TOP_K, heights=tuple(HEIGHTS),
+                                           map_weights=tuple(MAP_W), image_weights=tuple(IMG_W)))
+DENSE = [(blur_matrix(S, 4.0) @ resize_matrix(h, S)).astype(np.float32) for h in HEIGHTS]
 
 
 def top_mean(m):
@@ -133,7 +135,7 @@ def test_postprocess_implementations_agree():
 @pytest.fixture(scope="module")
 def default_engine(tmp_path_factory):
     from engine.backends import available_backends, load_backend
-    from engine.build import build_engine
+    from engine.build import BuildConfig, build_engine
     from engine.format import read_engine
     from train.backbones import create_backbone
     from train.checkpoint import save_model
@@ -145,10 +147,10 @@ def default_engine(tmp_path_factory):
     model.backbone = create_backbone(model.config.backbone)
     d = tmp_path_factory.mktemp("native")
     save_model(d / "model.pt", model, {"threshold": {"threshold": 1.0}})
-    build_engine(model, {"threshold": {"threshold": 1.0}}, (d / "model.pt").read_bytes(), d / "m.engine", "openvino",
-                 "fp32")
+    build_engine(model, {"threshold": {"threshold": 1.0}}, (d / "model.pt").read_bytes(), d / "m.engine",
+                 BuildConfig("openvino", "fp32"))
     header, sections = read_engine(d / "m.engine")
-    return load_backend(header, sections, torch.get_num_threads())
+    return load_backend(header, sections, torch.get_num_threads()).infer
 
 
 def test_engine_batch1(benchmark, default_engine):

@@ -2,59 +2,53 @@
 
     b"LFENGINE" | u32 format version | u64 header length | header (JSON) | sections... | SHA-256 of all before
 
-The header names each section (ONNX graph, serialised TensorRT plan, ...) with its offset, length and
-SHA-256, and carries the model's settings (input size, threshold, precision and the build's own
-accuracy check). Nothing in it is executable: sections are bytes handed to a backend's parser, and
-the header is plain JSON. Standard library only: the runtime must stay lean.
+The header (engine/header.py, one typed schema) carries the model's settings (input size, threshold,
+precision and the build's own accuracy checks) and a table naming each section (ONNX graph,
+serialised TensorRT plan, ...) with its offset, length and SHA-256. Nothing in it is executable:
+sections are bytes handed to a backend's parser, and the header is plain JSON. Standard library
+only: the run side stays lean.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
-from train.cli import UserError
+from engine.common.errors import UserError
+from engine.common.files import atomic_write
+from engine.header import EngineHeader
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "EngineFileError", "write_engine", "read_engine"]
 
 MAGIC = b"LFENGINE"
-FORMAT_VERSION = 3  # 2: CPU engines end at per-scale maps, fused natively (header['scoring']); 3: precision bf16-flow
+FORMAT_VERSION = 3  # 2: CPU engines end at per-scale maps, fused natively (header.scoring); 3: precision bf16-flow
 OLDEST_READABLE = 2  # version 2 files are version 3 files without bf16-flow engines
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
-REQUIRED_KEYS = ("sections", "input_size", "threshold", "backend")  # what loading needs of a header
 
 
 class EngineFileError(UserError):
     """The engine file is missing, damaged, from another format version or not an engine file."""
 
 
-def write_engine(path: str | Path, header: dict, sections: dict[str, bytes]) -> None:
-    """Write atomically (temporary file in the same folder, then rename): never a partial engine."""
-    path = Path(path)
+def write_engine(path: str | Path, header: EngineHeader, sections: dict[str, bytes]) -> None:
+    """Write atomically (engine.common.files): never a partial engine."""
     offset, table = 0, []
     for name, data in sections.items():
         table.append({"name": name, "offset": offset, "length": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         offset += len(data)
-    head = json.dumps({**header, "format_version": FORMAT_VERSION, "sections": table}, sort_keys=True).encode()
+    head = json.dumps({**header.to_dict(), "format_version": FORMAT_VERSION, "sections": table},
+                      sort_keys=True).encode()
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (_FIXED.pack(MAGIC, FORMAT_VERSION, len(head)), head, *sections.values()):
-                f.write(chunk)
-                digest.update(chunk)
-            f.write(digest.digest())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        for chunk in (_FIXED.pack(MAGIC, FORMAT_VERSION, len(head)), head, *sections.values()):
+            f.write(chunk)
+            digest.update(chunk)
+        f.write(digest.digest())
 
 
-def read_engine(path: str | Path) -> tuple[dict, dict[str, bytes]]:
+def read_engine(path: str | Path) -> tuple[EngineHeader, dict[str, bytes]]:
     """-> (header, sections), every checksum verified; EngineFileError names the file and the problem."""
     path = Path(path)
     try:
@@ -78,21 +72,25 @@ def read_engine(path: str | Path) -> tuple[dict, dict[str, bytes]]:
         raise EngineFileError(f"{path}: damaged (checksum mismatch): the file was truncated or altered; rebuild it")
     body_start = _FIXED.size + head_len
     try:
-        header = json.loads(blob[_FIXED.size:body_start])
-        missing = [k for k in REQUIRED_KEYS if k not in header]
-        if missing or not isinstance(header["sections"], list):
-            raise EngineFileError(f"{path}: engine header lacks {', '.join(missing) or 'a section table'}; "
-                                  f"rebuild the engine")
+        raw = json.loads(blob[_FIXED.size:body_start])
+        if not isinstance(raw, dict) or not isinstance(raw.get("sections"), list):
+            raise EngineFileError(f"{path}: engine header lacks a section table; rebuild the engine")
+        table = raw.pop("sections")
+        raw.pop("format_version", None)
         sections = {}
-        for s in header["sections"]:
-            if not (isinstance(s["offset"], int) and isinstance(s["length"], int) and s["offset"] >= 0):
+        for s in table:
+            if not (isinstance(s["offset"], int) and isinstance(s["length"], int) and s["offset"] >= 0
+                    and isinstance(s["name"], str)):
                 raise EngineFileError(f"{path}: malformed section table; rebuild the engine")
             data = blob[body_start + s["offset"]:body_start + s["offset"] + s["length"]]
             if len(data) != s["length"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
                 raise EngineFileError(f"{path}: section {s['name']!r} is damaged; rebuild the engine")
             sections[s["name"]] = data
+        header = EngineHeader.from_dict(raw)
     except EngineFileError:
         raise
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
+    except ValueError as e:  # the header's schema (engine/header.py) and JSON errors
+        raise EngineFileError(f"{path}: malformed engine header ({str(e)[:200]}); rebuild the engine") from None
+    except (KeyError, TypeError, RecursionError) as e:
         raise EngineFileError(f"{path}: malformed engine header ({type(e).__name__}); rebuild the engine") from None
     return header, sections

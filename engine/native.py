@@ -2,8 +2,9 @@
 
 Every resize and blur here is a separable linear map, i.e. one small matrix per axis; the C++ code
 takes them in band form (start index and taps per output), computed once per size here from the
-same numpy matrices the reference uses (engine/preprocess.py), so native and reference compute the
-same function (tests compare them on random and real frames). No torch: this is the run side.
+matrices of engine/common/maths.py, which the numpy path and the CUDA kernels use too, so native and
+reference compute the same function (tests compare them on random and real frames). No torch: this
+is the run side.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from engine.preprocess import resize_matrix
+from engine.common.maths import resize_blur_matrix, resize_matrix
+from engine.header import ScoringSpec
 
 try:
     from engine import _native
@@ -20,7 +22,7 @@ except ImportError as e:  # pragma: no cover - `pip install -e .` builds it; say
     raise ImportError("engine._native is not built: run `pip install -e .` in the lineflow checkout "
                       f"(it compiles cpp/native.cpp; needs a C++17 compiler) ({e})") from e
 
-__all__ = ["band", "resize_band", "blur_matrix", "scale_bands", "preprocess", "NativeScoring", "resize_maps"]
+__all__ = ["band", "resize_band", "scale_bands", "preprocess", "NativeScoring", "resize_maps", "NATIVE_DTYPES"]
 
 NATIVE_DTYPES = (np.uint8, np.uint16)
 
@@ -46,28 +48,10 @@ def resize_band(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return band(resize_matrix(n_in, n_out))
 
 
-def blur_matrix(size: int, sigma: float) -> np.ndarray:
-    """(size, size) float64: train.model.gaussian_blur along one axis (4-sigma taps, reflect padding)."""
-    if sigma <= 0:
-        return np.eye(size)
-    radius = min(int(4 * sigma + 0.5), size - 1)
-    if radius < 1:
-        return np.eye(size)
-    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    k /= k.sum()
-    m = np.zeros((size, size))
-    for i in range(size):
-        for t, w in enumerate(k):
-            j = i + t - radius
-            j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)  # reflect, edge not repeated
-            m[i, j] += w
-    return m
-
-
 @lru_cache(maxsize=32)
 def scale_bands(h: int, size: int, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """R = blur @ upsample (size, h) for one scale, as (row start, row taps, column start, column taps)."""
-    r = blur_matrix(size, sigma) @ resize_matrix(h, size).astype(np.float64)
+    r = resize_blur_matrix(h, size, sigma)
     return (*band(r), *band(r.T))
 
 
@@ -92,11 +76,10 @@ def resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 class NativeScoring:
     """Per-scale NLL maps -> (anomaly map, image score), as InferenceGraph's fusion, in one native pass."""
 
-    def __init__(self, spec: dict):
-        self.size, self.top_k = int(spec["size"]), int(spec["top_k"])
-        self.map_weights = [float(w) for w in spec["map_weights"]]
-        self.image_weights = [float(w) for w in spec["image_weights"]]
-        self.bands = [scale_bands(int(h), self.size, float(spec["sigma"])) for h in spec["heights"]]
+    def __init__(self, spec: ScoringSpec):
+        self.size, self.top_k = spec.size, spec.top_k
+        self.map_weights, self.image_weights = list(spec.map_weights), list(spec.image_weights)
+        self.bands = [scale_bands(h, self.size, spec.sigma) for h in spec.heights]
         self.two = self.map_weights != self.image_weights
 
     def __call__(self, qmaps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,49 +1,17 @@
 """Frames to model input and maps back to frame size, in numpy: PyTorch's resizes as matrices.
 
-Bilinear resizing (align_corners=False, antialiased when shrinking) is separable and linear, so for a
-given frame size it is two small matrices: resized = R_h @ frame @ R_w^T. The weights reproduce
-`F.interpolate(..., mode="bilinear", antialias=True)` to float rounding (tested), so the engine sees
-exactly the pixels the PyTorch reference saw, without importing torch.
+A resize is two small matrices per frame size (engine/common/maths.py): resized = R_h @ frame @ R_w^T.
+The weights reproduce `F.interpolate(..., mode="bilinear", antialias=True)` to float rounding
+(tested), so the engine sees exactly the pixels the PyTorch reference saw, without importing torch.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
-__all__ = ["resize_matrix", "to_rgb_float", "frames_to_input", "resize_map"]
+from engine.common.maths import resize_matrix
 
-
-@lru_cache(maxsize=256)
-def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32 weights of PyTorch's bilinear resize, antialiased when n_out < n_in.
-
-    Vectorised over output pixels: a frame of a new size costs well under a millisecond here, which
-    matters where every frame has its own size (tiles of a part, crops).
-    """
-    scale = n_in / n_out
-    m = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    if scale > 1:  # triangle filter stretched over `scale` input pixels (PyTorch's antialias path)
-        center = scale * (rows + 0.5)
-        lo = np.maximum((center - scale + 0.5).astype(np.int64), 0)  # truncation, as PyTorch's int cast
-        hi = np.minimum((center + scale + 0.5).astype(np.int64), n_in)
-        j = lo[:, None] + np.arange(int((hi - lo).max()))[None, :]
-        inside = j < hi[:, None]
-        w = np.where(inside, np.maximum(0.0, 1.0 - np.abs((j - center[:, None] + 0.5) / scale)), 0.0)
-        w /= w.sum(axis=1, keepdims=True)
-        m[np.broadcast_to(rows[:, None], j.shape)[inside], j[inside]] = w[inside]
-    else:
-        src = np.maximum((rows + 0.5) * scale - 0.5, 0.0)
-        j0 = np.minimum(np.floor(src).astype(int), n_in - 1)
-        j1 = np.minimum(j0 + 1, n_in - 1)
-        frac = src - j0
-        np.add.at(m, (rows, j0), 1 - frac)
-        np.add.at(m, (rows, j1), frac)
-    m = m.astype(np.float32)
-    m.flags.writeable = False
-    return m
+__all__ = ["to_rgb_float", "frames_to_input", "resize_map"]
 
 
 def to_rgb_float(frame: np.ndarray, bgr: bool = False) -> np.ndarray:
@@ -73,7 +41,7 @@ def to_rgb_float(frame: np.ndarray, bgr: bool = False) -> np.ndarray:
 
 
 def frames_to_input(frames: list[np.ndarray], size: int) -> np.ndarray:
-    """RGB float frames (H, W, 3) -> (B, 3, size, size) float32, as train.data.to_model_input."""
+    """RGB float frames (H, W, 3) -> (B, 3, size, size) float32, as train.data.to_model_input (the reference)."""
     out = np.empty((len(frames), 3, size, size), dtype=np.float32)
     for i, f in enumerate(frames):
         h, w = f.shape[:2]

@@ -14,16 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+from engine.common.errors import EXIT_SOURCE_FAILED, UserError, run_cli
 from engine.runtime import Engine
 from engine.sinks import JsonlSink, MapSink, VideoSink
 from engine.sources import SourceError
 from engine.stream import POLICIES, StreamStats, run
-from train.cli import UserError, run_cli
 
 __all__ = ["main", "EXIT_SOURCE_FAILED"]
-
-EXIT_SOURCE_FAILED = 3  # exit codes: 0 done, 2 bad input or settings (nothing written), 3 the source failed
-#                         mid-run (results up to the fault written), 130 interrupted
 
 
 def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> None:
@@ -65,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         if path and not Path(path).resolve().parent.is_dir():
             raise UserError(f"{opt} {path}: folder {Path(path).parent} does not exist")
     engine = Engine(args.engine, args.threads)  # a bad engine fails here, before any output exists
+    with engine:  # its backend threads stop before the process exits, on every path
+        return _stream(args, engine)
+
+
+def _stream(args: argparse.Namespace, engine: Engine) -> int:
     with_maps = bool(args.save_maps or args.overlay_video)
     stats = StreamStats()
     results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\r{stats.line()}", file=sys.stderr)
     print(f"{stats.frames} frames in {time.perf_counter() - t0:.1f} s: {stats.scored} scored, {anomalous} anomalous "
           f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} could not be read; "
-          f"{engine.backend_name} {engine.header['precision']}", file=sys.stderr)
+          f"{engine.backend_name} {engine.precision}", file=sys.stderr)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         return EXIT_SOURCE_FAILED

@@ -1,19 +1,22 @@
 """Load an engine file and score frames: `eng = engine.load(path); eng.infer(frame_or_batch)`.
 
 Lean on purpose: numpy, the engine's own backend runtime, and (for image files) Pillow. No torch
-unless the engine was built for the torch or TensorRT backend.
+and nothing of train/ unless the engine was built for the torch or TensorRT backend.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engine import native
-from engine.backends import load_backend
+from engine.backends import load_backend, run_batched
 from engine.format import read_engine
+from engine.header import EngineHeader
 from engine.preprocess import frames_to_input, to_rgb_float
 
 __all__ = ["Engine", "Result", "load"]
@@ -42,30 +45,28 @@ class Result:
 
 
 class Engine:
-    """A built engine, ready to score frames."""
+    """A built engine, ready to score frames. Safe to share between threads (a backend that is not thread-safe
+    is called under a lock). `close()` (or `with engine.load(path) as eng:`) stops the backend's threads."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         self.path = Path(path)
+        self.header: EngineHeader
         self.header, sections = read_engine(self.path)
-        self.input_size: int = self.header["input_size"]
-        self.threshold: float = self.header["threshold"]
-        self.backend_name: str = self.header["backend"]
-        self.max_batch: int | None = self.header.get("batch") or None  # None: any batch size
-        self._run = load_backend(self.header, sections, threads)
+        self.input_size: int = self.header.input_size
+        self.threshold: float = self.header.threshold
+        self.backend_name: str = self.header.backend
+        self.precision: str = self.header.precision
+        self.max_batch: int | None = self.header.batch  # None: any batch size
+        self.backend = load_backend(self.header, sections, threads)
+        self._lock = nullcontext() if self.backend.thread_safe else threading.Lock()
+
+    def _infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self.backend.infer(images)
 
     def infer_prepared(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float32 model input -> maps (B, S, S), scores (B,); splits to the engine's batch size."""
-        step = self.max_batch or len(images)
-        maps, scores = [], []
-        for i in range(0, len(images), step):
-            chunk = images[i:i + step]
-            if len(chunk) < step:  # a fixed-batch engine: pad the last chunk with copies, drop their results
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
-            amap, score = self._run(np.ascontiguousarray(chunk))
-            n = min(step, len(images) - i)
-            maps.append(amap[:n])
-            scores.append(score[:n])
-        return np.concatenate(maps), np.concatenate(scores)
+        """(B, 3, S, S) float32 model input -> maps (B, S, S), scores (B,); split to the engine's batch size."""
+        return run_batched(self._infer, images, self.max_batch)
 
     def prepare(self, frames: list[np.ndarray], bgr: bool = False) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Frames -> model input: uint8/uint16 natively (cpp/native.cpp), float frames through numpy."""
@@ -107,6 +108,18 @@ class Engine:
         x, sizes = self.prepare(batch, bgr)
         results = self.finish(*self.infer_prepared(x), sizes)
         return results[0] if single else results
+
+
+    def close(self) -> None:
+        """Stop the backend's threads and free it (after a call in flight); the engine cannot score after this."""
+        with self._lock:
+            self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load(path: str | Path, threads: int | None = None) -> Engine:

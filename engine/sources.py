@@ -2,7 +2,7 @@
 
 A source yields Frame(index, source, timestamp, image | error). An image that cannot be read becomes
 a frame with an error (reported in the results), never a silent gap. Video and cameras go through
-OpenCV (imported only for them); still images are decoded by train/images.py, as in training.
+OpenCV (imported only for them); still images are decoded by engine/common/images.py, as in training.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.cli import UserError
-from train.images import IMAGE_SUFFIXES, DataError, images_in, read_image
+from engine.common.errors import UserError
+from engine.common.images import IMAGE_SUFFIXES, DataError, images_in, read_image
 
 __all__ = ["Frame", "SourceError", "open_source", "is_live", "VIDEO_SUFFIXES"]
 

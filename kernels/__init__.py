@@ -1,1 +1,1 @@
-"""Fused Triton kernels and their PyTorch references (issue 4)."""
+"""Fused Triton kernels (coupling.py, scoring.py) and their PyTorch references (reference.py)."""

@@ -1,16 +1,17 @@
 """Fused coupling step of the flow, inference direction: two Triton kernels and their PyTorch reference.
 
-A folded coupling step (engine/graph.py) on a scale's state X (B, C, H, W), float32, is
+A folded coupling step (engine/build/graph.py) on a scale's state X (B, C, H, W), float32, is
 
     hidden = relu(conv(X[chan1], w1) + bias_map1)                      kernel 1: conv_relu
     s, t   = conv(hidden, w2) + b2   (rows [0, C2) give s, [C2, 2 C2) give t)
     X[chan2] = (a2 * X[chan2] + c2) * exp(soft_clamp(s) + g2) + t      kernel 2: conv_coupling
+    soft_clamp(s) = clamp * clamp_factor * atan(s / clamp)             (atan: reference.ATAN_COEFFS)
 
 Both convolutions are implicit GEMMs (M = B*H*W pixels, N = output channels, K = C_in*k*k) on the
 tensor cores: operands in the packed weights' dtype (bf16/fp16, or fp32 for the exact path), fp32
 accumulation. The channel gathers and permutations of the flow are folded into the index tables
 chan1/chan2, and y2 overwrites x2 in place, so x1 is never copied: the next step simply reads other
-channels of the same buffer.
+channels of the same buffer. The PyTorch references are in reference.py.
 """
 
 from __future__ import annotations
@@ -21,35 +22,24 @@ import torch
 import triton
 import triton.language as tl
 
-from train.model import SOFT_CLAMP_FACTOR
+from kernels.reference import ATAN_COEFFS
 
-__all__ = ["conv_relu", "conv_coupling", "pack_conv_weight", "conv_relu_reference", "conv_coupling_reference",
-           "soft_clamp_reference", "atan"]
+__all__ = ["conv_relu", "conv_coupling", "pack_conv_weight", "atan"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRET_DOT = tl.constexpr(INTERPRET)
-_SOFT_CLAMP = tl.constexpr(SOFT_CLAMP_FACTOR)  # a jit function reads module globals only as constexpr
+# a jit function reads module globals only as constexpr: the atan polynomial's coefficients, highest power first
+_A0, _A1, _A2, _A3, _A4, _A5, _A6, _A7 = (tl.constexpr(c) for c in ATAN_COEFFS)
 
 
 @triton.jit
 def _atan(x):
-    """atan from a polynomial: the Triton interpreter has no atan, and the GPU needs none.
-
-    atan(r) / r on [0, 1] as a degree-7 polynomial in r^2 (Chebyshev-weighted least squares; max |error|
-    of atan 7.5e-8), and atan(x) = pi/2 - atan(1/x) above 1. engine.graph.ATAN_COEFFS are these numbers.
-    """
+    """atan from a polynomial (reference.poly_atan): the Triton interpreter has no atan, and the GPU needs none."""
     ax = tl.abs(x)
     big = ax > 1.0
     r = tl.where(big, 1.0 / tl.maximum(ax, 1.0), ax)  # atan(x) = pi/2 - atan(1/x) above 1
     u = r * r
-    p = -0.00466877
-    p = p * u + 0.02416619
-    p = p * u - 0.05936710
-    p = p * u + 0.09906097
-    p = p * u - 0.14016585
-    p = p * u + 0.19969235
-    p = p * u - 0.33331960
-    p = p * u + 0.99999990
+    p = ((((((_A0 * u + _A1) * u + _A2) * u + _A3) * u + _A4) * u + _A5) * u + _A6) * u + _A7
     a = r * p
     a = tl.where(big, 1.5707963267948966 - a, a)
     return tl.where(x < 0, -a, a)
@@ -118,7 +108,7 @@ def _conv_relu_kernel(x_ptr, chan_ptr, w_ptr, bias_ptr, out_ptr, M, H, W, K, N, 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _conv_coupling_kernel(h_ptr, chan_ptr, w_ptr, b_ptr, g_ptr, a_ptr, c_ptr, chan2_ptr, x_ptr,
-                          M, H, W, K, N, h_bstride, x_bstride, clamp,
+                          M, H, W, K, N, h_bstride, x_bstride, clamp, clamp_factor,
                           KS: tl.constexpr, IEEE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n, n_ok, b, p, py, px, m_ok = _tile(M, N, H, W, BLOCK_M, BLOCK_N)
@@ -137,7 +127,7 @@ def _conv_coupling_kernel(h_ptr, chan_ptr, w_ptr, b_ptr, g_ptr, a_ptr, c_ptr, ch
     # epilogue: soft-clamped log-scale, then y2 = x2 * exp(s) + t written over x2
     s = acc_s + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     t = acc_t + tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0)[None, :]
-    s = clamp * _SOFT_CLAMP * _atan(s / clamp) + tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    s = clamp * clamp_factor * _atan(s / clamp) + tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     ch = tl.load(chan2_ptr + offs_n, mask=n_ok, other=0)
     ok = m_ok[:, None] & n_ok[None, :]
     ptrs = x_ptr + b[:, None] * x_bstride + ch[None, :] * hw + p[:, None]
@@ -203,39 +193,14 @@ def conv_relu(x: torch.Tensor, chan: torch.Tensor, w_packed: torch.Tensor, bias_
 
 def conv_coupling(hidden: torch.Tensor, w_packed: torch.Tensor, bias: torch.Tensor, g2: torch.Tensor,
                   a2: torch.Tensor, c2: torch.Tensor, chan2: torch.Tensor, x: torch.Tensor, kernel: int,
-                  clamp: float, hidden_chan: torch.Tensor) -> torch.Tensor:
-    """In place: x[:, chan2] = (a2 x[:, chan2] + c2) * exp(soft_clamp(s) + g2) + t, (s, t) = conv(hidden, w) + bias."""
+                  clamp: float, clamp_factor: float, hidden_chan: torch.Tensor) -> torch.Tensor:
+    """In place: x[:, chan2] = (a2 x[:, chan2] + c2) * exp(soft_clamp(s) + g2) + t, (s, t) = conv(hidden, w) + bias;
+    soft_clamp(s) = clamp * clamp_factor * atan(s / clamp)."""
     bsz, _, h, w = x.shape
     k, n2 = w_packed.shape
     n = n2 // 2
     m = bsz * h * w
     _conv_coupling_tuned[lambda meta: _grid(meta, m, n)](
         hidden, hidden_chan, w_packed, bias, g2, a2, c2, chan2, x, m, h, w, k, n, hidden.stride(0), x.stride(0),
-        float(clamp), KS=kernel, IEEE=w_packed.dtype == torch.float32)
+        float(clamp), float(clamp_factor), KS=kernel, IEEE=w_packed.dtype == torch.float32)
     return x
-
-
-# ---- PyTorch references -------------------------------------------------------------------------------------
-
-
-def soft_clamp_reference(s: torch.Tensor, clamp: float) -> torch.Tensor:
-    return clamp * SOFT_CLAMP_FACTOR * torch.atan(s / clamp)
-
-
-def conv_relu_reference(x: torch.Tensor, chan: torch.Tensor, weight: torch.Tensor,
-                        bias_map: torch.Tensor) -> torch.Tensor:
-    k = weight.shape[-1]
-    return torch.relu(torch.nn.functional.conv2d(x.index_select(1, chan.long()), weight, padding=k // 2) + bias_map)
-
-
-def conv_coupling_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g2: torch.Tensor,
-                            a2: torch.Tensor, c2: torch.Tensor, chan2: torch.Tensor, x: torch.Tensor,
-                            clamp: float) -> torch.Tensor:
-    """What conv_coupling leaves in x (returned as a new tensor)."""
-    k = weight.shape[-1]
-    s, t = torch.nn.functional.conv2d(hidden, weight, bias, padding=k // 2).chunk(2, dim=1)
-    idx = chan2.long()
-    x2 = x.index_select(1, idx) * a2.view(1, -1, 1, 1) + c2.view(1, -1, 1, 1)
-    out = x.clone()
-    out[:, idx] = x2 * (soft_clamp_reference(s, clamp) + g2.view(1, -1, 1, 1)).exp() + t
-    return out

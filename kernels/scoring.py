@@ -1,4 +1,4 @@
-"""Fused scoring of all scales in one Triton kernel, and its PyTorch reference.
+"""Fused scoring of all scales in one Triton kernel (its PyTorch reference: reference.score_maps_reference).
 
 Per scale s the flow leaves z_s (B, C_s, h_s, h_s) in its state buffer. The anomaly map is
 
@@ -8,7 +8,8 @@ Per scale s the flow leaves z_s (B, C_s, h_s, h_s) in its state buffer. The anom
     map  = blur( mean_s upsample(q_s) )                    bilinear to S x S, separable Gaussian blur
 
 Upsampling and blur are both linear and separable, so blur(upsample(q)) = R q R^T with one small
-matrix R_s = Blur (S x S) @ Upsample (S x h_s) per scale, built once. The kernel therefore reads
+matrix R_s = Blur (S x S) @ Upsample (S x h_s) per scale, built once by the caller (the engine's
+engine.common.maths.resize_blur_matrix) and passed in. The kernel therefore reads
 each z once per row tile, forms q_s in registers, and does two small matrix products per scale;
 nothing but the final maps is written. Two maps come out when the image score reads other scales
 than the map (the default: map from strides 4, 8, 16; image score from 16 and 32); the per-image
@@ -18,36 +19,12 @@ score (max or top-k mean) is then read off the score map.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_SCALES", "resize_blur_matrix", "score_maps", "score_maps_reference", "gaussian_kernel1d"]
+__all__ = ["MAX_SCALES", "score_maps"]
 
 MAX_SCALES = 4
-
-
-def gaussian_kernel1d(sigma: float, size: int) -> torch.Tensor | None:
-    """train.model.gaussian_blur's taps: truncated at 4 sigma (and at the map's size), normalised."""
-    if sigma <= 0:
-        return None
-    radius = min(int(4 * sigma + 0.5), size - 1)
-    if radius < 1:
-        return None
-    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
-    return k / k.sum()
-
-
-def resize_blur_matrix(h: int, size: int, sigma: float) -> torch.Tensor:
-    """R (size, h): one axis of blur(bilinear upsample (align_corners=False) of an h x h map), float64."""
-    eye = torch.eye(h, dtype=torch.float64)[:, None, :]
-    up = F.interpolate(eye, size=size, mode="linear", align_corners=False)[:, 0, :].T  # (size, h)
-    k = gaussian_kernel1d(sigma, size)
-    if k is None:
-        return up
-    r = (k.numel() - 1) // 2
-    rows = F.conv1d(F.pad(torch.eye(size, dtype=torch.float64)[:, None, :], (r, r), mode="reflect"), k.view(1, 1, -1))
-    return rows[:, 0, :].T @ up  # rows[i] is the blur of the unit vector e_i: column i of Blur
 
 
 @triton.jit
@@ -130,7 +107,7 @@ def score_maps(states: list[torch.Tensor], alpha_beta: list[torch.Tensor], offse
     """The fused maps (B, size, size): the anomaly map and the map the image score reads.
 
     states[i]: z of scale i, (B, C_i, h_i, h_i) float32 (channels in any order alpha_beta[i] matches);
-    alpha_beta[i]: (2 C_i,) alpha then beta; resize[i]: (size, h_i) float32 from resize_blur_matrix;
+    alpha_beta[i]: (2 C_i,) alpha then beta; resize[i]: (size, h_i) float32, R_i above;
     map_weights / image_weights: each scale's weight in the two means (0 where a map skips the scale).
     When the two weight lists are equal, one map is computed and returned twice.
     """
@@ -158,25 +135,3 @@ def score_maps(states: list[torch.Tensor], alpha_beta: list[torch.Tensor], offse
                         CB0=chunks[0], CB1=chunks[1], CB2=chunks[2], CB3=chunks[3],
                         BLOCK_R=block_rows, SB=_block(size), num_warps=8 if size > 128 else 4)
     return out, (score_out if two else out)
-
-
-def score_maps_reference(states: list[torch.Tensor], alpha_beta: list[torch.Tensor], offsets: list[float],
-                         map_weights: list[float], image_weights: list[float], size: int,
-                         sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same two maps the plain way: per-scale NLL, bilinear upsample, weighted mean, separable blur."""
-    ups = []
-    for z, ab, off in zip(states, alpha_beta, offsets):
-        c = z.shape[1]
-        q = ((ab[:c].view(1, -1, 1, 1) * z + ab[c:].view(1, -1, 1, 1)) ** 2).sum(1, keepdim=True) - off
-        ups.append(F.interpolate(q, size=(size, size), mode="bilinear", align_corners=False)[:, 0])
-    k = gaussian_kernel1d(sigma, size)
-
-    def fuse(weights):
-        m = sum(w * u for w, u in zip(weights, ups))
-        if k is None:
-            return m
-        r = (k.numel() - 1) // 2
-        kk = k.to(m.dtype)
-        y = F.conv2d(F.pad(m[:, None], (r, r, 0, 0), mode="reflect"), kk.view(1, 1, 1, -1))
-        return F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), kk.view(1, 1, -1, 1))[:, 0]
-    return fuse(map_weights), fuse(image_weights)

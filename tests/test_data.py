@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data import DataError, evaluation_samples, read_image, read_mask, to_model_input, train_images
+from engine.common.images import DataError, read_image
+from train.data import evaluation_samples, read_mask, to_model_input, train_images
 
 
 def _save(path, array, mode=None):

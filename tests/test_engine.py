@@ -19,12 +19,14 @@ from conftest import MTD
 
 import engine
 from engine.backends import available_backends
-from engine.build import build_engine
+from engine.build import BuildConfig, build_engine
+from engine.build.graph import InferenceGraph
+from engine.common.images import read_image
+from engine.common.maths import resize_matrix
 from engine.format import EngineFileError, read_engine, write_engine
-from engine.graph import InferenceGraph
-from engine.preprocess import frames_to_input, resize_map, resize_matrix
+from engine.preprocess import frames_to_input, resize_map
 from train.checkpoint import load_model
-from train.data import evaluation_samples, read_image, to_model_input
+from train.data import evaluation_samples, to_model_input
 from train.fit import main as fit_main
 from train.metrics import auroc
 from train.model import FastFlow, FlowConfig
@@ -97,8 +99,8 @@ def model_file(demo_dir, tmp_path_factory):
 def built(request, model_file, demo_dir, tmp_path_factory):
     model, path, threshold = model_file
     out = tmp_path_factory.mktemp("e") / f"{request.param}.engine"
-    header = build_engine(model, {"threshold": {"threshold": threshold}}, path.read_bytes(), out, request.param,
-                          "fp32", None, str(demo_dir / "train" / "good"))
+    header = build_engine(model, {"threshold": {"threshold": threshold}}, path.read_bytes(), out,
+                          BuildConfig(request.param, "fp32", None, str(demo_dir / "train" / "good")))
     return model, out, header
 
 
@@ -115,8 +117,8 @@ def test_engine_matches_reference_on_generated_images(built, demo_dir):
     assert np.abs(scores - ref_score.numpy()).max() <= TOL
     labels = [s.label for s in samples]
     assert round(auroc(labels, scores), 3) == round(auroc(labels, ref_score.numpy()), 3)
-    assert [r.is_anomalous for r in results] == [bool(s > header["threshold"]) for s in scores]
-    assert header["checks"]["graph_vs_reference"]["max_map_diff"] <= TOL
+    assert [r.is_anomalous for r in results] == [bool(s > header.threshold) for s in scores]
+    assert header.checks["graph_vs_reference"]["max_map_diff"] <= TOL
 
 
 @pytest.mark.skipif(not (MTD / "test").is_dir(), reason=f"real data absent: {MTD} is not on this machine")
@@ -153,7 +155,8 @@ def test_frame_formats(built):
 def test_fixed_batch_engine_pads_the_last_chunk(model_file, tmp_path):
     model, path, threshold = model_file
     out = tmp_path / "b4.engine"
-    build_engine(model, {"threshold": {"threshold": threshold}}, path.read_bytes(), out, CPU_BACKENDS[0], "fp32", 4)
+    build_engine(model, {"threshold": {"threshold": threshold}}, path.read_bytes(), out,
+                 BuildConfig(CPU_BACKENDS[0], "fp32", 4))
     eng = engine.load(out)
     frames = [np.random.default_rng(i).random((64, 64, 3), dtype=np.float32) for i in range(6)]
     got = [r.score for r in eng.infer(frames)]
@@ -268,12 +271,12 @@ def test_bad_inputs_fail_cleanly_without_output(built, tmp_path):
 def test_drop_oldest_policy_counts_and_reports_every_dropped_frame(built):
     _, path, _ = built
     eng = engine.load(path)
-    fast_run = eng._run
+    fast_infer = eng.backend.infer
 
-    def slow_run(x):  # inference slower than the source
+    def slow_infer(x):  # inference slower than the source
         time.sleep(0.02)
-        return fast_run(x)
-    eng._run = slow_run
+        return fast_infer(x)
+    eng.backend.infer = slow_infer
     frames = [np.full((64, 64, 3), i, np.uint8) for i in range(30)]
     stats = engine.StreamStats()
     results = list(engine.run(eng, iter(frames), policy="drop-oldest", queue_size=2, stats=stats))

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from conftest import MTD
 
 from engine import _native, native
+from engine.common.maths import blur_matrix
+from engine.header import ScoringSpec
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
 from train.model import gaussian_blur
 
@@ -78,8 +80,9 @@ def torch_fusion(qmaps, map_w, img_w, size, sigma, top_k):
 def test_postprocess_matches_reference(batch, size, heights, map_w, img_w, sigma, top_k):
     rng = np.random.default_rng(size)
     qmaps = [rng.standard_normal((batch, h, h)).astype(np.float32) * 3 for h in heights]
-    scoring = native.NativeScoring({"size": size, "sigma": sigma, "top_k": top_k, "heights": heights,
-                                    "map_weights": map_w, "image_weights": img_w})
+    scoring = native.NativeScoring(ScoringSpec.from_dict({"size": size, "sigma": sigma, "top_k": top_k,
+                                                          "heights": heights, "map_weights": map_w,
+                                                          "image_weights": img_w}))
     amap, score = scoring(qmaps)
     ref_map, ref_score = torch_fusion(qmaps, map_w, img_w, size, sigma, top_k)
     assert np.isfinite(amap).all()
@@ -97,7 +100,7 @@ def test_resize_maps_matches_reference(hw):
 
 def test_blur_matrix_is_gaussian_blur():
     x = torch.randn(2, 50, 50, dtype=torch.float64)
-    b = torch.from_numpy(native.blur_matrix(50, 3.0))
+    b = torch.from_numpy(blur_matrix(50, 3.0))
     assert torch.allclose(b @ x @ b.T, gaussian_blur(x, 3.0), atol=1e-12)
 
 

@@ -14,11 +14,14 @@ from conftest import MTD
 from test_engine import _rewrite, perturbed_model
 
 import engine
-from engine.build import LOW_PRECISION_TOLERANCE, _auto_candidates, build_engine, export_onnx
+from engine.build import BuildConfig, build_engine, export_onnx
+from engine.build.builder import LOW_PRECISION_TOLERANCE, _auto_candidates
+from engine.build.graph import InferenceGraph
+from engine.common.images import read_image
 from engine.format import EngineFileError, read_engine, write_engine
-from engine.graph import InferenceGraph, poly_atan
+from kernels.reference import poly_atan
 from train.checkpoint import save_model
-from train.data import read_image, to_model_input
+from train.data import to_model_input
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -48,14 +51,15 @@ def bf16_flow_engine(tmp_path_factory):
     path = tmp_path_factory.mktemp("p") / "model.pt"
     save_model(path, model, {"threshold": {"threshold": 1.0}})
     out = path.with_name("bf16-flow.engine")
-    header = build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out, "openvino", "bf16-flow")
+    header = build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out,
+                          BuildConfig("openvino", "bf16-flow"))
     return model, out, header
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
 def test_bf16_flow_engine_carries_two_graphs_and_matches_reference(bf16_flow_engine):
     model, path, header = bf16_flow_engine
-    assert header["precision"] == "bf16-flow" and header["backend"] == "openvino"
+    assert header.precision == "bf16-flow" and header.backend == "openvino"
     _, sections = read_engine(path)
     assert sorted(sections) == ["onnx_backbone", "onnx_flow"]
     x = np.random.default_rng(2).random((4, 3, 64, 64), dtype=np.float32)
@@ -98,7 +102,7 @@ def test_fixed_batch_openvino_engine_matches_reference(tmp_path):
     path = tmp_path / "model.pt"
     save_model(path, model, {"threshold": {"threshold": 1.0}})
     out = tmp_path / "b3.engine"
-    build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out, "openvino", "fp32", batch=3)
+    build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out, BuildConfig("openvino", "fp32", 3))
     x = np.random.default_rng(5).random((5, 3, 64, 64), dtype=np.float32)
     amap, score = engine.load(out).infer_prepared(x)
     with torch.no_grad():
@@ -112,7 +116,6 @@ def test_engine_missing_a_stage_is_refused(bf16_flow_engine, tmp_path):
     _, path, _ = bf16_flow_engine
     header, sections = read_engine(path)
     del sections["onnx_flow"]
-    header.pop("sections")
     broken = tmp_path / "broken.engine"
     write_engine(broken, header, sections)
     with pytest.raises(EngineFileError, match="lacks its section onnx_flow"):

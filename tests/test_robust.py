@@ -12,6 +12,7 @@ import os
 import struct
 import tempfile
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from engine.common.images import DataError, read_image
 from engine.format import EngineFileError, read_engine, write_engine
+from engine.header import EngineHeader
 from engine.runtime import Engine
-from train.images import DataError, read_image
 
 FUZZ_EXAMPLES = int(os.environ.get("LINEFLOW_FUZZ_EXAMPLES", "10000"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
@@ -141,14 +143,14 @@ def test_fuzz_frames_through_preprocessing():
 
 
 SEED_ENGINE = os.path.join(tempfile.gettempdir(), f"lineflow-fuzz-seed-{os.getpid()}.engine")
-HEADER = {"input_size": 64, "threshold": 1.0, "backend": "onnxruntime", "precision": "fp32"}
+HEADER = EngineHeader(input_size=64, threshold=1.0, backend="onnxruntime", precision="fp32")
 
 
 @st.composite
 def mutated_engine(draw):
     body = draw(st.binary(min_size=0, max_size=256))
     path = SEED_ENGINE
-    write_engine(path, dict(HEADER, note=draw(st.text(max_size=20))), {"onnx": body})
+    write_engine(path, replace(HEADER, created=draw(st.text(max_size=20))), {"onnx": body})
     data = bytearray(open(path, "rb").read())
     kind = draw(st.sampled_from(["flip", "truncate", "append", "header", "resum"]))
     if kind == "flip":
@@ -182,7 +184,7 @@ def test_fuzz_engine_loader(tmp_path):
             assert str(path) in str(e)
             outcomes["refused"] += 1
             return
-        assert isinstance(header, dict) and isinstance(sections, dict)
+        assert isinstance(header, EngineHeader) and isinstance(sections, dict)
         outcomes["read"] += 1
 
     check()
@@ -207,7 +209,7 @@ def test_engine_with_a_code_pickle_is_refused_without_running_it(tmp_path):
     import engine
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.engine"
-    write_engine(path, dict(HEADER, backend="torch"), {"model": pickle.dumps({"x": CodePickle(str(marker))})})
+    write_engine(path, replace(HEADER, backend="torch"), {"model": pickle.dumps({"x": CodePickle(str(marker))})})
     with pytest.raises(Exception, match="refused|not a lineflow model|cannot read") as info:
         engine.load(path)
     assert type(info.value).__name__ in ("ModelFileError", "EngineFileError"), info.value
@@ -221,7 +223,7 @@ def two_engines(tmp_path_factory):
 
     import engine
     from engine.backends import available_backends
-    from engine.build import build_engine
+    from engine.build import BuildConfig, build_engine
     from train.checkpoint import save_model
     backends = [b for b in ("openvino", "onnxruntime") if b in available_backends()]
     d = tmp_path_factory.mktemp("threads")
@@ -231,7 +233,7 @@ def two_engines(tmp_path_factory):
         save_model(d / f"m{seed}.pt", model, {"threshold": {"threshold": 1.0}})
         path = d / f"m{seed}.engine"
         build_engine(model, {"threshold": {"threshold": 1.0}}, (d / f"m{seed}.pt").read_bytes(), path,
-                     backends[seed % len(backends)], "fp32")
+                     BuildConfig(backends[seed % len(backends)], "fp32"))
         out.append(engine.load(path))
     return out
 
@@ -400,6 +402,6 @@ def test_block_policy_drops_nothing_when_the_source_is_faster(two_engines):
 def test_engine_for_a_backend_missing_here_says_what_to_do(tmp_path):
     import engine
     path = tmp_path / "trt.engine"
-    write_engine(path, dict(HEADER, backend="tensorrt"), {"tensorrt_plan": b"plan"})
+    write_engine(path, replace(HEADER, backend="tensorrt"), {"tensorrt_plan": b"plan"})
     with pytest.raises(EngineFileError, match="built for tensorrt, which is not installed here.*rebuild with"):
         engine.load(path)

@@ -1,19 +1,13 @@
-"""Training side of lineflow: the FastFlow + AltUB reference model, datasets, fit and evaluate.
+"""Training side of lineflow: the FastFlow + AltUB reference model, backbones, datasets, fit, evaluate, demo.
 
-Exports resolve lazily, so `train.images` and `train.cli` import without torch (the engine's
-runtime reads images through them).
+Imports torch. Shares errors, image decoding, atomic writes and the common maths with the engine
+through engine.common; the engine's run side never imports this package (its torch backend
+excepted, which rebuilds the model from the engine's model.pt bytes).
 """
 
 from __future__ import annotations
 
+from train.checkpoint import load_model, save_model
+from train.model import FastFlow, FlowConfig
+
 __all__ = ["FastFlow", "FlowConfig", "load_model", "save_model"]
-
-
-def __getattr__(name: str):
-    if name in ("FastFlow", "FlowConfig"):
-        from train import model
-        return getattr(model, name)
-    if name in ("load_model", "save_model"):
-        from train import checkpoint
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module 'train' has no attribute {name!r}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.cli import UserError
+from engine.common.errors import UserError
 
 __all__ = ["BACKBONES", "Backbone", "BackboneSpec", "create_backbone", "WeightsError"]
 

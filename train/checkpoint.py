@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-from train.cli import UserError
+from engine.common.errors import UserError
+from engine.common.files import atomic_write
 from train.model import FastFlow, FlowConfig
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "save_model", "load_model", "load_model_bytes", "checksum"]
@@ -40,22 +39,14 @@ def checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
 
 
 def save_model(path: str | Path, model: FastFlow, meta: dict) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over `path` when complete."""
+    """Write atomically (engine.common.files): never a partial model file."""
     path = Path(path)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta}
     payload = {"meta": meta, "state_dict": state, "checksum": checksum(meta, state)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FastFlow, dict]:

@@ -1,6 +1,7 @@
 """Datasets: MVTec AD folder layout, or a plain folder of good images; images to model input.
 
-Every image becomes (3, S, S) float32 in [0, 1] (decoding in train/images.py).
+Every image becomes (3, S, S) float32 in [0, 1] (decoding in engine/common/images.py). to_model_input is
+the PyTorch reference of the engine's resize (engine/preprocess.py, tested equal).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.images import IMAGE_SUFFIXES, DataError, images_in, open_image, read_image
+from engine.common.images import DataError, images_in, open_image, read_image
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "Sample", "read_image", "to_model_input", "load_batches",
-           "read_mask", "train_images", "evaluation_samples"]
+__all__ = ["Sample", "to_model_input", "load_batches", "read_mask", "train_images", "evaluation_samples"]
 
 
 def to_model_input(image: np.ndarray, size: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.cli import UserError, run_cli
+from engine.common.errors import UserError, run_cli
 
 __all__ = ["TEXTURES", "DEFECTS", "make_demo_dataset", "main"]
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.common.errors import UserError, run_cli
+from engine.common.files import atomic_write
+from engine.common.images import read_image
 from train.checkpoint import checksum, load_model
-from train.cli import UserError, run_cli
-from train.data import evaluation_samples, read_image, read_mask
-from train.fit import extract_features
+from train.data import evaluation_samples, read_mask
+from train.fit import DEVICES, extract_features
 from train.metrics import aupro, auroc
 from train.model import FastFlow, FlowConfig
 
@@ -105,13 +105,6 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
     return result
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _print_table(result: dict) -> None:
     print(f"{'':12s} {'images':>6s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO':>7s}")
     for name, r in [("all", result), *result["per_type"].items()]:
@@ -132,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="MVTec-layout folder with test/ and ground_truth/")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON (a list when several models)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default=DEVICES[0], choices=DEVICES)
     p.add_argument("--image-score-top", type=float, nargs="+", default=[], metavar="FRACTION",
                    help="also report image AUROC with the image score = mean of these top fractions of "
                    "the map (0 = its max), to compare rules without refitting")
@@ -160,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {path}")
         _print_table(results[-1])
     if args.json:
-        _write_json(Path(args.json), results[0] if len(results) == 1 else results)
+        with atomic_write(args.json, "w") as f:
+            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
     return 0
 
 

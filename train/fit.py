@@ -25,14 +25,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.common.errors import UserError, run_cli
 from train.backbones import BACKBONES, create_backbone
 from train.checkpoint import save_model
-from train.cli import UserError, run_cli
 from train.data import load_batches, train_images
-from train.model import FastFlow, FlowConfig
+from train.model import FUSIONS, IMAGE_SCALES, MAP_SCALES, FastFlow, FlowConfig
 
-__all__ = ["TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimisers", "extract_features",
-           "split_holdout", "main"]
+__all__ = ["DEVICES", "LR_SCHEDULES", "TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimisers",
+           "extract_features", "split_holdout", "main"]
+
+
+DEVICES = ("cpu", "cuda")  # where features and flow run (train.fit, train.evaluate)
+LR_SCHEDULES = ("constant", "cosine", "anneal")
+ANNEAL_FRACTION = 0.2  # "anneal": the share of the run, at its end, over which the learning rates decay
 
 
 @dataclass(frozen=True)
@@ -122,10 +127,6 @@ def make_optimisers(model: FastFlow, cfg: TrainConfig) -> tuple[torch.optim.Opti
     flow_opt = torch.optim.Adam(model.flow_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     base_opt = torch.optim.Adam(model.base_parameters(), lr=cfg.base_lr) if model.config.altub else None
     return flow_opt, base_opt
-
-
-LR_SCHEDULES = ("constant", "cosine", "anneal")
-ANNEAL_FRACTION = 0.2  # "anneal": the share of the run, at its end, over which the learning rates decay
 
 
 def schedule_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -220,16 +221,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-pool", type=int, default=m.feature_pool, metavar="K",
                    help="average backbone features over K x K neighbours before the flow; 1 = off")
     p.add_argument("--blur-sigma", type=float, default=m.blur_sigma, help="anomaly-map smoothing; 0 = off")
-    p.add_argument("--fusion", default=m.fusion, choices=["normalised", "probability"],
+    p.add_argument("--fusion", default=m.fusion, choices=FUSIONS,
                    help="combine scales in units of held-out good pixels, or as FastFlow's mean probability")
     p.add_argument("--image-score-top", type=float, default=m.image_score_top, metavar="FRACTION",
                    help="image score = mean of this fraction of the map's highest pixels; 0 = the max")
-    p.add_argument("--map-scales", default=m.map_scales, choices=["fine", "all"],
+    p.add_argument("--map-scales", default=m.map_scales, choices=MAP_SCALES,
                    help="the scales the anomaly map fuses: strides 4, 8, 16 (fine) or all four")
-    p.add_argument("--image-scales", default=m.image_scales, choices=["coarse", "coarsest", "all"],
+    p.add_argument("--image-scales", default=m.image_scales, choices=IMAGE_SCALES,
                    help="the map the image score reads: strides 16 + 32 (coarse), 32 only, or all four scales")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out split, initialisation and batch order")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where features and flow run")
+    p.add_argument("--device", default=DEVICES[0], choices=DEVICES, help="where features and flow run")
     p.add_argument("--epoch-checkpoints", metavar="DIR",
                    help="also write DIR/epoch_NNN.pt after every epoch (to study stability)")
     return p

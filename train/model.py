@@ -20,25 +20,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.common.maths import gaussian_taps, top_k_count
 from train.backbones import Backbone, create_backbone
 
 __all__ = ["FlowConfig", "FastFlow", "CouplingStep", "FeatureNorm", "GaussianBase", "soft_clamp",
-           "SOFT_CLAMP_FACTOR", "gaussian_blur"]
+           "SOFT_CLAMP_FACTOR", "gaussian_blur", "pool_features", "top_k_mean", "FUSIONS", "MAP_SCALES",
+           "IMAGE_SCALES"]
 
 
-SOFT_CLAMP_FACTOR = 0.636  # ~2/pi, as FastFlow's reference code writes it
+SOFT_CLAMP_FACTOR = 0.636  # ~2/pi, as FastFlow's reference code writes it; the kernels get it as a parameter
 
 
-def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
-    """clamp * (2/pi) * atan(s / clamp): smooth, odd, bounded by +-clamp; keeps exp(s) finite."""
-    return clamp * SOFT_CLAMP_FACTOR * torch.atan(s / clamp)
+def soft_clamp(s: torch.Tensor, clamp: float, atan=torch.atan) -> torch.Tensor:
+    """clamp * (2/pi) * atan(s / clamp): smooth, odd, bounded by +-clamp; keeps exp(s) finite.
+
+    `atan`: the inference graph passes its polynomial (kernels.reference.poly_atan), which runtimes fuse.
+    """
+    return clamp * SOFT_CLAMP_FACTOR * atan(s / clamp)
 
 
 class FeatureNorm(nn.Module):
     """Parameter-free LayerNorm over (C, H, W), then a learned per-channel affine counted in log|det J|.
 
     FastFlow learns the LayerNorm's affine; left outside the likelihood that scale lets the flow
-    shrink z for free and the loss runs away (measured on the prototype, DESIGN.md). Counting it
+    shrink z for free and the loss runs away (measured on the prototype). Counting it
     keeps the objective an exact likelihood.
     """
 
@@ -116,19 +121,33 @@ class GaussianBase(nn.Module):
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps, kernel truncated at 4 sigma, reflect padding."""
-    if sigma <= 0:
+    """Separable Gaussian blur of (B, H, W) maps with engine.common.maths.gaussian_taps, reflect padding."""
+    taps = gaussian_taps(sigma, min(x.shape[-2:]))
+    if taps is None:
         return x
-    radius = int(4 * sigma + 0.5)
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
-    if radius < 1:
-        return x
-    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
-    k = k / k.sum()
+    k = torch.from_numpy(taps).to(x)
+    radius = (k.numel() - 1) // 2
     y = F.pad(x[:, None], (radius, radius, 0, 0), mode="reflect")
     y = F.conv2d(y, k.view(1, 1, 1, -1))
     y = F.pad(y, (0, 0, radius, radius), mode="reflect")
     return F.conv2d(y, k.view(1, 1, -1, 1))[:, 0]
+
+
+def pool_features(feats: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Each (B, C, h, w) map averaged over k x k neighbours (stride 1, borders over the pixels inside); k = 1: as is.
+
+    The average (PatchCore's local aggregation) gives each position its surroundings' context, so one
+    odd feature vector in a normal neighbourhood counts less than a patch of them.
+    """
+    if k == 1:
+        return list(feats)
+    return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
+
+
+def top_k_mean(score_map: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, H, W) -> (B,): the mean of each map's k highest pixels (the max when k = 1)."""
+    flat = score_map.flatten(1)
+    return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)
 
 
 FUSIONS = ("normalised", "probability")
@@ -203,16 +222,8 @@ class FastFlow(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) in [0, 1] -> frozen backbone maps at strides 4, 8, 16, 32, neighbourhood-averaged.
-
-        The k x k average (PatchCore's local aggregation) gives each position its surroundings'
-        context, so one odd feature vector in a normal neighbourhood counts less than a patch of them.
-        """
-        k = self.config.feature_pool
-        feats = self.backbone(images)
-        if k == 1:
-            return feats
-        return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
+        """(B, 3, H, W) in [0, 1] -> frozen backbone maps at strides 4, 8, 16, 32, neighbourhood-averaged."""
+        return pool_features(self.backbone(images), self.config.feature_pool)
 
     def flow(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Features -> z per scale and the total log|det J| per sample, (B,)."""
@@ -294,9 +305,7 @@ class FastFlow(nn.Module):
         `top` defaults to the config's `image_score_top`; train.evaluate passes others to compare rules.
         """
         top = self.config.image_score_top if top is None else top
-        flat = score_map.flatten(1)
-        k = max(1, int(round(top * flat.shape[1])))
-        return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)
+        return top_k_mean(score_map, top_k_count(top, score_map[0].numel()))
 
     def score_maps(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """z per scale -> the anomaly map (B, H, W) from `map_scales` and the map the image score reads."""

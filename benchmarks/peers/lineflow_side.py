@@ -16,7 +16,7 @@ import torch
 from timing import time_calls
 
 from engine.backends import load_backend
-from engine.build import build_engine
+from engine.build import BuildConfig, build_engine
 from engine.format import read_engine
 from train.checkpoint import save_model
 from train.model import FastFlow, FlowConfig
@@ -35,9 +35,9 @@ def main() -> None:
         save_model(path, model, meta)
         for backend, precision in (("openvino", "fp32"), ("openvino", "bf16-flow"), ("onnxruntime", "fp32")):
             out = Path(tmp) / f"{backend}-{precision}.engine"
-            build_engine(model, meta, path.read_bytes(), out, backend, precision)
-            runners[backend if precision == "fp32" else f"{backend} {precision}"] = load_backend(*read_engine(out),
-                                                                                                 THREADS)
+            build_engine(model, meta, path.read_bytes(), out, BuildConfig(backend, precision))
+            runners[backend if precision == "fp32" else f"{backend} {precision}"] = load_backend(
+                *read_engine(out), THREADS).infer
     rows = []
     for batch in BATCHES:
         x = np.random.default_rng(0).random((batch, 3, 256, 256), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Peers benchmark (issue 6): anomalib's FastFlow against lineflow's engine, resnet18, 256 px, same run.
+"""Peers benchmark: anomalib's FastFlow against lineflow's engine, resnet18, 256 px, same run.
 
     benchmarks/peers/.venv-peers/bin/python benchmarks/peers/run_peers.py
 

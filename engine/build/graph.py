@@ -15,8 +15,9 @@ its weights, shift into a constant bias map, exact at zero-padded borders); AltU
 scale, the 0.5 / C and the per-scale normalisation fold into one (A * X + B)^2 sum. What remains per
 step is two channel gathers, two convolutions, one clamp and one multiply-add.
 
-The soft clamp's atan is a polynomial here (poly_atan): runtimes fuse its multiply-adds into the
-element-wise chain around it, where OpenVINO runs an Atan node as a scalar reference loop.
+The soft clamp's atan is a polynomial here (kernels.reference.poly_atan, the one the Triton kernels
+use): runtimes fuse its multiply-adds into the element-wise chain around it, where OpenVINO runs an
+Atan node as a scalar reference loop.
 """
 
 from __future__ import annotations
@@ -25,27 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, gaussian_blur
+from engine.common.maths import top_k_count
+from engine.header import ScoringSpec
+from kernels.reference import poly_atan
+from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, gaussian_blur, pool_features, soft_clamp, top_k_mean
 
-__all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "FoldedStep", "FoldedScale",
-           "poly_atan"]
-
-# atan(r) / r on [0, 1] as a polynomial in r^2, highest power first (the Triton kernels' _atan uses the same)
-ATAN_COEFFS = (-0.00466877, 0.02416619, -0.05936710, 0.09906097, -0.14016585, 0.19969235, -0.33331960, 0.99999990)
-
-
-def poly_atan(x: torch.Tensor) -> torch.Tensor:
-    """atan as element-wise multiply-adds: max |error| 1.9e-7 in float32; atan(x) = pi/2 - atan(1/x) above 1."""
-    ax = x.abs()
-    big = ax > 1.0
-    r = torch.where(big, 1.0 / ax.clamp(min=1.0), ax)
-    u = r * r
-    p = torch.full_like(u, ATAN_COEFFS[0])
-    for c in ATAN_COEFFS[1:]:
-        p = p * u + c
-    a = r * p
-    a = torch.where(big, torch.pi / 2 - a, a)
-    return torch.where(x < 0, -a, a)
+__all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "FoldedStep", "FoldedScale"]
 
 
 class FoldedStep(nn.Module):
@@ -56,6 +42,7 @@ class FoldedStep(nn.Module):
         c1, c2 = step.c1, step.c2
         conv1, conv2 = step.subnet[0], step.subnet[2]
         self.kernel, self.clamp = conv1.kernel_size[0], step.clamp
+        self.clamp_factor = SOFT_CLAMP_FACTOR  # handed to the kernels as a parameter (engine/backends/cuda.py)
         g, h = step.global_log_scale.detach(), step.global_bias.detach()
         # first conv sees x1 = a1 * X[idx1] + c1: scale into the weights, shift through the conv as a
         # constant map (zero padding makes it vary at the borders, so it is a map, not a vector)
@@ -84,7 +71,7 @@ class FoldedStep(nn.Module):
         x2 = x.index_select(1, self.idx2) * self.a2 + self.c2
         hidden = F.relu(F.conv2d(x1, self.w1, None, padding=self.kernel // 2) + self.bias_map1)
         s, t = F.conv2d(hidden, self.w2, self.b2, padding=self.kernel // 2).split(self.c2_channels, dim=1)
-        y2 = x2 * (self.clamp * SOFT_CLAMP_FACTOR * poly_atan(s / self.clamp) + self.g2).exp() + t
+        y2 = x2 * (soft_clamp(s, self.clamp, atan=poly_atan) + self.g2).exp() + t
         return torch.cat([x1, y2], dim=1)
 
 
@@ -142,18 +129,12 @@ class InferenceGraph(nn.Module):
         strides = self.backbone.strides
         self.scales = nn.ModuleDict(
             {str(s): FoldedScale(model, s, (self.size // strides[s], self.size // strides[s])) for s in used})
-        self.top_k = max(1, int(round(cfg.image_score_top * self.size * self.size)))
+        self.top_k = top_k_count(cfg.image_score_top, self.size * self.size)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The used scales' backbone features, neighbourhood-averaged: what the flows read."""
         feats = self.backbone(images)
-        out = []
-        for key in self.scales:
-            f = feats[int(key)]
-            if self.pool > 1:
-                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
-            out.append(f)
-        return out
+        return pool_features([feats[int(key)] for key in self.scales], self.pool)
 
     def scale_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each used scale's NLL map (B, 1, h_s, h_s), in the order of self.scales."""
@@ -164,13 +145,14 @@ class InferenceGraph(nn.Module):
         return {int(key): F.interpolate(q, size=size, mode="bilinear", align_corners=False)
                 for key, q in zip(self.scales, self.scale_maps(images))}
 
-    def scoring_spec(self) -> dict:
-        """What the fusion after scale_maps needs (for engine.native.NativeScoring): JSON-able."""
+    def scoring_spec(self) -> ScoringSpec:
+        """What the fusion after scale_maps needs (engine.native.NativeScoring, the CUDA path's scoring kernel)."""
         keys = [int(k) for k in self.scales]
-        return {"size": self.size, "sigma": self.sigma, "top_k": self.top_k,
-                "heights": [scale.norm_shape[1] for scale in self.scales.values()],
-                "map_weights": [1 / len(self.map_scales) if k in self.map_scales else 0.0 for k in keys],
-                "image_weights": [1 / len(self.image_scales) if k in self.image_scales else 0.0 for k in keys]}
+        return ScoringSpec(size=self.size, sigma=float(self.sigma), top_k=self.top_k,
+                           heights=tuple(scale.norm_shape[1] for scale in self.scales.values()),
+                           map_weights=tuple(1 / len(self.map_scales) if k in self.map_scales else 0.0 for k in keys),
+                           image_weights=tuple(1 / len(self.image_scales) if k in self.image_scales else 0.0
+                                               for k in keys))
 
     def _fused(self, maps: dict[int, torch.Tensor], scales: list[int]) -> torch.Tensor:
         return gaussian_blur(torch.cat([maps[s] for s in scales], dim=1).mean(dim=1), self.sigma)
@@ -179,9 +161,7 @@ class InferenceGraph(nn.Module):
         maps = self.per_scale(images)
         amap = self._fused(maps, self.map_scales)
         score_map = amap if self.image_scales == self.map_scales else self._fused(maps, self.image_scales)
-        flat = score_map.flatten(1)
-        score = flat.amax(dim=1) if self.top_k == 1 else flat.topk(self.top_k, dim=1).values.mean(dim=1)
-        return amap, score
+        return amap, top_k_mean(score_map, self.top_k)
 
 
 class ScaleMapsGraph(nn.Module):

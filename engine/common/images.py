@@ -1,6 +1,6 @@
 """Reading image files into (H, W, 3) float32 RGB in [0, 1]: numpy and Pillow only.
 
-Training, evaluation and the engine's runtime decode images here, so a file means the same pixels
+Training, evaluation, the build and the run side decode images here, so a file means the same pixels
 everywhere (the engine must not import torch). Grayscale is repeated to 3 channels, alpha is
 dropped, 16-bit is scaled by 1/65535. Anything unreadable is a DataError naming the file.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.cli import UserError
+from engine.common.errors import UserError
 
 __all__ = ["DataError", "IMAGE_SUFFIXES", "MAX_PIXELS", "open_image", "read_image", "images_in"]
 

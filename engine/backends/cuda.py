@@ -1,6 +1,6 @@
 """The CUDA run path: backbone in cuDNN, flow and scoring through the fused Triton kernels, one CUDA graph per batch.
 
-KernelGraph packs an InferenceGraph (engine/graph.py) for kernels/: per coupling step the GEMM
+KernelGraph packs an InferenceGraph (engine/build/graph.py) for kernels/: per coupling step the GEMM
 weights in the run precision and the index tables that fold the channel gathers away (y2 overwrites
 x2 in the scale's state buffer, so the physical channel of each logical channel is tracked here at
 pack time), per scale alpha/beta in physical channel order and the resize-and-blur matrix R.
@@ -13,9 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.graph import InferenceGraph
+from engine.build.graph import InferenceGraph
+from engine.common.maths import resize_blur_matrix
 from kernels.coupling import conv_coupling, conv_relu, pack_conv_weight
-from kernels.scoring import resize_blur_matrix, score_maps
+from kernels.scoring import score_maps
+from train.model import pool_features, top_k_mean
 
 __all__ = ["KernelGraph", "CudaGraphRunner", "RUN_DTYPES"]
 
@@ -25,7 +27,7 @@ RUN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 class _PackedStep(nn.Module):
     def __init__(self, step, phys: torch.Tensor, dtype: torch.dtype):
         super().__init__()
-        self.kernel, self.clamp = step.kernel, float(step.clamp)
+        self.kernel, self.clamp, self.clamp_factor = step.kernel, float(step.clamp), float(step.clamp_factor)
         self.hidden = step.w1.shape[0]
         self.register_buffer("chan1", phys[step.idx1].int())
         self.register_buffer("chan2", phys[step.idx2].int())
@@ -41,7 +43,7 @@ class _PackedStep(nn.Module):
     def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> None:
         conv_relu(x, self.chan1, self.w1, self.bias1, self.kernel, out=hidden)
         conv_coupling(hidden, self.w2, self.b2, self.g2, self.a2, self.c2, self.chan2, x, self.kernel, self.clamp,
-                      self.hidden_chan)
+                      self.clamp_factor, self.hidden_chan)
 
 
 class _PackedScale(nn.Module):
@@ -59,7 +61,8 @@ class _PackedScale(nn.Module):
         alpha, beta = torch.empty(channels, device=device), torch.empty(channels, device=device)
         alpha[phys], beta[phys] = scale.alpha.flatten(), scale.beta.flatten()
         self.register_buffer("alpha_beta", torch.cat([alpha, beta]).float())
-        self.register_buffer("resize", resize_blur_matrix(h, size, sigma).float().to(device).contiguous())
+        resize = resize_blur_matrix(h, size, sigma)  # R = blur @ upsample (engine/common/maths.py)
+        self.register_buffer("resize", torch.tensor(resize, dtype=torch.float32, device=device))
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(feat.float(), self.norm_shape).contiguous()
@@ -84,7 +87,7 @@ class KernelGraph(nn.Module):
         self.scales = nn.ModuleList(_PackedScale(graph.scales[str(k)], graph.size, graph.sigma, dtype)
                                     for k in self.keys)
         spec = graph.scoring_spec()  # the same fusion weights the CPU engines' native scoring uses
-        self.map_weights, self.image_weights, self.top_k = spec["map_weights"], spec["image_weights"], spec["top_k"]
+        self.map_weights, self.image_weights, self.top_k = spec.map_weights, spec.image_weights, spec.top_k
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Backbone (bf16/fp16 autocast and channels-last on CUDA unless fp32), then the neighbourhood pool."""
@@ -93,21 +96,13 @@ class KernelGraph(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=RUN_DTYPES[self.precision], enabled=low):
             feats = self.backbone(images)
-        out = []
-        for k in self.keys:
-            f = feats[k].float()
-            if self.pool > 1:
-                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
-            out.append(f)
-        return out
+        return pool_features([feats[k].float() for k in self.keys], self.pool)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         states = [scale(f) for scale, f in zip(self.scales, self.features(images))]
         amap, score_map = score_maps(states, [s.alpha_beta for s in self.scales], [s.offset for s in self.scales],
                                      [s.resize for s in self.scales], self.map_weights, self.image_weights, self.size)
-        flat = score_map.flatten(1)
-        score = flat.amax(dim=1) if self.top_k == 1 else flat.topk(self.top_k, dim=1).values.mean(dim=1)
-        return amap, score
+        return amap, top_k_mean(score_map, self.top_k)
 
 
 class CudaGraphRunner:

@@ -1,0 +1,36 @@
+"""ONNX Runtime: the engine's ONNX graph (to the per-scale maps), then the native fusion (engine/native.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.backends import Backend, default_threads
+from engine.header import SECTION_ONNX, EngineHeader
+from engine.native import NativeScoring
+
+__all__ = ["OnnxRuntimeBackend"]
+
+
+class OnnxRuntimeBackend(Backend):
+    """Thread-safe: an InferenceSession runs concurrent calls, and the native fusion holds no state."""
+
+    thread_safe = True
+
+    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = default_threads(threads)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(sections[SECTION_ONNX], opts, providers=providers)
+        self.scoring = NativeScoring(header.scoring) if header.scoring is not None else None
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self.session.run(None, {"images": images})
+        if self.scoring is None:  # a graph that ends at (map, score)
+            return outputs[0], outputs[1]
+        return self.scoring(outputs)
+
+    def close(self) -> None:
+        self.session = None

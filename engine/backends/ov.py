@@ -1,0 +1,95 @@
+"""OpenVINO on the CPU: the engine's ONNX graph(s) compiled at the precision the build chose, then the
+native fusion (engine/native.py). At precision "bf16-flow" the graph runs as two stages, the backbone
+in fp32 and the flow in bf16 (engine.header.STAGE_PRECISIONS)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from engine.backends import Backend, default_threads
+from engine.header import SECTION_ONNX, SECTION_ONNX_BACKBONE, SECTION_ONNX_FLOW, STAGE_PRECISIONS, EngineHeader
+from engine.native import NativeScoring
+
+__all__ = ["OpenVinoBackend", "OPENVINO_PRECISION"]
+
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # INFERENCE_PRECISION_HINT
+
+
+class OpenVinoBackend(Backend):
+    """Frames go through batch-1 graphs with static shapes, one frame per infer request.
+
+    On the default model (bf16-flow, a 2-core CPU) a dynamic batch dimension took 44 ms a frame against 20 ms
+    static, and static batch 8 was slower per frame than batch 1. A single frame runs on one stream with all
+    threads (latency); a batch is spread over OpenVINO's throughput streams (here 2 of 1 thread each: the flow's
+    small convolutions do not scale across threads, so two frames at once gave 1.2-1.5x the frames/s).
+
+    Not thread-safe: an infer request serves one call at a time (engine.Engine serialises calls).
+    """
+
+    thread_safe = False
+
+    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
+        import openvino as ov
+        if header.precision in STAGE_PRECISIONS:
+            self.stages = list(zip((sections[SECTION_ONNX_BACKBONE], sections[SECTION_ONNX_FLOW]),
+                                   STAGE_PRECISIONS[header.precision]))
+        else:
+            self.stages = [(sections[SECTION_ONNX], header.precision)]
+        self.ov, self.core, self.threads = ov, ov.Core(), default_threads(threads)
+        self.latency = self._frame_runner(self._compile("LATENCY"))
+        self.pool: ThreadPoolExecutor | None = None  # throughput streams, made on the first batch
+        self.runners: list = []
+        self.scoring = NativeScoring(header.scoring) if header.scoring is not None else None
+
+    def _compile(self, hint: str) -> list:
+        graphs = []
+        for onnx, precision in self.stages:
+            model = self.core.read_model(onnx, b"")
+            model.reshape({i.get_any_name(): self.ov.PartialShape([1, *list(i.get_partial_shape())[1:]])
+                           for i in model.inputs})
+            graphs.append(self.core.compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": hint,
+                "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}))
+        return graphs
+
+    @staticmethod
+    def _frame_runner(graphs: list):
+        requests = [g.create_infer_request() for g in graphs]
+
+        def run_frame(image: np.ndarray) -> list[np.ndarray]:
+            values = [image]
+            for g, request in zip(graphs, requests):  # each stage's outputs are the next one's inputs
+                out = request.infer(dict(enumerate(values)))
+                values = [out[o] for o in g.outputs]
+            return [np.array(v) for v in values]
+        return run_frame
+
+    def _graph_outputs(self, images: np.ndarray) -> list[np.ndarray]:
+        if len(images) == 1:
+            return self.latency(images)
+        if self.pool is None:
+            graphs = self._compile("THROUGHPUT")
+            n = max(1, int(graphs[0].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            self.runners = [self._frame_runner(graphs) for _ in range(n)]
+            self.pool = ThreadPoolExecutor(n, thread_name_prefix="lineflow-openvino")
+        n = len(self.runners)
+        parts = self.pool.map(lambda k: [self.runners[k](images[i:i + 1]) for i in range(k, len(images), n)],
+                              range(n))
+        per_frame: list = [None] * len(images)
+        for k, outs in enumerate(parts):
+            per_frame[k::n] = outs
+        return [np.concatenate(maps) for maps in zip(*per_frame)]
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self._graph_outputs(images)
+        if self.scoring is None:  # a graph that ends at (map, score)
+            return outputs[0], outputs[1]
+        return self.scoring(outputs)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        self.runners, self.latency = [], None

@@ -1,0 +1,52 @@
+"""The torch backend: the model rebuilt from the model.pt bytes the engine carries.
+
+On a CPU it is the PyTorch reference itself (what the other backends are checked against); on a
+CUDA device the backbone runs in cuDNN (channels-last, autocast to the engine's precision) and the
+flow and scoring in the fused Triton kernels (engine/backends/cuda.py), one CUDA graph per batch
+size. The one run-side module that imports training's model definition, lazily, here only.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from engine.backends import Backend
+from engine.header import SECTION_MODEL, EngineHeader
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend(Backend):
+    """Thread-safe on the CPU (a forward pass without autograd holds no state); on CUDA the captured graphs'
+    static buffers are shared, so calls are serialised by engine.Engine."""
+
+    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
+        import torch
+
+        from train.checkpoint import load_model_bytes
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        model, _ = load_model_bytes(io.BytesIO(sections[SECTION_MODEL]), "engine's model section")
+        self.cuda = torch.cuda.is_available()
+        self.thread_safe = not self.cuda
+        if not self.cuda:
+            self.model = model.eval()
+            return
+        from engine.backends.cuda import CudaGraphRunner, KernelGraph
+        from engine.build.graph import InferenceGraph
+        self.model = CudaGraphRunner(KernelGraph(InferenceGraph(model.eval()), header.precision).cuda().eval())
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        if not self.cuda:
+            with torch.no_grad():
+                amap, score = self.model(torch.from_numpy(images))
+            return amap.numpy(), score.numpy()
+        amap, score = self.model(torch.from_numpy(images).cuda(non_blocking=True))
+        return amap.cpu().numpy(), score.cpu().numpy()  # copies: the graph's outputs are reused by the next call
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,217 @@
+"""build_engine: a trained model -> one checked engine file (the work behind python -m engine.build).
+
+Folds the model into its inference graph (graph.py), checks the graph against the PyTorch reference,
+exports and compiles it for a backend (export.py), checks the compiled engine against the reference
+again at each candidate precision, and writes the engine file (engine/format.py) with a typed
+header (engine/header.py) that records every check's numbers.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.backends import Backend, available_backends, load_backend, run_batched
+from engine.build.export import engine_sections
+from engine.build.graph import InferenceGraph
+from engine.common.errors import UserError
+from engine.common.images import images_in, read_image
+from engine.format import write_engine
+from engine.header import BACKENDS, PRECISIONS, EngineHeader
+from engine.preprocess import frames_to_input
+from train.model import FastFlow
+
+__all__ = ["BuildConfig", "build_engine", "BUILD_BACKENDS", "BUILD_PRECISIONS", "GRAPH_TOLERANCE",
+           "LOW_PRECISION_TOLERANCE"]
+
+GRAPH_TOLERANCE = 1e-4  # max |map difference|, folded graph or fp32 engine vs the reference (relative above 1)
+LOW_PRECISION_TOLERANCE = {"score": 0.02, "map": 0.1}  # bf16/fp16 vs fp32, in map units (1 = q99 of good pixels)
+BUILD_BACKENDS = ("auto", *BACKENDS)
+BUILD_PRECISIONS = ("auto", *PRECISIONS)
+CPU_BACKENDS = ("openvino", "onnxruntime")  # what auto times against each other where no GPU is visible
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to build: never mutated by the build; what was chosen for `auto` is in the engine's header."""
+
+    backend: str = "auto"  # auto: TensorRT on an NVIDIA GPU (else the CUDA path), else the fastest CPU backend here
+    precision: str = "auto"  # auto: the fastest precision the hardware runs natively that passes the check
+    batch: int | None = None  # a fixed batch size; None = any
+    calib: str | None = None  # a folder of good images for the checks (default: random images)
+
+    def __post_init__(self):
+        if self.backend not in BUILD_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BUILD_BACKENDS)}, not {self.backend!r}")
+        if self.precision not in BUILD_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(BUILD_PRECISIONS)}, not {self.precision!r}")
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise ValueError(f"batch must be a positive batch size or None (any), not {self.batch!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown build options {sorted(unknown)}")
+        return cls(**d)
+
+
+def _calibration_images(calib: str | None, size: int, limit: int = 32) -> tuple[np.ndarray, str]:
+    """Real images for the build's checks: --calib DIR, else random images (said so in the header)."""
+    if calib is None:
+        rng = np.random.default_rng(0)
+        return rng.random((4, 3, size, size), dtype=np.float32), "4 random images (no --calib given)"
+    folder = Path(calib)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: --calib needs a folder of good images")
+    paths = images_in(folder)
+    if not paths:
+        raise UserError(f"{folder}: no images found for --calib")
+    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    return frames_to_input([read_image(p) for p in paths], size), f"{len(paths)} images from {folder}"
+
+
+def _compare(infer: Callable, ref_maps: np.ndarray, ref_scores: np.ndarray, images: np.ndarray,
+             batch: int | None) -> dict:
+    maps, scores = run_batched(infer, images, batch)
+    # in map units, relative where the map exceeds 1: float32 keeps ~7 digits, and a random image
+    # scores in the hundreds (good images stay near 0..1, where this is the absolute difference)
+    map_scale = np.maximum(1.0, np.abs(ref_maps).reshape(len(ref_maps), -1).max(axis=1))
+    map_diff = np.abs(maps - ref_maps).reshape(len(maps), -1).max(axis=1) / map_scale
+    score_diff = np.abs(scores - ref_scores) / np.maximum(1.0, np.abs(ref_scores))
+    return {"max_map_diff": float(map_diff.max()), "max_score_diff": float(score_diff.max())}
+
+
+def _median_ms(infer: Callable, images: np.ndarray, repeats: int = 5) -> float:
+    infer(images)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        infer(images)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _openvino_has_bf16() -> bool:
+    import openvino as ov
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _precisions(backend: str) -> list[str]:
+    """What --precision may name for a backend, fastest-first where auto should try them in that order."""
+    return {"openvino": ["bf16", "bf16-flow", "fp16", "fp32"], "onnxruntime": ["fp32"],
+            "torch": ["bf16", "fp16", "fp32"] if torch.cuda.is_available() else ["fp32"],
+            "tensorrt": ["bf16", "fp16", "fp32"]}[backend]
+
+
+def _auto_candidates(backend: str, real_images: bool) -> list[str]:
+    """--precision auto: low precisions the hardware runs natively, fastest first, each kept only if it passes the
+    accuracy check; fp32 last. On CPUs without bf16 OpenVINO would run "bf16" in fp32: it is not tried there.
+
+    OpenVINO's all-bf16 needs real check images (--calib): a bf16 backbone moved MTD maps by up to 2.4 units
+    and image AUROC from 0.9715 to 0.9503, while on random images it stayed near the tolerance (benchmarks/NOTES.md).
+    """
+    if backend == "openvino":
+        if not _openvino_has_bf16():
+            return ["fp32"]
+        return ["bf16", "bf16-flow", "fp32"] if real_images else ["bf16-flow", "fp32"]
+    return [p for p in _precisions(backend) if p != "fp32"][:1] + ["fp32"]
+
+
+def _resolve_backend(backend: str, precision: str) -> list[str]:
+    """The backends to build and check: one, or for auto without a GPU every installed CPU backend (timed)."""
+    installed = available_backends()
+    if backend != "auto" and backend not in installed:
+        raise UserError(f"backend {backend} is not installed here (installed: {', '.join(installed)})")
+    if backend == "tensorrt" and not torch.cuda.is_available():
+        raise UserError("backend tensorrt needs an NVIDIA GPU; none is visible to PyTorch")
+    if backend == "auto" and torch.cuda.is_available():
+        backend = "tensorrt" if "tensorrt" in installed else "torch"  # torch: cuDNN + Triton kernels
+    candidates = ([b for b in CPU_BACKENDS if b in installed] or ["torch"]) if backend == "auto" else [backend]
+    if precision != "auto":
+        allowed = [b for b in candidates if precision in _precisions(b)]
+        if not allowed:
+            raise UserError(f"--precision {precision} is not available for {'/'.join(candidates)} "
+                            f"(choose from {', '.join(sorted({p for b in candidates for p in _precisions(b)}))})")
+        candidates = allowed
+    return candidates
+
+
+def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Path,
+                 config: BuildConfig = BuildConfig()) -> EngineHeader:
+    """Build and write the engine; returns its header (what was chosen and checked, with numbers)."""
+    size, batch = model.config.input_size, config.batch
+    threshold = meta.get("threshold", {}).get("threshold")
+    if threshold is None:
+        raise UserError("model.pt has no decision threshold (train it with python -m train.fit)")
+    graph = InferenceGraph(model).eval()
+    images, calib_desc = _calibration_images(config.calib, size)
+    check_images = np.concatenate([images, np.random.default_rng(1).random((2, 3, size, size), dtype=np.float32)])
+    with torch.no_grad():
+        ref_maps, ref_scores = (t.numpy() for t in model(torch.from_numpy(check_images)))
+        graph_check = _compare(lambda x: tuple(t.numpy() for t in graph(torch.from_numpy(x))), ref_maps, ref_scores,
+                               check_images, None)
+    print(f"folded graph vs PyTorch reference: max |map diff| {graph_check['max_map_diff']:.2e}, "
+          f"max |score diff| {graph_check['max_score_diff']:.2e} ({calib_desc} + 2 random)")
+    if graph_check["max_map_diff"] > GRAPH_TOLERANCE or graph_check["max_score_diff"] > GRAPH_TOLERANCE:
+        raise RuntimeError(f"the folded inference graph disagrees with the reference beyond {GRAPH_TOLERANCE}: "
+                           f"{graph_check}; this is a lineflow bug, please report it")
+    checks: dict = {"graph_vs_reference": graph_check, "check_images": calib_desc}
+
+    def header(backend: str, precision: str) -> EngineHeader:
+        return EngineHeader(
+            backend=backend, precision=precision, input_size=size, threshold=threshold, batch=batch,
+            scoring=graph.scoring_spec() if backend in CPU_BACKENDS else None,  # tensorrt, torch: fused inside
+            model_config=model.config.to_dict(), model_threshold=meta.get("threshold"), checks=checks,
+            created=datetime.now(UTC).isoformat(),
+            built_on={"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__})
+
+    exported: dict[str, bytes] = {}
+
+    def checked(name: str) -> tuple[str, dict[str, bytes], Backend]:
+        """The first of the backend's candidate precisions that passes the accuracy check."""
+        candidates = [config.precision] if config.precision != "auto" else _auto_candidates(name, config.calib is not None)
+        for prec in candidates:
+            sections = engine_sections(name, prec, model_bytes, graph, batch, exported)
+            backend = load_backend(header(name, prec), sections)
+            check = _compare(backend.infer, ref_maps, ref_scores, check_images, batch)
+            tol = {"score": GRAPH_TOLERANCE, "map": GRAPH_TOLERANCE} if prec == "fp32" else LOW_PRECISION_TOLERANCE
+            ok = check["max_score_diff"] <= tol["score"] and check["max_map_diff"] <= tol["map"]
+            print(f"{name} {prec} vs PyTorch reference: max |map diff| {check['max_map_diff']:.2e}, "
+                  f"max |score diff| {check['max_score_diff']:.2e} (tolerance {tol['map']:g} / {tol['score']:g}): "
+                  f"{'ok' if ok else 'outside tolerance'}")
+            checks[f"{name}_{prec}_vs_reference"] = {**check, "tolerance": tol, "ok": ok}
+            if ok:
+                return prec, sections, backend
+            backend.close()
+            if prec == "fp32" or config.precision != "auto":
+                raise RuntimeError(f"{name} {prec} disagrees with the PyTorch reference beyond tolerance: {check}")
+            print(f"  {prec} is outside tolerance: trying {candidates[candidates.index(prec) + 1]}")
+        raise AssertionError("unreachable: fp32 is every backend's last candidate")
+
+    names = _resolve_backend(config.backend, config.precision)
+    options = {name: checked(name) for name in names}
+    timings = {name: _median_ms(options[name][2].infer, check_images[:batch or 1]) for name in names}
+    if len(names) > 1:  # auto without a GPU: the fastest installed CPU backend at its checked precision
+        print("auto: " + ", ".join(f"{name} {options[name][0]} {ms:.1f} ms/frame" for name, ms in timings.items())
+              + f" (batch {batch or 1}, median of 5)")
+        checks["auto_timings_ms"] = {f"{name} {options[name][0]}": ms for name, ms in timings.items()}
+    chosen = min(timings, key=timings.get)
+    for name, (_, _, backend) in options.items():
+        backend.close()
+    checks["ms_per_frame_batch1"] = timings[chosen]
+    precision, sections, _ = options[chosen]
+    result = header(chosen, precision)
+    write_engine(out, result, sections)
+    return result

@@ -1,0 +1,34 @@
+"""Atomic writes: a temporary file in the target's folder, flushed to disk, renamed over the target.
+
+A crash, a full disk or an interrupt mid-write leaves the old file (or none), never a partial one,
+and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write"]
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """`with atomic_write(path) as f: f.write(...)`: `path` appears, complete, only when the block succeeds."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes new files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

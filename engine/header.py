@@ -1,0 +1,148 @@
+"""The engine file's header: one typed, versioned schema, written by the build side and read by the run side.
+
+The header is plain JSON in the file (engine/format.py); here it becomes an EngineHeader whose every
+field is checked on reading, so a backend never meets a missing key or a wrong type. The section
+names and what each backend needs of them are spelled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+__all__ = ["EngineHeader", "ScoringSpec", "BACKENDS", "PRECISIONS", "STAGE_PRECISIONS", "SECTION_ONNX",
+           "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL", "required_sections"]
+
+BACKENDS = ("openvino", "onnxruntime", "tensorrt", "torch")
+PRECISIONS = ("fp32", "bf16", "bf16-flow", "fp16")
+# precisions that run the graph as two stages, (backbone, flow), each in its own precision
+STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
+
+SECTION_ONNX = "onnx"  # CPU backends: images -> per-scale NLL maps (fused natively after)
+SECTION_ONNX_BACKBONE = "onnx_backbone"  # two-stage precisions: images -> features
+SECTION_ONNX_FLOW = "onnx_flow"  # ... features -> per-scale NLL maps
+SECTION_TENSORRT_PLAN = "tensorrt_plan"  # a serialised TensorRT plan: images -> map, score
+SECTION_MODEL = "model"  # the model.pt bytes (torch backend: rebuilt with train's classes)
+
+
+def required_sections(backend: str, precision: str) -> tuple[str, ...]:
+    """The sections an engine of this backend and precision carries."""
+    if backend == "torch":
+        return (SECTION_MODEL,)
+    if backend == "tensorrt":
+        return (SECTION_TENSORRT_PLAN,)
+    return (SECTION_ONNX_BACKBONE, SECTION_ONNX_FLOW) if precision in STAGE_PRECISIONS else (SECTION_ONNX,)
+
+
+def _int(name: str, v, low: int = 1) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, not {v!r}")
+    return v
+
+
+def _number(name: str, v) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, not {v!r}")
+    return float(v)
+
+
+def _strict_kwargs(cls, d) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} (written by another lineflow?)")
+    return d
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """The fusion after the per-scale NLL maps, for engines whose graph ends there (CPU backends: native code).
+
+    map = blur(sum_s map_weights[s] * upsample(q_s)); the image score = mean of the top_k pixels of the
+    same fusion with image_weights. A scale's weight is 0 where that map does not read it.
+    """
+
+    size: int  # the model's input size: maps are size x size
+    sigma: float  # Gaussian blur of the map, input pixels
+    top_k: int
+    heights: tuple[int, ...]  # each scale's map side
+    map_weights: tuple[float, ...]
+    image_weights: tuple[float, ...]
+
+    def __post_init__(self):
+        _int("scoring.size", self.size)
+        if _number("scoring.sigma", self.sigma) < 0:
+            raise ValueError("scoring.sigma must be >= 0")
+        _int("scoring.top_k", self.top_k)
+        if not 1 <= self.top_k <= self.size * self.size:
+            raise ValueError(f"scoring.top_k {self.top_k} is outside 1..{self.size * self.size}")
+        n = len(self.heights)
+        if not 1 <= n <= 4 or len(self.map_weights) != n or len(self.image_weights) != n:
+            raise ValueError("scoring needs 1 to 4 scales, with a map and an image weight each")
+        for h in self.heights:
+            _int("scoring.heights", h)
+        for w in (*self.map_weights, *self.image_weights):
+            _number("scoring weights", w)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScoringSpec:
+        d = _strict_kwargs(cls, d)
+        try:
+            return cls(**{**d, **{k: tuple(d[k]) for k in ("heights", "map_weights", "image_weights") if k in d}})
+        except TypeError as e:  # a missing field, or a list that is not one
+            raise ValueError(f"scoring: {e}") from None
+
+
+@dataclass(frozen=True)
+class EngineHeader:
+    """What a built engine is: how to run it (backend, precision, sizes, fusion) and what the build checked."""
+
+    backend: str
+    input_size: int
+    threshold: float  # image scores above it are anomalous (set by train.fit on held-out good images)
+    precision: str = "fp32"
+    batch: int | None = None  # a fixed batch size, or None for any
+    scoring: ScoringSpec | None = None  # set where the graph ends at per-scale maps (CPU backends)
+    model_config: dict = field(default_factory=dict)  # train.model.FlowConfig.to_dict() of the model
+    model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
+    checks: dict = field(default_factory=dict)  # the build's accuracy checks and timings, with numbers
+    created: str = ""
+    built_on: dict = field(default_factory=dict)  # python, machine, torch of the build
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        _int("input_size", self.input_size, 32)
+        _number("threshold", self.threshold)
+        if self.batch is not None:
+            _int("batch", self.batch)
+        if self.scoring is not None and not isinstance(self.scoring, ScoringSpec):
+            raise ValueError("scoring must be a ScoringSpec")
+        for name in ("model_config", "checks", "built_on"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a JSON object")
+        if not (self.model_threshold is None or isinstance(self.model_threshold, dict)):
+            raise ValueError("model_threshold must be a JSON object")
+        if not isinstance(self.created, str):
+            raise ValueError("created must be a string")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineHeader:
+        """The header's JSON object (without the file's own keys, format_version and sections) -> EngineHeader.
+        Unknown keys and wrong types raise ValueError."""
+        d = _strict_kwargs(cls, d)
+        missing = [k for k in ("backend", "input_size", "threshold") if k not in d]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        scoring = d.get("scoring")
+        return cls(**{**d, "scoring": None if scoring is None else ScoringSpec.from_dict(scoring)})
+
+    @property
+    def needed_sections(self) -> tuple[str, ...]:
+        return required_sections(self.backend, self.precision)
