@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["EngineHeader", "ScoringSpec", "BACKENDS", "PRECISIONS", "STAGE_PRECISIONS", "SECTION_ONNX",
-           "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL", "required_sections"]
+__all__ = ["EngineHeader", "ScoringSpec", "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "STAGE_PRECISIONS",
+           "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
+           "required_sections"]
 
 BACKENDS = ("openvino", "onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "bf16", "bf16-flow", "fp16")
+# what each backend can run, fastest first (torch: bf16 and fp16 on CUDA only; the build checks the device)
+BACKEND_PRECISIONS = {"openvino": ("bf16", "bf16-flow", "fp16", "fp32"), "onnxruntime": ("fp32",),
+                      "tensorrt": ("bf16", "fp16", "fp32"), "torch": ("bf16", "fp16", "fp32")}
 # precisions that run the graph as two stages, (backbone, flow), each in its own precision
 STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
 
@@ -113,8 +117,9 @@ class EngineHeader:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        if self.precision not in BACKEND_PRECISIONS[self.backend]:
+            raise ValueError(f"precision {self.precision!r} is not one {self.backend} runs "
+                             f"({', '.join(BACKEND_PRECISIONS[self.backend])})")
         _int("input_size", self.input_size, 32)
         _number("threshold", self.threshold)
         if self.batch is not None:

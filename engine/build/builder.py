@@ -25,7 +25,7 @@ from engine.build.graph import InferenceGraph
 from engine.common.errors import UserError
 from engine.common.images import images_in, read_image
 from engine.format import write_engine
-from engine.header import BACKENDS, PRECISIONS, EngineHeader
+from engine.header import BACKEND_PRECISIONS, BACKENDS, PRECISIONS, EngineHeader
 from engine.preprocess import frames_to_input
 from train.model import FastFlow
 
@@ -109,10 +109,10 @@ def _openvino_has_bf16() -> bool:
 
 
 def _precisions(backend: str) -> list[str]:
-    """What --precision may name for a backend, fastest-first where auto should try them in that order."""
-    return {"openvino": ["bf16", "bf16-flow", "fp16", "fp32"], "onnxruntime": ["fp32"],
-            "torch": ["bf16", "fp16", "fp32"] if torch.cuda.is_available() else ["fp32"],
-            "tensorrt": ["bf16", "fp16", "fp32"]}[backend]
+    """What --precision may name for a backend here, fastest first (the order auto tries them in)."""
+    if backend == "torch" and not torch.cuda.is_available():
+        return ["fp32"]  # the PyTorch reference on the CPU
+    return list(BACKEND_PRECISIONS[backend])
 
 
 def _auto_candidates(backend: str, real_images: bool) -> list[str]:
