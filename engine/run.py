@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from engine.common.errors import EXIT_SOURCE_FAILED, UserError, run_cli
+from engine.common.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_SOURCE_FAILED, UserError, run_cli
 from engine.runtime import Engine
 from engine.sinks import JsonlSink, MapSink, VideoSink
 from engine.sources import SourceError
@@ -31,10 +31,10 @@ def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> N
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="exit status: 0 done; 2 bad engine, source or option (nothing written); "
-                                "3 the source failed mid-run: a camera or stream lost after "
-                                "reconnection attempts with backoff, or a video cut short (every result before "
-                                "the fault is written); 130 interrupted")
+                                epilog=f"exit status: 0 done; {EXIT_BAD_INPUT} bad engine, source or option (nothing "
+                                f"written); {EXIT_SOURCE_FAILED} the source failed mid-run: a camera or stream lost "
+                                "after reconnection attempts with backoff, or a video cut short (every result before "
+                                f"the fault is written); {EXIT_INTERRUPTED} interrupted")
     p.add_argument("engine", help="engine file written by python -m engine.build")
     p.add_argument("--source", required=True, help="camera:N, /dev/videoN, rtsp/http URL, video file, image folder "
                    "or image file")
