@@ -1,0 +1,96 @@
+"""The compilers of the build side: the inference graph as ONNX (opset 17), ONNX as a TensorRT plan."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+
+from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph, ScaleMapsGraph
+from engine.common.errors import UserError
+from engine.header import (
+    SECTION_MODEL,
+    SECTION_ONNX,
+    SECTION_ONNX_BACKBONE,
+    SECTION_ONNX_FLOW,
+    SECTION_TENSORRT_PLAN,
+    STAGE_PRECISIONS,
+    required_sections,
+)
+
+__all__ = ["export_onnx", "tensorrt_plan", "engine_sections", "ONNX_PARTS"]
+
+ONNX_PARTS = ("full", "maps", "backbone", "flow")
+
+
+def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") -> bytes:
+    """The inference graph, or a part of it, as ONNX (opset 17); batch None = dynamic batch dimension.
+
+    full: images -> anomaly_map (B, S, S) and score (B,) (TensorRT). maps: images -> the per-scale NLL maps
+    q0..qn (B, h, h), fused by the native post-processing (CPU backends). backbone + flow: maps in two
+    graphs, images -> features f0..fn -> q0..qn, for engines that run the two at different precisions.
+    """
+    if part not in ONNX_PARTS:
+        raise ValueError(f"part must be one of {ONNX_PARTS}, not {part!r}")
+    n = len(graph.scales)
+    x = torch.rand(batch or 2, 3, graph.size, graph.size)
+    feats, maps = [f"f{i}" for i in range(n)], [f"q{i}" for i in range(n)]
+    if part == "flow":
+        with torch.no_grad():
+            module, args, inputs, outputs = FlowGraph(graph), tuple(graph.features(x)), feats, maps
+    else:
+        module, outputs = {"full": (graph, ["anomaly_map", "score"]), "maps": (ScaleMapsGraph(graph), maps),
+                           "backbone": (BackboneGraph(graph), feats)}[part]
+        args, inputs = (x,), ["images"]
+    dynamic = None if batch else {name: {0: "batch"} for name in [*inputs, *outputs]}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints: sizes are fixed on purpose
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=17, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic)
+    return buf.getvalue()
+
+
+def tensorrt_plan(onnx: bytes, precision: str, batch: int | None, size: int, max_batch: int = 32) -> bytes:
+    """ONNX -> serialised TensorRT plan (TensorRT 10/11 Python API). Not run on our machines."""
+    import tensorrt as trt
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10+
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT could not parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 2 << 30)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    lo, hi = (batch, batch) if batch else (1, max_batch)
+    profile.set_shape("images", (lo, 3, size, size), (hi if batch else 8, 3, size, size), (hi, 3, size, size))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError("TensorRT failed to build the engine (see its log above)")
+    return bytes(plan)
+
+
+def engine_sections(backend: str, precision: str, model_bytes: bytes, graph: InferenceGraph, batch: int | None,
+                    exported: dict[str, bytes]) -> dict[str, bytes]:
+    """The sections an engine of this backend and precision carries (engine.header.required_sections).
+    `exported`: ONNX parts already exported, by part; filled here, so a part is exported once per build."""
+
+    def onnx(part: str) -> bytes:
+        if part not in exported:
+            exported[part] = export_onnx(graph, batch, part)
+        return exported[part]
+    make = {SECTION_MODEL: lambda: model_bytes,
+            SECTION_TENSORRT_PLAN: lambda: tensorrt_plan(onnx("full"), precision, batch, graph.size),
+            SECTION_ONNX: lambda: onnx("maps"),  # CPU backends: the graph ends at the per-scale maps
+            SECTION_ONNX_BACKBONE: lambda: onnx("backbone"),
+            SECTION_ONNX_FLOW: lambda: onnx("flow")}
+    assert precision not in STAGE_PRECISIONS or backend == "openvino", "two-stage precisions are OpenVINO's"
+    return {name: make[name]() for name in required_sections(backend, precision)}
