@@ -181,7 +181,8 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
 
     def checked(name: str) -> tuple[str, dict[str, bytes], Backend]:
         """The first of the backend's candidate precisions that passes the accuracy check."""
-        candidates = [config.precision] if config.precision != "auto" else _auto_candidates(name, config.calib is not None)
+        candidates = ([config.precision] if config.precision != "auto"
+                      else _auto_candidates(name, config.calib is not None))
         for prec in candidates:
             sections = engine_sections(name, prec, model_bytes, graph, batch, exported)
             backend = load_backend(header(name, prec), sections)
@@ -208,7 +209,7 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
               + f" (batch {batch or 1}, median of 5)")
         checks["auto_timings_ms"] = {f"{name} {options[name][0]}": ms for name, ms in timings.items()}
     chosen = min(timings, key=timings.get)
-    for name, (_, _, backend) in options.items():
+    for _, _, backend in options.values():
         backend.close()
     checks["ms_per_frame_batch1"] = timings[chosen]
     precision, sections, _ = options[chosen]
