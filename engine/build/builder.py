@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,16 +55,6 @@ class BuildConfig:
             raise ValueError(f"precision must be one of {', '.join(BUILD_PRECISIONS)}, not {self.precision!r}")
         if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
             raise ValueError(f"batch must be a positive batch size or None (any), not {self.batch!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BuildConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown build options {sorted(unknown)}")
-        return cls(**d)
 
 
 def _calibration_images(calib: str | None, size: int, limit: int = 32) -> tuple[np.ndarray, str]:
