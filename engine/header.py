@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["EngineHeader", "ScoringSpec", "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "STAGE_PRECISIONS",
+__all__ = ["EngineHeader", "ScoringSpec", "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "NATIVE_FUSION_BACKENDS",
+           "STAGE_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
            "required_sections"]
 
@@ -19,6 +20,8 @@ PRECISIONS = ("fp32", "bf16", "bf16-flow", "fp16")
 # what each backend can run, fastest first (torch: bf16 and fp16 on CUDA only; the build checks the device)
 BACKEND_PRECISIONS = {"openvino": ("bf16", "bf16-flow", "fp16", "fp32"), "onnxruntime": ("fp32",),
                       "tensorrt": ("bf16", "fp16", "fp32"), "torch": ("bf16", "fp16", "fp32")}
+# CPU backends: their graph ends at the per-scale maps, fused natively after (engine/native.py) by `scoring`
+NATIVE_FUSION_BACKENDS = ("openvino", "onnxruntime")
 # precisions that run the graph as two stages, (backbone, flow), each in its own precision
 STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
 
@@ -107,7 +110,7 @@ class EngineHeader:
     threshold: float  # image scores above it are anomalous (set by train.fit on held-out good images)
     precision: str = "fp32"
     batch: int | None = None  # a fixed batch size, or None for any
-    scoring: ScoringSpec | None = None  # set where the graph ends at per-scale maps (CPU backends)
+    scoring: ScoringSpec | None = None  # NATIVE_FUSION_BACKENDS: the fusion after their graph; others: None
     model_config: dict = field(default_factory=dict)  # train.model.FlowConfig.to_dict() of the model
     model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
     checks: dict = field(default_factory=dict)  # the build's accuracy checks and timings, with numbers
@@ -126,6 +129,8 @@ class EngineHeader:
             _int("batch", self.batch)
         if self.scoring is not None and not isinstance(self.scoring, ScoringSpec):
             raise ValueError("scoring must be a ScoringSpec")
+        if self.backend in NATIVE_FUSION_BACKENDS and self.scoring is None:
+            raise ValueError(f"a {self.backend} engine needs its scoring (the fusion after its graph)")
         for name in ("model_config", "checks", "built_on"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a JSON object")

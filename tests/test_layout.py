@@ -128,6 +128,7 @@ def test_header_of_the_current_format_as_the_previous_builder_wrote_it_loads(lea
     (lambda h: h.update(precision="bf16-flow"), "not one onnxruntime runs"),  # would look for two graphs
     (lambda h: h["scoring"].update(top_k=0), "top_k must be an integer"),
     (lambda h: h["scoring"].pop("heights"), "scoring"),
+    (lambda h: h.update(scoring=None), "needs its scoring"),
     (lambda h: h.pop("threshold"), "lacks threshold"),
 ])
 def test_header_that_breaks_the_schema_is_refused_in_one_line(lean_engines, tmp_path, edit, message):
@@ -140,10 +141,10 @@ def test_header_that_breaks_the_schema_is_refused_in_one_line(lean_engines, tmp_
 
 
 def test_header_round_trips_and_is_never_mutated_by_writing(tmp_path):
-    header = EngineHeader(backend="onnxruntime", input_size=64, threshold=1.5, checks={"a": 1})
-    write_engine(tmp_path / "h.engine", header, {"onnx": b"graph"})
+    header = EngineHeader(backend="torch", input_size=64, threshold=1.5, checks={"a": 1})
+    write_engine(tmp_path / "h.engine", header, {"model": b"model.pt"})
     read, sections = read_engine(tmp_path / "h.engine")
-    assert read == header and sections == {"onnx": b"graph"}
+    assert read == header and sections == {"model": b"model.pt"}
     with pytest.raises(ValueError, match="precision"):
         replace(header, precision="int3")
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from engine.common.images import DataError, read_image
 from engine.format import EngineFileError, read_engine, write_engine
-from engine.header import EngineHeader
+from engine.header import EngineHeader, ScoringSpec
 from engine.runtime import Engine
 
 FUZZ_EXAMPLES = int(os.environ.get("LINEFLOW_FUZZ_EXAMPLES", "10000"))
@@ -143,7 +143,9 @@ def test_fuzz_frames_through_preprocessing():
 
 
 SEED_ENGINE = os.path.join(tempfile.gettempdir(), f"lineflow-fuzz-seed-{os.getpid()}.engine")
-HEADER = EngineHeader(input_size=64, threshold=1.0, backend="onnxruntime", precision="fp32")
+HEADER = EngineHeader(input_size=64, threshold=1.0, backend="onnxruntime", precision="fp32",
+                      scoring=ScoringSpec(size=64, sigma=4.0, top_k=1, heights=(16,), map_weights=(1.0,),
+                                          image_weights=(1.0,)))
 
 
 @st.composite

@@ -24,13 +24,10 @@ class OnnxRuntimeBackend(Backend):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(sections[SECTION_ONNX], opts, providers=providers)
-        self.scoring = NativeScoring(header.scoring) if header.scoring is not None else None
+        self.scoring = NativeScoring(header.scoring)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outputs = self.session.run(None, {"images": images})
-        if self.scoring is None:  # a graph that ends at (map, score)
-            return outputs[0], outputs[1]
-        return self.scoring(outputs)
+        return self.scoring(self.session.run(None, {"images": images}))
 
     def close(self) -> None:
         self.session = None

@@ -41,7 +41,7 @@ class OpenVinoBackend(Backend):
         self.latency = self._frame_runner(self._compile("LATENCY"))
         self.pool: ThreadPoolExecutor | None = None  # throughput streams, made on the first batch
         self.runners: list = []
-        self.scoring = NativeScoring(header.scoring) if header.scoring is not None else None
+        self.scoring = NativeScoring(header.scoring)
 
     def _compile(self, hint: str) -> list:
         graphs = []
@@ -83,10 +83,7 @@ class OpenVinoBackend(Backend):
         return [np.concatenate(maps) for maps in zip(*per_frame)]
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outputs = self._graph_outputs(images)
-        if self.scoring is None:  # a graph that ends at (map, score)
-            return outputs[0], outputs[1]
-        return self.scoring(outputs)
+        return self.scoring(self._graph_outputs(images))
 
     def close(self) -> None:
         if self.pool is not None:

@@ -25,7 +25,7 @@ from engine.build.graph import InferenceGraph
 from engine.common.errors import UserError
 from engine.common.images import images_in, read_image
 from engine.format import write_engine
-from engine.header import BACKEND_PRECISIONS, BACKENDS, PRECISIONS, EngineHeader
+from engine.header import BACKEND_PRECISIONS, BACKENDS, NATIVE_FUSION_BACKENDS, PRECISIONS, EngineHeader
 from engine.preprocess import frames_to_input
 from train.model import FastFlow
 
@@ -36,7 +36,6 @@ GRAPH_TOLERANCE = 1e-4  # max |map difference|, folded graph or fp32 engine vs t
 LOW_PRECISION_TOLERANCE = {"score": 0.02, "map": 0.1}  # bf16/fp16 vs fp32, in map units (1 = q99 of good pixels)
 BUILD_BACKENDS = ("auto", *BACKENDS)
 BUILD_PRECISIONS = ("auto", *PRECISIONS)
-CPU_BACKENDS = ("openvino", "onnxruntime")  # what auto times against each other where no GPU is visible
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,8 @@ def _resolve_backend(backend: str, precision: str) -> list[str]:
         raise UserError("backend tensorrt needs an NVIDIA GPU; none is visible to PyTorch")
     if backend == "auto" and torch.cuda.is_available():
         backend = "tensorrt" if "tensorrt" in installed else "torch"  # torch: cuDNN + Triton kernels
-    candidates = ([b for b in CPU_BACKENDS if b in installed] or ["torch"]) if backend == "auto" else [backend]
+    cpu = [b for b in NATIVE_FUSION_BACKENDS if b in installed]  # what auto times where no GPU is visible
+    candidates = (cpu or ["torch"]) if backend == "auto" else [backend]
     if precision != "auto":
         allowed = [b for b in candidates if precision in _precisions(b)]
         if not allowed:
@@ -158,11 +158,12 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
         raise RuntimeError(f"the folded inference graph disagrees with the reference beyond {GRAPH_TOLERANCE}: "
                            f"{graph_check}; this is a lineflow bug, please report it")
     checks: dict = {"graph_vs_reference": graph_check, "check_images": calib_desc}
+    scoring = graph.scoring_spec()
 
     def header(backend: str, precision: str) -> EngineHeader:
         return EngineHeader(
             backend=backend, precision=precision, input_size=size, threshold=threshold, batch=batch,
-            scoring=graph.scoring_spec() if backend in CPU_BACKENDS else None,  # tensorrt, torch: fused inside
+            scoring=scoring if backend in NATIVE_FUSION_BACKENDS else None,  # tensorrt, torch: fused inside
             model_config=model.config.to_dict(), model_threshold=meta.get("threshold"), checks=checks,
             created=datetime.now(UTC).isoformat(),
             built_on={"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__})
