@@ -105,8 +105,9 @@ def kernel_rows(graph: InferenceGraph, kg: KernelGraph, batch: int, ceil: dict, 
                 rows.append({"model": name, "batch": batch, "scale": int(key), "step": i,
                              **time_step(scale.steps[i], packed.steps[i], x0, ceil)})
             states.append(packed(f))
-        ab, off, rs = [s.alpha_beta for s in kg.scales], [s.offset for s in kg.scales], [s.resize for s in kg.scales]
-        t_score = median_ms(lambda: score_maps(states, ab, off, rs, kg.map_weights, kg.image_weights, 256))
+        ab, off = [s.alpha_beta for s in kg.scales], [s.offset for s in kg.scales]
+        rr, rc = [s.resize_rows for s in kg.scales], [s.resize_cols for s in kg.scales]
+        t_score = median_ms(lambda: score_maps(states, ab, off, rr, rc, kg.map_weights, kg.image_weights, kg.size))
         two = kg.map_weights != kg.image_weights
         s_bytes = sum(z.numel() * 4 for z in states) + batch * 256 * 256 * 4 * (2 if two else 1)
         s_floor, s_lim = floor_ms(0, s_bytes, ceil)
@@ -158,11 +159,13 @@ def stage_split(kg: KernelGraph, name: str, batch: int) -> dict:
         feats = kg.features(images)
         states = [scale(f) for scale, f in zip(kg.scales, feats)]
         ab = [s.alpha_beta for s in kg.scales]
-        off, rs = [s.offset for s in kg.scales], [s.resize for s in kg.scales]
+        off = [s.offset for s in kg.scales]
+        rr, rc = [s.resize_rows for s in kg.scales], [s.resize_cols for s in kg.scales]
         row = {"model": name, "batch": batch,
                "backbone_ms": median_ms(lambda: kg.features(images)),
                "flow_ms": median_ms(lambda: [scale(f) for scale, f in zip(kg.scales, feats)]),
-               "scoring_ms": median_ms(lambda: score_maps(states, ab, off, rs, kg.map_weights, kg.image_weights, 256)),
+               "scoring_ms": median_ms(lambda: score_maps(states, ab, off, rr, rc, kg.map_weights, kg.image_weights,
+                                                          kg.size)),
                "whole_ms": median_ms(lambda: kg(images))}
     print(f"| {name} | {batch} | {row['backbone_ms']:.3f} | {row['flow_ms']:.3f} | {row['scoring_ms']:.3f} | "
           f"{row['whole_ms']:.3f} |", flush=True)

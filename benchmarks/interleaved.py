@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             runners = {"pytorch eager": lambda x, m=model: m(torch.from_numpy(x)), **build_engines(model, Path(tmp))}
             for batch in args.batches:
-                x = np.random.default_rng(0).random((batch, 3, config.input_size, config.input_size), dtype=np.float32)
+                x = np.random.default_rng(0).random((batch, 3, *config.input_size), dtype=np.float32)
                 times: dict[str, list[float]] = {name: [] for name in runners}
                 with torch.no_grad():
                     for r in range(args.rounds + 1):  # round 0 warms up

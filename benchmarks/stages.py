@@ -78,7 +78,7 @@ def build_engines(model: FastFlow, folder: Path) -> dict[str, Callable[[np.ndarr
 def count_flops(config: FlowConfig) -> dict[str, float]:
     """FLOPs per frame (batch 1) of backbone and flow, counted on the folded graph."""
     graph = InferenceGraph(make_model(config)).eval()
-    x = torch.rand(1, 3, config.input_size, config.input_size)
+    x = torch.rand(1, 3, *config.input_size)
     out = {}
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:

@@ -42,11 +42,11 @@ def qmaps(batch):
 # ---- preprocess ----------------------------------------------------------------------------------------
 
 def pre_native(fs, out):
-    return native.preprocess(fs, S, out=out)
+    return native.preprocess(fs, (S, S), out=out)
 
 
 def pre_numpy(fs, out):
-    return frames_to_input([to_rgb_float(f) for f in fs], S)
+    return frames_to_input([to_rgb_float(f) for f in fs], (S, S))
 
 
 def pre_opencv(fs, out):
@@ -72,7 +72,8 @@ def test_preprocess(benchmark, impl, size, batch):
 
 # ---- postprocess ---------------------------------------------------------------------------------------
 
-SCORING = native.NativeScoring(ScoringSpec(size=S, sigma=4.0, top_k=TOP_K, heights=tuple(HEIGHTS),
+SCORING = native.NativeScoring(ScoringSpec(size=(S, S), sigma=4.0, top_k=TOP_K,
+                                           shapes=tuple((h, h) for h in HEIGHTS),
                                            map_weights=tuple(MAP_W), image_weights=tuple(IMG_W)))
 DENSE = [(blur_matrix(S, 4.0) @ resize_matrix(h, S)).astype(np.float32) for h in HEIGHTS]
 

@@ -96,7 +96,7 @@ def test_preprocess_stage(benchmark, setup, impl):
     frame = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     if impl == "native":
         out = np.empty((1, 3, 256, 256), np.float32)
-        benchmark.pedantic(native.preprocess, args=([frame], 256), kwargs={"out": out}, rounds=ROUNDS * 3,
+        benchmark.pedantic(native.preprocess, args=([frame], (256, 256)), kwargs={"out": out}, rounds=ROUNDS * 3,
                            warmup_rounds=1)
     else:
         def torch_pre(f):

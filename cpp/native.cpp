@@ -2,10 +2,10 @@
 //
 // Both ends of the CPU engine are separable linear filters, so both are written here as banded
 // matrices (computed once per size in engine/native.py, where they are checked against PyTorch):
-//   preprocess:  uint8/uint16 frame (H, W, C) -> resize (bilinear, antialiased) -> [0, 1] -> (x - mean) / std
-//                -> NCHW float32, into a preallocated buffer;
-//   postprocess: per-scale NLL maps q_s (B, h_s, h_s) -> sum_s w_s * R_s q_s R_s^T (upsample + blur as
-//                one band matrix per scale) -> anomaly map and score map (B, S, S) -> top-k mean score;
+//   preprocess:  uint8/uint16 frame (h, w, C) -> resize (bilinear, antialiased) to the model's (H, W) -> [0, 1]
+//                -> (x - mean) / std -> NCHW float32 (B, 3, H, W), into a preallocated buffer;
+//   postprocess: per-scale NLL maps q_s (B, h_s, w_s) -> sum_s c_s * Rh_s q_s Rw_s^T (upsample + blur as
+//                one band matrix per axis and scale) -> anomaly map and score map (B, H, W) -> top-k mean score;
 //   resize:      float32 maps (B, h, w) -> (B, H, W), for the map at the frame's size.
 // Work is split over (image, row block) tasks on one persistent thread pool; the GIL is released
 // while it runs; inputs are read in place (C-contiguous arrays required, never copied).
@@ -81,15 +81,15 @@ struct Frame {
 };
 
 template <typename T>
-static void preprocess_rows(const Frame& f, int64_t y0, int64_t y1, float* out, int64_t size, bool bgr,
-                            const float* mean, const float* inv_std, std::vector<float>& tmp) {
+static void preprocess_rows(const Frame& f, int64_t y0, int64_t y1, float* out, int64_t out_h, int64_t out_w,
+                            bool bgr, const float* mean, const float* inv_std, std::vector<float>& tmp) {
   const T* src = static_cast<const T*>(f.data);
   const int64_t row_len = f.w * f.c;
   const float unit = 1.0f / (f.u16 ? 65535.0f : 255.0f);
-  tmp.resize(row_len + size);
-  float* inter = tmp.data();       // one resized row, channels interleaved (W*C)
-  float* line = inter + row_len;   // one output line of one channel (size)
-  const int64_t plane = size * size;
+  tmp.resize(row_len + out_w);
+  float* inter = tmp.data();       // one resized row, channels interleaved (w*C)
+  float* line = inter + row_len;   // one output line of one channel (out_w)
+  const int64_t plane = out_h * out_w;
   for (int64_t y = y0; y < y1; ++y) {
     std::fill(inter, inter + row_len, 0.0f);  // vertical pass: contiguous, vectorised
     const float* vt = f.rows.taps + y * f.rows.width;
@@ -97,10 +97,10 @@ static void preprocess_rows(const Frame& f, int64_t y0, int64_t y1, float* out, 
       if (vt[t] != 0.0f) axpy_cvt(inter, src + (f.rows.start[y] + t) * row_len, vt[t] * unit, row_len);
     for (int k = 0; k < 3; ++k) {  // horizontal pass per channel (gray: channel 0 three times), clamp, normalise
       const int64_t ch = f.c == 1 ? 0 : (bgr ? 2 - k : k);
-      gather_taps(line, inter + ch, f.cols.start, f.cols.taps_t.data(), f.cols.width, size, f.c);
-      float* o = out + k * plane + y * size;
+      gather_taps(line, inter + ch, f.cols.start, f.cols.taps_t.data(), f.cols.width, out_w, f.c);
+      float* o = out + k * plane + y * out_w;
       const float m = mean[k], s = inv_std[k];
-      for (int64_t x = 0; x < size; ++x) o[x] = (std::min(1.0f, std::max(0.0f, line[x])) - m) * s;
+      for (int64_t x = 0; x < out_w; ++x) o[x] = (std::min(1.0f, std::max(0.0f, line[x])) - m) * s;
     }
   }
 }
@@ -109,10 +109,10 @@ static void preprocess(const py::list& frames, const py::list& row_bands, const 
                        const py::handle& out_obj, bool bgr, std::vector<float> mean, std::vector<float> std_) {
   auto out = checked<float>(out_obj, "out", 4);
   if (!out.writeable()) throw py::value_error("out: array is read-only");
-  const int64_t n = static_cast<int64_t>(frames.size()), size = out.shape(2);
-  if (out.shape(0) != n || out.shape(1) != 3 || out.shape(3) != size)
-    throw py::value_error("out: expected shape (" + std::to_string(n) + ", 3, S, S) for " + std::to_string(n) +
-                          " frames");
+  const int64_t n = static_cast<int64_t>(frames.size()), out_h = out.shape(2), out_w = out.shape(3);
+  if (out.shape(0) != n || out.shape(1) != 3 || out_h == 0 || out_w == 0)
+    throw py::value_error("out: expected shape (" + std::to_string(n) + ", 3, H, W) with H, W >= 1 for " +
+                          std::to_string(n) + " frames");
   if (static_cast<int64_t>(row_bands.size()) != n || static_cast<int64_t>(col_bands.size()) != n)
     throw py::value_error("one row band and one column band per frame");
   if (mean.size() != 3 || std_.size() != 3) throw py::value_error("mean and std: three values each");
@@ -139,31 +139,31 @@ static void preprocess(const py::list& frames, const py::list& row_bands, const 
     if (c != 1 && c != 3 && c != 4) throw py::value_error(what + ": " + std::to_string(c) + " channels, expected 1, 3 or 4");
     py::tuple rb = row_bands[i], cb = col_bands[i];
     if (rb.size() != 2 || cb.size() != 2) throw py::value_error(what + ": bands are (start, taps) pairs");
-    fs.push_back({a.data(), u16, h, w, c, band(rb[0], rb[1], size, h, (what + " row band").c_str()),
-                  band(cb[0], cb[1], size, w, (what + " column band").c_str())});
+    fs.push_back({a.data(), u16, h, w, c, band(rb[0], rb[1], out_h, h, (what + " row band").c_str()),
+                  band(cb[0], cb[1], out_w, w, (what + " column band").c_str())});
     keep.push_back(a);
   }
   float* dst = out.mutable_data();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(size, (8 * pool().size() + n - 1) / std::max<int64_t>(n, 1)));
-  const int64_t rows_per = (size + blocks - 1) / blocks;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(out_h, (8 * pool().size() + n - 1) / std::max<int64_t>(n, 1)));
+  const int64_t rows_per = (out_h + blocks - 1) / blocks;
   py::gil_scoped_release release;
   pool().run(n * blocks, [&](int64_t task) {
     thread_local std::vector<float> tmp;
-    const int64_t i = task / blocks, y0 = (task % blocks) * rows_per, y1 = std::min(size, y0 + rows_per);
+    const int64_t i = task / blocks, y0 = (task % blocks) * rows_per, y1 = std::min(out_h, y0 + rows_per);
     if (y0 >= y1) return;
-    float* o = dst + i * 3 * size * size;
+    float* o = dst + i * 3 * out_h * out_w;
     if (fs[i].u16)
-      preprocess_rows<uint16_t>(fs[i], y0, y1, o, size, bgr, mean.data(), inv_std, tmp);
+      preprocess_rows<uint16_t>(fs[i], y0, y1, o, out_h, out_w, bgr, mean.data(), inv_std, tmp);
     else
-      preprocess_rows<uint8_t>(fs[i], y0, y1, o, size, bgr, mean.data(), inv_std, tmp);
+      preprocess_rows<uint8_t>(fs[i], y0, y1, o, out_h, out_w, bgr, mean.data(), inv_std, tmp);
   });
 }
 
 // ---- postprocess ----------------------------------------------------------------------------------------
 struct Scale {
   const float* q;
-  int64_t h;
-  Band rows, cols;  // rows: S outputs over h (vertical); cols: h sources, each spread over S columns
+  int64_t h, w;
+  Band rows, cols;  // rows: H outputs over h (vertical, Rh); cols: w sources, each spread over W columns (Rw^T)
   float w_map, w_img;
 };
 
@@ -171,60 +171,62 @@ static py::array_t<float> postprocess(const py::list& qmaps, const py::list& ban
                                       std::vector<float> img_w, const py::handle& map_obj,
                                       const py::handle& score_map_obj, int64_t top_k) {
   auto out_map = checked<float>(map_obj, "map", 3);
-  const int64_t b = out_map.shape(0), size = out_map.shape(1);
-  if (out_map.shape(2) != size) throw py::value_error("map: expected (B, S, S)");
+  const int64_t b = out_map.shape(0), out_h = out_map.shape(1), out_w = out_map.shape(2);
+  if (b == 0 || out_h == 0 || out_w == 0) throw py::value_error("map: expected (B, H, W) with B, H, W >= 1");
   if (!out_map.writeable()) throw py::value_error("map: array is read-only");
   const bool two = !score_map_obj.is_none();
   py::array_t<float, py::array::c_style> out_score;
   if (two) {
     out_score = checked<float>(score_map_obj, "score_map", 3);
-    if (out_score.shape(0) != b || out_score.shape(1) != size || out_score.shape(2) != size || !out_score.writeable())
+    if (out_score.shape(0) != b || out_score.shape(1) != out_h || out_score.shape(2) != out_w || !out_score.writeable())
       throw py::value_error("score_map: expected a writable array shaped like map");
   }
   const size_t ns = qmaps.size();
   if (ns == 0 || bands.size() != ns || map_w.size() != ns || img_w.size() != ns)
     throw py::value_error("one q map, one (row band, column band) and one weight of each kind per scale");
-  if (top_k < 1 || top_k > size * size) throw py::value_error("top_k must be in [1, S*S]");
+  if (top_k < 1 || top_k > out_h * out_w)
+    throw py::value_error("top_k " + std::to_string(top_k) + " is outside [1, H*W] = [1, " +
+                          std::to_string(out_h * out_w) + "]");
   std::vector<Scale> scales;
   std::vector<py::array> keep;
   for (size_t s = 0; s < ns; ++s) {
     const std::string what = "scale " + std::to_string(s);
     auto q = checked<float>(qmaps[s], (what + " q map").c_str(), 3);
-    const int64_t h = q.shape(1);
-    if (q.shape(0) != b || q.shape(2) != h || h == 0)
-      throw py::value_error(what + ": q map must be (B, h, h) with B = " + std::to_string(b));
+    const int64_t h = q.shape(1), w = q.shape(2);
+    if (q.shape(0) != b || h == 0 || w == 0)
+      throw py::value_error(what + ": q map must be (B, h, w) with B = " + std::to_string(b) + " and h, w >= 1");
     py::tuple bt = bands[s];
     if (bt.size() != 4) throw py::value_error(what + ": bands are (row start, row taps, col start, col taps)");
-    scales.push_back({q.data(), h, band(bt[0], bt[1], size, h, (what + " row band").c_str()),
-                      band(bt[2], bt[3], h, size, (what + " column band").c_str()), map_w[s], img_w[s]});
+    scales.push_back({q.data(), h, w, band(bt[0], bt[1], out_h, h, (what + " row band").c_str()),
+                      band(bt[2], bt[3], w, out_w, (what + " column band").c_str()), map_w[s], img_w[s]});
     keep.push_back(q);
   }
   float* m = out_map.mutable_data();
   float* sm = two ? out_score.mutable_data() : nullptr;
   py::array_t<float> scores(b);
   float* sc = scores.mutable_data();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(size, (8 * pool().size() + b - 1) / b));
-  const int64_t rows_per = (size + blocks - 1) / blocks;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(out_h, (8 * pool().size() + b - 1) / b));
+  const int64_t rows_per = (out_h + blocks - 1) / blocks;
   // each task keeps the top_k of its own rows; the image's top_k is among the union of those
   std::vector<float> cand(b * blocks * top_k, std::numeric_limits<float>::lowest());
   {
     py::gil_scoped_release release;
     pool().run(b * blocks, [&](int64_t task) {
       thread_local std::vector<float> tmp, sel;
-      const int64_t i = task / blocks, y0 = (task % blocks) * rows_per, y1 = std::min(size, y0 + rows_per);
+      const int64_t i = task / blocks, y0 = (task % blocks) * rows_per, y1 = std::min(out_h, y0 + rows_per);
       if (y0 >= y1) return;
       for (int64_t y = y0; y < y1; ++y) {
-        float* mrow = m + (i * size + y) * size;
-        float* srow = two ? sm + (i * size + y) * size : nullptr;
-        std::fill(mrow, mrow + size, 0.0f);
-        if (two) std::fill(srow, srow + size, 0.0f);
+        float* mrow = m + (i * out_h + y) * out_w;
+        float* srow = two ? sm + (i * out_h + y) * out_w : nullptr;
+        std::fill(mrow, mrow + out_w, 0.0f);
+        if (two) std::fill(srow, srow + out_w, 0.0f);
         for (const Scale& s : scales) {
-          tmp.assign(s.h, 0.0f);  // row y of R q: h values
+          tmp.assign(s.w, 0.0f);  // row y of Rh q: w values
           const float* vt = s.rows.taps + y * s.rows.width;
-          const float* q = s.q + i * s.h * s.h;
+          const float* q = s.q + i * s.h * s.w;
           for (int64_t t = 0; t < s.rows.width; ++t)
-            if (vt[t] != 0.0f) axpy(tmp.data(), q + (s.rows.start[y] + t) * s.h, vt[t], s.h);
-          for (int64_t j = 0; j < s.h; ++j) {  // (R q R^T)[y, :] = sum_j tmp[j] * R[:, j], each a band
+            if (vt[t] != 0.0f) axpy(tmp.data(), q + (s.rows.start[y] + t) * s.w, vt[t], s.w);
+          for (int64_t j = 0; j < s.w; ++j) {  // (Rh q Rw^T)[y, :] = sum_j tmp[j] * Rw[:, j], each a band
             const float* ct = s.cols.taps + j * s.cols.width;
             const int64_t x0 = s.cols.start[j];
             if (s.w_map != 0.0f) axpy(mrow + x0, ct, s.w_map * tmp[j], s.cols.width);
@@ -232,8 +234,8 @@ static py::array_t<float> postprocess(const py::list& qmaps, const py::list& ban
           }
         }
       }
-      const float* src = (two ? sm : m) + (i * size + y0) * size;
-      const int64_t n = (y1 - y0) * size, k = std::min(n, top_k);
+      const float* src = (two ? sm : m) + (i * out_h + y0) * out_w;
+      const int64_t n = (y1 - y0) * out_w, k = std::min(n, top_k);
       sel.assign(src, src + n);
       if (k < n) std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<float>());
       std::copy(sel.begin(), sel.begin() + k, cand.begin() + task * top_k);
@@ -303,10 +305,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("preprocess", &preprocess, py::arg("frames"), py::arg("row_bands"), py::arg("col_bands"), py::arg("out"),
         py::arg("bgr") = false, py::arg("mean") = std::vector<float>{0, 0, 0},
         py::arg("std") = std::vector<float>{1, 1, 1},
-        "uint8/uint16 frames (H, W[, C]) -> resized, normalised NCHW float32 written into out");
+        "uint8/uint16 frames (h, w[, C]) -> resized, normalised (B, 3, H, W) float32 written into out");
   m.def("postprocess", &postprocess, py::arg("qmaps"), py::arg("bands"), py::arg("map_weights"),
         py::arg("image_weights"), py::arg("map"), py::arg("score_map") = py::none(), py::arg("top_k") = 1,
-        "per-scale NLL maps -> fused anomaly map (and score map) written in place; returns the image scores");
+        "per-scale NLL maps (B, h_s, w_s) -> fused anomaly map (and score map) (B, H, W) written in place; "
+        "returns the image scores");
   m.def("resize", &resize, py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("out"),
         "float32 maps (B, h, w) -> (B, H, W) through two band matrices");
   m.def("threads", [] { return pool().size(); }, "threads in the pool (the caller included)");

@@ -23,8 +23,10 @@ from engine.header import EngineHeader
 __all__ = ["MAGIC", "FORMAT_VERSION", "EngineFileError", "write_engine", "read_engine"]
 
 MAGIC = b"LFENGINE"
-FORMAT_VERSION = 3  # 2: CPU engines end at per-scale maps, fused natively (header.scoring); 3: precision bf16-flow
-OLDEST_READABLE = 2  # version 2 files are version 3 files without bf16-flow engines
+# 2: CPU engines end at per-scale maps, fused natively (header.scoring); 3: precision bf16-flow;
+# 4: rectangular inputs (input_size and scoring sizes are [height, width] pairs)
+FORMAT_VERSION = 4
+OLDEST_READABLE = 2  # versions 2 and 3 are version 4 with square inputs (header.py reads their ints as squares)
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
 
 

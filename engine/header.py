@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["EngineHeader", "ScoringSpec", "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "NATIVE_FUSION_BACKENDS",
+from engine.common.geometry import as_hw
+
+__all__ = ["EngineHeader", "ScoringSpec", "TilingSpec", "TILING_BACKENDS",
+           "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "NATIVE_FUSION_BACKENDS",
            "STAGE_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
            "required_sections"]
@@ -22,6 +25,9 @@ BACKEND_PRECISIONS = {"openvino": ("bf16", "bf16-flow", "fp16", "fp32"), "onnxru
                       "tensorrt": ("bf16", "fp16", "fp32"), "torch": ("bf16", "fp16", "fp32")}
 # CPU backends: their graph ends at the per-scale maps, fused natively after (engine/native.py) by `scoring`
 NATIVE_FUSION_BACKENDS = ("openvino", "onnxruntime")
+# backends that return the map the image score reads (Backend.infer_maps), which tiled frames stitch; TensorRT's
+# plan ends at (map, score)
+TILING_BACKENDS = ("openvino", "onnxruntime", "torch")
 # precisions that run the graph as two stages, (backbone, flow), each in its own precision
 STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
 
@@ -62,6 +68,17 @@ def _strict_kwargs(cls, d) -> dict:
     return d
 
 
+def _hw(name: str, v) -> tuple[int, int]:
+    """A [height, width] pair, or an int N (files before rectangular inputs: N x N)."""
+    try:
+        hw = as_hw(v)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer or a [height, width] pair of integers, not {v!r}") from None
+    for side in hw:
+        _int(name, side)
+    return hw
+
+
 @dataclass(frozen=True)
 class ScoringSpec:
     """The fusion after the per-scale NLL maps, for engines whose graph ends there (CPU backends: native code).
@@ -70,35 +87,70 @@ class ScoringSpec:
     same fusion with image_weights. A scale's weight is 0 where that map does not read it.
     """
 
-    size: int  # the model's input size: maps are size x size
+    size: tuple[int, int]  # the model's input (height, width): maps are this size
     sigma: float  # Gaussian blur of the map, input pixels
     top_k: int
-    heights: tuple[int, ...]  # each scale's map side
+    shapes: tuple[tuple[int, int], ...]  # each scale's map (height, width)
     map_weights: tuple[float, ...]
     image_weights: tuple[float, ...]
 
     def __post_init__(self):
-        _int("scoring.size", self.size)
+        object.__setattr__(self, "size", _hw("scoring.size", self.size))
         if _number("scoring.sigma", self.sigma) < 0:
             raise ValueError("scoring.sigma must be >= 0")
         _int("scoring.top_k", self.top_k)
-        if not 1 <= self.top_k <= self.size * self.size:
-            raise ValueError(f"scoring.top_k {self.top_k} is outside 1..{self.size * self.size}")
-        n = len(self.heights)
+        n_pixels = self.size[0] * self.size[1]
+        if not 1 <= self.top_k <= n_pixels:
+            raise ValueError(f"scoring.top_k {self.top_k} is outside 1..{n_pixels}")
+        if not isinstance(self.shapes, (tuple, list)):
+            raise ValueError("scoring.shapes must be a list of [height, width] pairs")
+        object.__setattr__(self, "shapes", tuple(_hw("scoring.shapes", s) for s in self.shapes))
+        n = len(self.shapes)
         if not 1 <= n <= 4 or len(self.map_weights) != n or len(self.image_weights) != n:
             raise ValueError("scoring needs 1 to 4 scales, with a map and an image weight each")
-        for h in self.heights:
-            _int("scoring.heights", h)
         for w in (*self.map_weights, *self.image_weights):
             _number("scoring weights", w)
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "size": list(self.size), "shapes": [list(s) for s in self.shapes]}
+
     @classmethod
     def from_dict(cls, d: dict) -> ScoringSpec:
+        if isinstance(d, dict) and "heights" in d and "shapes" not in d:  # format 2-3: square maps
+            d = {**{k: v for k, v in d.items() if k != "heights"},
+                 "shapes": [[h, h] for h in d["heights"]] if isinstance(d["heights"], list) else d["heights"]}
         d = _strict_kwargs(cls, d)
         try:
-            return cls(**{**d, **{k: tuple(d[k]) for k in ("heights", "map_weights", "image_weights") if k in d}})
+            return cls(**{**d, **{k: tuple(d[k]) for k in ("map_weights", "image_weights") if k in d}})
         except TypeError as e:  # a missing field, or a list that is not one
             raise ValueError(f"scoring: {e}") from None
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """How a tiling model's engine cuts frames and joins the tiles' maps (train/tiles.py is the reference):
+    a frame is resized by `scale`, cut into input-sized tiles overlapping by `overlap` of a side
+    (engine.common.geometry), the tiles' maps blended into one; the image score is the mean of the top
+    `top_fraction` of the stitched score map's pixels."""
+
+    scale: float
+    overlap: float
+    top_fraction: float
+
+    def __post_init__(self):
+        if not 0 < _number("tiling.scale", self.scale) <= 16:
+            raise ValueError("tiling.scale must be in (0, 16]")
+        if not 0 <= _number("tiling.overlap", self.overlap) <= 0.75:
+            raise ValueError("tiling.overlap must be in [0, 0.75]")
+        if not 0 <= _number("tiling.top_fraction", self.top_fraction) < 1:
+            raise ValueError("tiling.top_fraction must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TilingSpec:
+        try:
+            return cls(**_strict_kwargs(cls, d))
+        except TypeError as e:
+            raise ValueError(f"tiling: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -106,11 +158,12 @@ class EngineHeader:
     """What a built engine is: how to run it (backend, precision, sizes, fusion) and what the build checked."""
 
     backend: str
-    input_size: int
+    input_size: tuple[int, int]  # (height, width); files before rectangles wrote an int N for N x N
     threshold: float  # image scores above it are anomalous (set by train.fit on held-out good images)
     precision: str = "fp32"
     batch: int | None = None  # a fixed batch size, or None for any
     scoring: ScoringSpec | None = None  # NATIVE_FUSION_BACKENDS: the fusion after their graph; others: None
+    tiling: TilingSpec | None = None  # a model trained on tiles: frames are cut and stitched; None: resized whole
     model_config: dict = field(default_factory=dict)  # train.model.FlowConfig.to_dict() of the model
     model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
     checks: dict = field(default_factory=dict)  # the build's accuracy checks and timings, with numbers
@@ -123,12 +176,16 @@ class EngineHeader:
         if self.precision not in BACKEND_PRECISIONS[self.backend]:
             raise ValueError(f"precision {self.precision!r} is not one {self.backend} runs "
                              f"({', '.join(BACKEND_PRECISIONS[self.backend])})")
-        _int("input_size", self.input_size, 32)
+        object.__setattr__(self, "input_size", _hw("input_size", self.input_size))
         _number("threshold", self.threshold)
         if self.batch is not None:
             _int("batch", self.batch)
         if self.scoring is not None and not isinstance(self.scoring, ScoringSpec):
             raise ValueError("scoring must be a ScoringSpec")
+        if self.tiling is not None and not isinstance(self.tiling, TilingSpec):
+            raise ValueError("tiling must be a TilingSpec")
+        if self.tiling is not None and self.backend not in TILING_BACKENDS:
+            raise ValueError(f"a tiling engine runs on {', '.join(TILING_BACKENDS)}, not {self.backend}")
         if self.backend in NATIVE_FUSION_BACKENDS and self.scoring is None:
             raise ValueError(f"a {self.backend} engine needs its scoring (the fusion after its graph)")
         for name in ("model_config", "checks", "built_on"):
@@ -140,7 +197,9 @@ class EngineHeader:
             raise ValueError("created must be a string")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "input_size": list(self.input_size),
+                "scoring": None if self.scoring is None else self.scoring.to_dict(),
+                "tiling": None if self.tiling is None else asdict(self.tiling)}
 
     @classmethod
     def from_dict(cls, d: dict) -> EngineHeader:
@@ -150,8 +209,9 @@ class EngineHeader:
         missing = [k for k in ("backend", "input_size", "threshold") if k not in d]
         if missing:
             raise ValueError(f"lacks {', '.join(missing)}")
-        scoring = d.get("scoring")
-        return cls(**{**d, "scoring": None if scoring is None else ScoringSpec.from_dict(scoring)})
+        scoring, tiling = d.get("scoring"), d.get("tiling")
+        return cls(**{**d, "scoring": None if scoring is None else ScoringSpec.from_dict(scoring),
+                      "tiling": None if tiling is None else TilingSpec.from_dict(tiling)})
 
     @property
     def needed_sections(self) -> tuple[str, ...]:

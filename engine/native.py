@@ -22,7 +22,8 @@ except ImportError as e:  # pragma: no cover - `pip install -e .` builds it; say
     raise ImportError("engine._native is not built: run `pip install -e .` in the lineflow checkout "
                       f"(it compiles cpp/native.cpp; needs a C++17 compiler) ({e})") from e
 
-__all__ = ["band", "resize_band", "scale_bands", "preprocess", "NativeScoring", "resize_maps", "NATIVE_DTYPES"]
+__all__ = ["band", "resize_band", "scale_bands", "preprocess", "preprocess_bands",
+           "NativeScoring", "resize_maps", "NATIVE_DTYPES"]
 
 NATIVE_DTYPES = (np.uint8, np.uint16)
 
@@ -49,18 +50,32 @@ def resize_band(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=32)
-def scale_bands(h: int, size: int, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """R = blur @ upsample (size, h) for one scale, as (row start, row taps, column start, column taps)."""
-    r = resize_blur_matrix(h, size, sigma)
-    return (*band(r), *band(r.T))
+def scale_bands(shape_hw: tuple[int, int], size_hw: tuple[int, int],
+                sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One scale's (h_s, w_s) map -> (H, W) as Rh q Rw^T, with R = blur @ upsample per axis: Rh (H, h_s) and
+    Rw (W, w_s) as (row start, row taps, column start, column taps), the columns being the bands of Rw^T."""
+    (h, w), (out_h, out_w) = shape_hw, size_hw
+    return (*band(resize_blur_matrix(h, out_h, sigma)), *band(resize_blur_matrix(w, out_w, sigma).T))
 
 
-def preprocess(frames: list[np.ndarray], size: int, bgr: bool = False, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8/uint16 frames (HxW, HxWx1/3/4; C-contiguous) -> (B, 3, size, size) float32 in [0, 1]."""
+def preprocess(frames: list[np.ndarray], hw: tuple[int, int], bgr: bool = False,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """uint8/uint16 frames (hxw, hxwx1/3/4; C-contiguous) -> (B, 3, H, W) float32 in [0, 1], hw = (H, W)."""
+    out_h, out_w = hw
     if out is None:
-        out = np.empty((len(frames), 3, size, size), dtype=np.float32)
-    rows = [resize_band(f.shape[0], size) for f in frames]
-    cols = [resize_band(f.shape[1], size) for f in frames]
+        out = np.empty((len(frames), 3, out_h, out_w), dtype=np.float32)
+    rows = [resize_band(f.shape[0], out_h) for f in frames]
+    cols = [resize_band(f.shape[1], out_w) for f in frames]
+    _native.preprocess(list(frames), rows, cols, out, bgr)
+    return out
+
+
+def preprocess_bands(frames: list[np.ndarray], rows: list[tuple], cols: list[tuple], bgr: bool = False,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """As preprocess, with each output's own (start, taps) bands: rows of a larger resize's matrices cut a tile
+    of the resized frame straight from the frame (a frame may appear once per tile)."""
+    if out is None:
+        out = np.empty((len(frames), 3, len(rows[0][0]), len(cols[0][0])), dtype=np.float32)
     _native.preprocess(list(frames), rows, cols, out, bgr)
     return out
 
@@ -77,16 +92,26 @@ class NativeScoring:
     """Per-scale NLL maps -> (anomaly map, image score), as InferenceGraph's fusion, in one native pass."""
 
     def __init__(self, spec: ScoringSpec):
-        self.size, self.top_k = spec.size, spec.top_k
+        self.size, self.top_k = spec.size, spec.top_k  # size: (H, W) of the maps
         self.map_weights, self.image_weights = list(spec.map_weights), list(spec.image_weights)
-        self.bands = [scale_bands(h, self.size, spec.sigma) for h in spec.heights]
+        self.bands = [scale_bands(shape, self.size, spec.sigma) for shape in spec.shapes]
         self.two = self.map_weights != self.image_weights
 
-    def __call__(self, qmaps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, qmaps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         b = len(qmaps[0])
-        amap = np.empty((b, self.size, self.size), dtype=np.float32)
+        amap = np.empty((b, *self.size), dtype=np.float32)
         score_map = np.empty_like(amap) if self.two else None
         scores = _native.postprocess([np.ascontiguousarray(q, dtype=np.float32) for q in qmaps], self.bands,
                                      self.map_weights, self.image_weights if self.two else self.map_weights, amap,
                                      score_map, self.top_k)
+        return amap, score_map, scores
+
+    def __call__(self, qmaps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-scale maps (B, h_s, w_s) -> anomaly map (B, H, W), image scores (B,)."""
+        amap, _, scores = self._run(qmaps)
         return amap, scores
+
+    def maps(self, qmaps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-scale maps -> anomaly map and the map the image score reads (the same array when they are one)."""
+        amap, score_map, _ = self._run(qmaps)
+        return amap, amap if score_map is None else score_map

@@ -40,22 +40,23 @@ def to_rgb_float(frame: np.ndarray, bgr: bool = False) -> np.ndarray:
     raise ValueError(f"frame dtype {a.dtype}: expected uint8, uint16 or float in [0, 1]")
 
 
-def frames_to_input(frames: list[np.ndarray], size: int) -> np.ndarray:
-    """RGB float frames (H, W, 3) -> (B, 3, size, size) float32, as train.data.to_model_input (the reference)."""
-    out = np.empty((len(frames), 3, size, size), dtype=np.float32)
+def frames_to_input(frames: list[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
+    """RGB float frames (h, w, 3) -> (B, 3, H, W) float32, hw = (H, W), as train.data.to_model_input (the reference)."""
+    out_h, out_w = hw
+    out = np.empty((len(frames), 3, out_h, out_w), dtype=np.float32)
     for i, f in enumerate(frames):
         h, w = f.shape[:2]
-        if (h, w) == (size, size):
+        if (h, w) == (out_h, out_w):
             out[i] = f.transpose(2, 0, 1)
             continue
-        rows = resize_matrix(h, size) @ f.reshape(h, w * 3)  # (size, w*3)
-        rows = rows.reshape(size, w, 3).transpose(2, 0, 1)  # (3, size, w)
-        np.clip(rows @ resize_matrix(w, size).T, 0.0, 1.0, out=out[i])
+        rows = resize_matrix(h, out_h) @ f.reshape(h, w * 3)  # (H, w*3)
+        rows = rows.reshape(out_h, w, 3).transpose(2, 0, 1)  # (3, H, w)
+        np.clip(rows @ resize_matrix(w, out_w).T, 0.0, 1.0, out=out[i])
     return out
 
 
 def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(S, S) map -> (H, W) float32: bilinear, antialiased when the frame is smaller than S."""
+    """(h, w) map -> (H, W) float32, hw = (H, W): bilinear per axis, antialiased along an axis that shrinks."""
     if amap.shape == tuple(hw):
         return amap.astype(np.float32, copy=False)
     return resize_matrix(amap.shape[0], hw[0]) @ amap @ resize_matrix(amap.shape[1], hw[1]).T

@@ -15,9 +15,11 @@ import numpy as np
 
 from engine import native
 from engine.backends import load_backend, run_batched
+from engine.common.geometry import blend_weights, stitch, tile_grid
+from engine.common.maths import top_k_count
 from engine.format import read_engine
 from engine.header import EngineHeader
-from engine.preprocess import frames_to_input, to_rgb_float
+from engine.preprocess import frames_to_input, resize_map, to_rgb_float
 
 __all__ = ["Engine", "Result", "load"]
 
@@ -52,30 +54,43 @@ class Engine:
         self.path = Path(path)
         self.header: EngineHeader
         self.header, sections = read_engine(self.path)
-        self.input_size: int = self.header.input_size
+        self.input_size: tuple[int, int] = self.header.input_size  # (H, W)
         self.threshold: float = self.header.threshold
         self.backend_name: str = self.header.backend
         self.precision: str = self.header.precision
         self.max_batch: int | None = self.header.batch  # None: any batch size
+        self.tiling = self.header.tiling  # None: frames resized whole; else cut in tiles and stitched
         self.backend = load_backend(self.header, sections, threads)
         self._lock = nullcontext() if self.backend.thread_safe else threading.Lock()
+        if self.tiling is not None:
+            self._blend = blend_weights(self.input_size, self.tiling.overlap)
 
     def _infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             return self.backend.infer(images)
 
     def infer_prepared(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float32 model input -> maps (B, S, S), scores (B,); split to the engine's batch size."""
+        """(B, 3, H, W) float32 model input -> maps (B, H, W), scores (B,); split to the engine's batch size."""
         return run_batched(self._infer, images, self.max_batch)
 
+    def _infer_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self.backend.infer_maps(images)
+
+    @staticmethod
+    def _checked(frame) -> np.ndarray:
+        a = np.asarray(frame)
+        if a.ndim == 3 and a.shape[2] not in (1, 3, 4) or a.ndim not in (2, 3) or 0 in a.shape[:2]:
+            to_rgb_float(a)  # raises the reference's message for the bad shape
+        return a
+
     def prepare(self, frames: list[np.ndarray], bgr: bool = False) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """Frames -> model input: uint8/uint16 natively (cpp/native.cpp), float frames through numpy."""
-        out = np.empty((len(frames), 3, self.input_size, self.input_size), dtype=np.float32)
+        """Frames -> model input (B, 3, H, W) and each frame's (height, width): uint8/uint16 natively
+        (cpp/native.cpp), float frames through numpy."""
+        out = np.empty((len(frames), 3, *self.input_size), dtype=np.float32)
         sizes, fast, fast_idx = [], [], []
         for i, f in enumerate(frames):
-            a = np.asarray(f)
-            if a.ndim == 3 and a.shape[2] not in (1, 3, 4) or a.ndim not in (2, 3) or 0 in a.shape[:2]:
-                to_rgb_float(a)  # raises the reference's message for the bad shape
+            a = self._checked(f)
             sizes.append(a.shape[:2])
             if a.dtype in native.NATIVE_DTYPES:
                 fast.append(np.ascontiguousarray(a))
@@ -98,6 +113,59 @@ class Engine:
                     resized[i] = m
         return [Result(float(s), bool(s > self.threshold), m) for s, m in zip(scores, resized)]
 
+    def score(self, frames: list[np.ndarray], bgr: bool = False, with_maps: bool = True) -> list[Result]:
+        """Frames -> their Results, all in the engine's batches: each resized whole to the model's input, or,
+        for a tiling engine, cut in tiles (all tiles of all frames in one batched call) and stitched."""
+        if self.tiling is None:
+            x, sizes = self.prepare(frames, bgr)
+            return self.finish(*self.infer_prepared(x), sizes, with_maps)
+        x, layout = self.prepare_tiles(frames, bgr)
+        maps, score_maps = run_batched(self._infer_maps, x, self.max_batch)
+        results, first = [], 0
+        for hw, scaled, starts in layout:
+            tiles = slice(first, first + len(starts))
+            first += len(starts)
+            amap = stitch(maps[tiles], starts, scaled, self._blend)
+            score_map = stitch(score_maps[tiles], starts, scaled, self._blend)
+            k = top_k_count(self.tiling.top_fraction, score_map.size)
+            score = float(np.partition(score_map.ravel(), score_map.size - k)[-k:].mean(dtype=np.float32))
+            amap = (resize_map(amap, hw) if tuple(hw) != scaled else amap) if with_maps else None
+            results.append(Result(score, bool(score > self.threshold), amap))
+        return results
+
+    def prepare_tiles(self, frames: list[np.ndarray], bgr: bool = False) -> tuple[np.ndarray, list[tuple]]:
+        """Frames -> their tiles (T, 3, H, W), frame after frame, and per frame (its (height, width), the resized
+        frame's (height, width), the tiles' (top, left)). A tile is rows and columns of the resized frame's
+        resize matrices, so the native code cuts it straight from the frame (train/tiles.py: the reference)."""
+        (th, tw), tiling = self.input_size, self.tiling
+        layout, fast, fast_idx, rows, cols, slow, slow_idx = [], [], [], [], [], [], []
+        for f in frames:
+            a = self._checked(f)
+            scaled, starts = tile_grid(a.shape[:2], tiling.scale, self.input_size, tiling.overlap)
+            layout.append((a.shape[:2], scaled, starts))
+            first = len(fast) + len(slow)
+            if a.dtype in native.NATIVE_DTYPES:
+                a = np.ascontiguousarray(a)
+                row_band = native.resize_band(a.shape[0], scaled[0])
+                col_band = native.resize_band(a.shape[1], scaled[1])
+                for i, (y, x) in enumerate(starts):
+                    fast.append(a)
+                    fast_idx.append(first + i)
+                    rows.append(tuple(np.ascontiguousarray(b[y:y + th]) for b in row_band))
+                    cols.append(tuple(np.ascontiguousarray(b[x:x + tw]) for b in col_band))
+            else:
+                whole = frames_to_input([to_rgb_float(a, bgr)], scaled)[0]
+                slow.extend(whole[:, y:y + th, x:x + tw] for y, x in starts)
+                slow_idx.extend(range(first, first + len(starts)))
+        out = np.empty((len(fast) + len(slow), 3, th, tw), dtype=np.float32)
+        if fast and not slow:
+            native.preprocess_bands(fast, rows, cols, bgr, out)
+        elif fast:
+            out[fast_idx] = native.preprocess_bands(fast, rows, cols, bgr)
+        if slow:
+            out[slow_idx] = np.stack(slow)
+        return out, layout
+
     def infer(self, frames, bgr: bool = False) -> Result | list[Result]:
         """A frame (HxW or HxWxC array) -> Result; a list of frames or an (N, H, W[, C]) array -> [Result]."""
         single = isinstance(frames, np.ndarray) and (
@@ -105,8 +173,7 @@ class Engine:
         batch = [frames] if single else list(frames)
         if not batch:
             return []
-        x, sizes = self.prepare(batch, bgr)
-        results = self.finish(*self.infer_prepared(x), sizes)
+        results = self.score(batch, bgr)
         return results[0] if single else results
 
 

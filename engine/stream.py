@@ -84,8 +84,7 @@ def _capture(frames: Iterator[Frame], q: queue.Queue, policy: str, max_fps: floa
 def _score(engine: Engine, frames: list[Frame], with_maps: bool) -> list[Result]:
     if not frames:
         return []
-    x, sizes = engine.prepare([f.image for f in frames], bgr=frames[0].bgr)
-    return engine.finish(*engine.infer_prepared(x), sizes, with_maps)
+    return engine.score([f.image for f in frames], bgr=frames[0].bgr, with_maps=with_maps)
 
 
 def _infer(engine: Engine, q_in: queue.Queue, q_out: queue.Queue, batch_size: int, with_maps: bool,

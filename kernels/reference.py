@@ -59,17 +59,17 @@ def conv_coupling_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: to
 
 
 def score_maps_reference(states: list[torch.Tensor], alpha_beta: list[torch.Tensor], offsets: list[float],
-                         map_weights: list[float], image_weights: list[float], size: int,
-                         blur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """score_maps the plain way: per-scale NLL, bilinear upsample, weighted mean, then the blur along both axes
-    (`blur`: the (size, size) matrix of one axis, engine.common.maths.blur_matrix)."""
+                         map_weights: list[float], image_weights: list[float], size: tuple[int, int],
+                         blur_rows: torch.Tensor, blur_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """score_maps the plain way: per-scale NLL, bilinear upsample to size = (H, W), weighted mean, then the blur
+    along both axes (`blur_rows` (H, H) and `blur_cols` (W, W): engine.common.maths.blur_matrix of each axis)."""
     ups = []
     for z, ab, off in zip(states, alpha_beta, offsets):
         c = z.shape[1]
         q = ((ab[:c].view(1, -1, 1, 1) * z + ab[c:].view(1, -1, 1, 1)) ** 2).sum(1, keepdim=True) - off
-        ups.append(F.interpolate(q, size=(size, size), mode="bilinear", align_corners=False)[:, 0])
-    blur = blur.to(ups[0])
+        ups.append(F.interpolate(q, size=tuple(size), mode="bilinear", align_corners=False)[:, 0])
+    blur_rows, blur_cols = blur_rows.to(ups[0]), blur_cols.to(ups[0])
 
     def fuse(weights):
-        return blur @ sum(w * u for w, u in zip(weights, ups)) @ blur.T
+        return blur_rows @ sum(w * u for w, u in zip(weights, ups)) @ blur_cols.T
     return fuse(map_weights), fuse(image_weights)

@@ -32,7 +32,7 @@ def tiny_model(demo_dir, tmp_path_factory):
 def test_fit_writes_a_weights_only_model(tiny_model):
     payload = torch.load(tiny_model, weights_only=True)
     meta = payload["meta"]
-    assert meta["config"]["input_size"] == 128 and meta["config"]["altub"] is True
+    assert meta["config"]["input_size"] == [128, 128] and meta["config"]["altub"] is True
     assert meta["threshold"]["n_images"] >= 1 and np.isfinite(meta["threshold"]["threshold"])
     assert len(meta["history"]) == 2
 

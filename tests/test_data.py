@@ -61,8 +61,9 @@ def test_model_input_is_square_and_in_range():
 def test_mask_size_must_match_image(tmp_path):
     mask = _save(tmp_path / "m.png", np.zeros((8, 9), np.uint8))
     with pytest.raises(DataError, match="m.png.*9x8.*10x12"):
-        read_mask(mask, (12, 10), 16)
-    assert read_mask(mask, (8, 9), 16).shape == (16, 16)
+        read_mask(mask, (12, 10), (16, 16))
+    assert read_mask(mask, (8, 9), (16, 24)).shape == (16, 24)
+    assert read_mask(mask, (8, 9)).shape == (8, 9)  # the mask's own resolution (evaluate's default protocol)
 
 
 def test_folders(tmp_path):

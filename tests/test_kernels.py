@@ -86,41 +86,60 @@ def test_resize_blur_matrix_is_upsample_then_blur():
     assert torch.allclose(r @ q @ r.T, gaussian_blur(up, 2.5), atol=1e-6)  # R's upsample weights are float32
 
 
-@pytest.mark.parametrize("batch,size,heights,channels,map_w,img_w", [
-    (1, 32, [8, 4, 2], [6, 10, 20], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]),
-    (3, 48, [12, 6, 3, 2], [5, 17, 9, 33], [1 / 3, 1 / 3, 1 / 3, 0.0], [0.0, 0.0, 0.5, 0.5]),
-    (2, 40, [10, 5], [7, 3], [0.5, 0.5], [0.5, 0.5]),  # one map serves both
+@pytest.mark.parametrize("batch,size,shapes,channels,map_w,img_w", [
+    (1, (32, 32), [(8, 8), (4, 4), (2, 2)], [6, 10, 20], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]),
+    (3, (48, 48), [(12, 12), (6, 6), (3, 3), (2, 2)], [5, 17, 9, 33], [1 / 3, 1 / 3, 1 / 3, 0.0],
+     [0.0, 0.0, 0.5, 0.5]),
+    (2, (40, 40), [(10, 10), (5, 5)], [7, 3], [0.5, 0.5], [0.5, 0.5]),  # one map serves both
+    (2, (24, 40), [(6, 10), (3, 5)], [7, 12], [1.0, 0.0], [0.5, 0.5]),  # wider than tall
+    (1, (56, 24), [(14, 6), (7, 3), (4, 2)], [5, 9, 18], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]),  # taller than wide
+    (2, (16, 144), [(4, 36), (2, 18), (1, 9), (1, 5)], [3, 6, 11, 4], [0.25] * 4, [0.0, 0.0, 0.5, 0.5]),  # W > 128
 ])
-def test_score_kernel(batch, size, heights, channels, map_w, img_w):
-    gen = torch.Generator().manual_seed(batch * 1000 + size)
-    states = [torch.randn(batch, c, h, h, generator=gen) for c, h in zip(channels, heights)]
+def test_score_kernel(batch, size, shapes, channels, map_w, img_w):
+    gen = torch.Generator().manual_seed(batch * 1000 + size[0] * 7 + size[1])
+    states = [torch.randn(batch, c, h, w, generator=gen) for c, (h, w) in zip(channels, shapes)]
     ab = [torch.randn(2 * c, generator=gen) for c in channels]
-    offsets = torch.randn(len(heights), generator=gen).tolist()
-    resize = [torch.tensor(resize_blur_matrix(h, size, 2.0)).float().to(DEVICE) for h in heights]
-    out = torch.full((batch, size, size), float("nan"), device=DEVICE)
+    offsets = torch.randn(len(shapes), generator=gen).tolist()
+    rows = [torch.tensor(resize_blur_matrix(h, size[0], 2.0)).float().to(DEVICE) for h, _ in shapes]
+    cols = [torch.tensor(resize_blur_matrix(w, size[1], 2.0)).float().to(DEVICE) for _, w in shapes]
+    out = torch.full((batch, *size), float("nan"), device=DEVICE)
     score_out = torch.full_like(out, float("nan"))
-    amap, smap = score_maps([s.to(DEVICE) for s in states], [a.to(DEVICE) for a in ab], offsets, resize, map_w, img_w,
-                            size, block_rows=16, out=out, score_out=score_out)
+    amap, smap = score_maps([s.to(DEVICE) for s in states], [a.to(DEVICE) for a in ab], offsets, rows, cols, map_w,
+                            img_w, size, block_rows=16, out=out, score_out=score_out)
     ref_map, ref_smap = score_maps_reference([s.double() for s in states], [a.double() for a in ab], offsets, map_w,
-                                             img_w, size, torch.tensor(blur_matrix(size, 2.0)))
+                                             img_w, size, torch.tensor(blur_matrix(size[0], 2.0)),
+                                             torch.tensor(blur_matrix(size[1], 2.0)))
+    assert amap.shape == smap.shape == (batch, *size)
     assert rel_err(amap.cpu(), ref_map) <= 1e-5
     assert rel_err(smap.cpu(), ref_smap) <= 1e-5
 
 
-@pytest.mark.parametrize("map_scales,image_scales,precision", [("fine", "coarse", "fp32"), ("all", "all", "fp32"),
-                                                               ("fine", "coarse", "bf16")])
-def test_kernel_path_matches_inference_graph(map_scales, image_scales, precision):
+def test_score_kernel_refuses_mismatched_resize():
+    z = torch.randn(1, 4, 6, 10, device=DEVICE)
+    rows = torch.zeros(24, 6, device=DEVICE)
+    cols = torch.zeros(40, 6, device=DEVICE)  # built for a square scale: (40, 10) needed
+    with pytest.raises(ValueError, match=r"\(40, 10\)"):
+        score_maps([z], [torch.zeros(8, device=DEVICE)], [0.0], [rows], [cols], [1.0], [1.0], (24, 40))
+
+
+@pytest.mark.parametrize("map_scales,image_scales,precision,size", [
+    ("fine", "coarse", "fp32", 64), ("all", "all", "fp32", 64), ("fine", "coarse", "bf16", 64),
+    ("fine", "coarse", "fp32", (64, 128))])
+def test_kernel_path_matches_inference_graph(map_scales, image_scales, precision, size):
     """The whole flow head and scoring through kernels/ equals the folded graph (maps and image scores)."""
     from test_engine import TOL, perturbed_model
 
     from engine.backends.cuda import KernelGraph
     from engine.build.graph import InferenceGraph
-    graph = InferenceGraph(perturbed_model(map_scales=map_scales, image_scales=image_scales)).eval().to(DEVICE)
+    model = perturbed_model(size=size, map_scales=map_scales, image_scales=image_scales)
+    graph = InferenceGraph(model).eval().to(DEVICE)
     kernel_graph = KernelGraph(graph, precision).eval().to(DEVICE)
-    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    height, width = graph.size
+    x = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     with torch.no_grad():
         ref_map, ref_score = graph(x)
         amap, score = kernel_graph(x)
+    assert amap.shape == ref_map.shape == (2, height, width)
     tol = TOL if precision == "fp32" else 2e-3  # bf16 operands; measured 1e-4 on this model
     assert (amap - ref_map).abs().max() <= tol
     assert (score - ref_score).abs().max() <= tol

@@ -93,41 +93,58 @@ def test_kernels_import_nothing_of_the_project():
             assert not [n for n in names if n.split(".")[0] in ("engine", "train")], (path.name, names)
 
 
-def _reseal_header(path: Path, out: Path, edit) -> None:
-    """Rewrite an engine file's JSON header with `edit(dict)` and seal it with valid checksums."""
+def _reseal_header(path: Path, out: Path, edit, version: int | None = None) -> None:
+    """Copy an engine file with its JSON header edited (and, given, its format version), re-sealed."""
     blob = path.read_bytes()
-    version, head_len = struct.unpack_from("<IQ", blob, 8)
+    old_version, head_len = struct.unpack_from("<IQ", blob, 8)
     head = json.loads(blob[20:20 + head_len])
     edit(head)
     new_head = json.dumps(head).encode()
-    body = blob[:8] + struct.pack("<IQ", version, len(new_head)) + new_head + blob[20 + head_len:-32]
+    body = (blob[:8] + struct.pack("<IQ", version or old_version, len(new_head)) + new_head
+            + blob[20 + head_len:-32])
     out.write_bytes(body + hashlib.sha256(body).digest())
 
 
+def _as_format_3(head: dict) -> None:
+    """A square header as the builder of format 3 wrote it: sizes as ints, scoring's per-scale sides as heights."""
+    head["format_version"] = 3
+    assert head.pop("tiling") is None  # format 4 added it
+    for key in ("tile_scale", "tile_overlap"):
+        head["model_config"].pop(key)
+    head["input_size"] = head["input_size"][0]
+    head["model_config"]["input_size"] = head["model_config"]["input_size"][0]
+    scoring = head["scoring"]
+    scoring["size"] = scoring["size"][0]
+    scoring["heights"] = [h for h, _ in scoring.pop("shapes")]
+
+
 @pytest.mark.skipif(not LEAN_BACKENDS, reason="neither onnxruntime nor openvino is installed")
-def test_header_of_the_current_format_as_the_previous_builder_wrote_it_loads(lean_engines, tmp_path):
-    """Format 3 headers were loose dicts; a file with exactly the keys that builder wrote (key order and a
-    `scoring` list-valued object included) loads and scores the same."""
+def test_engine_of_the_previous_format_loads_as_a_square_model(lean_engines, tmp_path):
+    """Format 3 (before rectangular inputs) wrote input_size and scoring sizes as ints: such a file loads as
+    the square model it is and scores the same."""
     old_keys = {"input_size", "threshold", "batch", "model_config", "model_threshold", "created", "built_on",
                 "checks", "scoring", "backend", "precision", "format_version", "sections"}
     path = lean_engines[0]
     head = json.loads(path.read_bytes()[20:20 + struct.unpack_from("<Q", path.read_bytes(), 12)[0]])
-    assert set(head) == old_keys  # the schema did not move: nothing to migrate
+    assert set(head) == old_keys | {"tiling"} and head["input_size"] == [64, 64]
     old = tmp_path / "old.engine"
-    _reseal_header(path, old, lambda h: h.update(checks={"graph_vs_reference": {}}, created="2026-11-26"))
+    _reseal_header(path, old, _as_format_3, version=3)
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
-    assert np.array_equal(engine.load(old).infer_prepared(x)[1], engine.load(path).infer_prepared(x)[1])
+    loaded = engine.load(old)
+    assert loaded.input_size == (64, 64) and loaded.header.scoring == engine.load(path).header.scoring
+    assert np.array_equal(loaded.infer_prepared(x)[1], engine.load(path).infer_prepared(x)[1])
 
 
 @pytest.mark.skipif(not LEAN_BACKENDS, reason="neither onnxruntime nor openvino is installed")
 @pytest.mark.parametrize("edit,message", [
     (lambda h: h.update(tiling={"tile": 256}), "unknown keys"),
-    (lambda h: h.update(input_size="64"), "input_size must be an integer"),
+    (lambda h: h.update(input_size="64"), "input_size must be an integer or a"),
+    (lambda h: h.update(input_size=[64, 64, 3]), "input_size must be an integer or a"),
     (lambda h: h.update(threshold=None), "threshold must be a finite number"),
     (lambda h: h.update(backend="tflite"), "unknown backend"),
     (lambda h: h.update(precision="bf16-flow"), "not one onnxruntime runs"),  # would look for two graphs
     (lambda h: h["scoring"].update(top_k=0), "top_k must be an integer"),
-    (lambda h: h["scoring"].pop("heights"), "scoring"),
+    (lambda h: h["scoring"].pop("shapes"), "scoring"),
     (lambda h: h.update(scoring=None), "needs its scoring"),
     (lambda h: h.pop("threshold"), "lacks threshold"),
 ])

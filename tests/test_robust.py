@@ -122,7 +122,7 @@ frames = st.one_of(
 def test_fuzz_frames_through_preprocessing():
     """Any array -> model input or a ValueError / TypeError saying what is wrong with the frame."""
     eng = Engine.__new__(Engine)
-    eng.input_size = 32
+    eng.input_size = (32, 48)  # (H, W): a rectangle, so a swapped axis shows
     outcomes = {"ok": 0, "refused": 0}
 
     @FUZZ
@@ -134,7 +134,7 @@ def test_fuzz_frames_through_preprocessing():
             assert str(e)
             outcomes["refused"] += 1
             return
-        assert x.shape == (1, 3, 32, 32) and np.isfinite(x).all() and sizes == [frame.shape[:2]]
+        assert x.shape == (1, 3, 32, 48) and np.isfinite(x).all() and sizes == [frame.shape[:2]]
         outcomes["ok"] += 1
 
     check()
@@ -144,7 +144,7 @@ def test_fuzz_frames_through_preprocessing():
 
 SEED_ENGINE = os.path.join(tempfile.gettempdir(), f"lineflow-fuzz-seed-{os.getpid()}.engine")
 HEADER = EngineHeader(input_size=64, threshold=1.0, backend="onnxruntime", precision="fp32",
-                      scoring=ScoringSpec(size=64, sigma=4.0, top_k=1, heights=(16,), map_weights=(1.0,),
+                      scoring=ScoringSpec(size=(64, 64), sigma=4.0, top_k=1, shapes=((16, 16),), map_weights=(1.0,),
                                           image_weights=(1.0,)))
 
 

@@ -1,12 +1,12 @@
 """Datasets: MVTec AD folder layout, or a plain folder of good images; images to model input.
 
-Every image becomes (3, S, S) float32 in [0, 1] (decoding in engine/common/images.py). to_model_input is
-the PyTorch reference of the engine's resize (engine/preprocess.py, tested equal).
+Every image becomes (3, H, W) float32 in [0, 1] at the model's input (height, width); decoding is in
+engine/common/images.py. to_model_input is the PyTorch reference of the engine's resize
+(engine/preprocess.py, tested equal).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,32 +14,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.common.images import DataError, images_in, open_image, read_image
+from engine.common.geometry import as_hw
+from engine.common.images import DataError, images_in, open_image
 
-__all__ = ["Sample", "to_model_input", "load_batches", "read_mask", "train_images", "evaluation_samples"]
+__all__ = ["Sample", "to_model_input", "read_mask", "train_images", "evaluation_samples"]
 
 
-def to_model_input(image: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W, 3) float32 in [0, 1] -> (3, size, size): bilinear with antialiasing (downscales cleanly)."""
+def to_model_input(image: np.ndarray, hw: tuple[int, int] | int) -> torch.Tensor:
+    """(H, W, 3) float32 in [0, 1] -> (3, *hw): bilinear with antialiasing (downscales cleanly)."""
+    hw = as_hw(hw)  # an int N: N x N
     x = torch.from_numpy(image).permute(2, 0, 1)[None]
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if tuple(x.shape[-2:]) != hw:
+        x = F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True)
     return x[0].clamp_(0.0, 1.0)
 
 
-def load_batches(paths: list[Path], size: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Yield (B, 3, size, size) batches in order."""
-    for i in range(0, len(paths), batch_size):
-        yield torch.stack([to_model_input(read_image(p), size) for p in paths[i:i + batch_size]])
+def read_mask(path: Path, image_hw: tuple[int, int], hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Ground-truth mask -> bool (H, W) at its own resolution, or resized like its image to `hw`.
 
-
-def read_mask(path: Path, image_hw: tuple[int, int], size: int) -> torch.Tensor:
-    """Ground-truth mask -> (size, size) bool, resized like its image; its size must equal the image's."""
+    Its size must equal the image's (`image_hw`, height and width).
+    """
     im = open_image(path).convert("L")
-    if (im.height, im.width) != image_hw:
+    if (im.height, im.width) != tuple(image_hw):
         raise DataError(f"{path}: mask is {im.width}x{im.height} but its image is {image_hw[1]}x{image_hw[0]}")
-    m = torch.from_numpy(np.asarray(im) > 127).float()[None, None]
-    return F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0, 0] >= 0.5
+    m = np.asarray(im) > 127
+    if hw is None or m.shape == tuple(hw):
+        return m
+    t = torch.from_numpy(m).float()[None, None]
+    return (F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True)[0, 0] >= 0.5).numpy()
 
 
 def train_images(root: str | Path) -> list[Path]:

@@ -1,7 +1,10 @@
 """python -m train.evaluate model.pt --data DIR: image AUROC, pixel AUROC and AUPRO on an MVTec-layout test set.
 
-Maps are computed at the model's input size; ground-truth masks are resized the same way as their
-images. AUPRO integrates up to a false-positive rate of 0.3 (the MVTec AD convention). The
+Pixel metrics are taken at each ground-truth mask's own resolution (protocol "mask", the MVTec AD
+evaluation's): the anomaly map, computed at the model's input size, is resized to the image's size
+as the engine resizes it for a frame, and compared with the mask as drawn. `--protocol input` is the
+yardstick of lineflow before rectangles: masks shrunk to the input size and binarised (thin defects can
+vanish there). AUPRO integrates up to a false-positive rate of 0.3 (the MVTec AD convention). The
 breakdown per defect type compares that type against all good test images. `--image-score-top`
 re-reads the image score at other top fractions (same model, same map) to compare scoring rules.
 """
@@ -15,52 +18,73 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from engine.common.errors import UserError, run_cli
 from engine.common.files import atomic_write
-from engine.common.images import read_image
+from engine.common.images import DataError, open_image
+from engine.preprocess import resize_map
 from train.checkpoint import checksum, load_model
-from train.data import evaluation_samples, read_mask
+from train.data import Sample, evaluation_samples, read_mask
 from train.fit import DEVICES, extract_features
-from train.metrics import aupro, auroc
+from train.metrics import PixelCurves, auroc
 from train.model import FastFlow, FlowConfig
+from train.threshold import compare_rules
+from train.tiles import FrameTiles, score_frames
 
-__all__ = ["predict", "evaluate", "main"]
+__all__ = ["PROTOCOLS", "predict", "pixel_curves", "evaluate", "main"]
 
 
 @torch.no_grad()
 def predict(model: FastFlow, paths: list[Path], batch_size: int, device: torch.device,
-            feats: list[torch.Tensor] | None = None,
-            tops: tuple[float, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[float, np.ndarray]]:
-    """Anomaly maps (N, S, S) float32, image scores (N,) and, per fraction in `tops`, the image scores
-    with that top fraction instead of the config's, for image files, in order.
+            features: tuple[list[torch.Tensor], list[FrameTiles]] | None = None,
+            tops: tuple[float, ...] = ()) -> tuple[list[np.ndarray], np.ndarray, dict[float, np.ndarray]]:
+    """Anomaly maps float32 (at the model's input size, or at the resized frame's size for a tiling model),
+    image scores (N,) and, per fraction in `tops`, the image scores with that top fraction instead of the
+    config's, for image files, in order.
 
-    `feats`: this backbone's features of `paths`, already computed (extract_features), to skip the backbone.
+    `features`: extract_features(model, paths, ...) already computed, to skip the backbone.
     """
-    if feats is None:
-        feats = extract_features(model, paths, batch_size, device, "features")
+    feats, frames = features or extract_features(model, paths, batch_size, device, "features")
     maps, scores, by_top = [], [], {t: [] for t in tops}
-    size = (model.config.input_size,) * 2
-    for i in range(0, len(paths), batch_size):
-        zs, _ = model.flow([f[i:i + batch_size].to(device) for f in feats])
-        amap, score_map = model.score_maps(zs, size)
-        maps.append(amap.cpu().numpy())
-        scores.append(model.image_score(score_map).cpu().numpy())
+    for amap, score, tops_scores, _ in score_frames(model, feats, frames, device, batch_size, tops):
+        maps.append(amap)
+        scores.append(score)
         for t in tops:
-            by_top[t].append(model.image_score(score_map, t).cpu().numpy())
-    return (np.concatenate(maps).astype(np.float32), np.concatenate(scores),
-            {t: np.concatenate(v) for t, v in by_top.items()})
+            by_top[t].append(tops_scores[t])
+    return maps, np.array(scores, dtype=np.float32), {t: np.array(v, dtype=np.float32) for t, v in by_top.items()}
 
 
-def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict:
-    return {"image_auroc": auroc(labels, scores), "pixel_auroc": auroc(masks, maps),
-            "aupro": aupro(masks, maps), "n_images": int(len(labels)), "n_defective": int(labels.sum())}
+PROTOCOLS = ("mask", "input")  # where pixel metrics are taken: each mask's own resolution, or the model's input
+
+
+def pixel_curves(samples: list[Sample], maps: list[np.ndarray], protocol: str) -> PixelCurves:
+    """Every test image's map against its mask, accumulated per defect type (bounded memory, train.metrics)."""
+    curves = PixelCurves(min(float(m.min()) for m in maps), max(float(m.max()) for m in maps))
+    for s, amap in zip(tqdm(samples, desc=f"pixel metrics ({protocol})", unit="img", leave=False), maps):
+        with open_image(s.path, decode=False) as im:
+            image_hw = (im.height, im.width)
+        if protocol == "mask":
+            amap = resize_map(amap, image_hw)
+            mask = None if s.mask_path is None else read_mask(s.mask_path, image_hw)
+        else:
+            mask = None if s.mask_path is None else read_mask(s.mask_path, image_hw, amap.shape)
+        curves.add(amap, mask, s.defect_type)
+    return curves
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray, curves: PixelCurves, groups: list[str] | None) -> dict:
+    return {"image_auroc": auroc(labels, scores), "pixel_auroc": curves.auroc(groups),
+            "aupro": curves.aupro(groups), "n_images": int(len(labels)), "n_defective": int(labels.sum())}
 
 
 def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_size: int = 16,
              device: torch.device = torch.device("cpu"), feature_cache: dict | None = None,
-             tops: tuple[float, ...] = ()) -> dict:
-    """Metrics of `model` on the MVTec-layout test set at `data`.
+             tops: tuple[float, ...] = (), protocol: str = "mask", holdout_scores: list[float] | None = None) -> dict:
+    """Metrics of `model` on the MVTec-layout test set at `data`; pixel metrics under `protocol` (PROTOCOLS).
+
+    `holdout_scores`: the model's held-out good scores (model.pt has them): also report what each threshold
+    rule would catch and reject here ("threshold_rules", train/threshold.py).
 
     `tops`: also report image AUROC with the image score read at each of these top fractions
     ("image_auroc_by_top"); the map, and so pixel AUROC and AUPRO, do not depend on it.
@@ -68,50 +92,63 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
     `feature_cache`: a dict shared across calls; models with the same backbone weights and input size
     then compute the test set's features once (comparing checkpoints of one training run).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
     samples = evaluation_samples(data)
-    size = model.config.input_size
-    masks = np.zeros((len(samples), size, size), dtype=bool)
-    for i, s in enumerate(samples):  # read masks first: a bad mask fails before the long scoring pass
+    for s in samples:  # masks first (headers only): a bad mask fails before the long scoring pass
         if s.mask_path is not None:
-            h, w = read_image(s.path).shape[:2]
-            masks[i] = read_mask(s.mask_path, (h, w), size).numpy()
+            with open_image(s.path, decode=False) as im, open_image(s.mask_path, decode=False) as m:
+                if m.size != im.size:
+                    raise DataError(f"{s.mask_path}: mask is {m.width}x{m.height} but its image is "
+                                    f"{im.width}x{im.height}")
     t0 = time.perf_counter()
     paths = [s.path for s in samples]
     feats = None
     if feature_cache is not None:
-        # the cached features depend on the backbone's weights, the input size and the feature average
-        key = (str(Path(data).resolve()), size, model.config.feature_pool,
+        # the cached features depend on the backbone's weights, the input geometry and the feature average
+        cfg = model.config
+        key = (str(Path(data).resolve()), cfg.input_size, cfg.tile_scale, cfg.tile_overlap, cfg.feature_pool,
                checksum({"backbone": model.backbone.name}, model.backbone.state_dict()))
         if key not in feature_cache:
             feature_cache[key] = extract_features(model, paths, batch_size, device, "features")
         feats = feature_cache[key]
     maps, scores, by_top = predict(model, paths, batch_size, device, feats, tops)
     seconds = time.perf_counter() - t0
+    curves = pixel_curves(samples, maps, protocol)
     labels = np.array([s.label for s in samples])
     types = np.array([s.defect_type for s in samples])
-    result = _metrics(labels, scores, masks, maps)
+    result = {**_metrics(labels, scores, curves, None), "protocol": protocol}
     if tops:
         result["image_auroc_by_top"] = {str(t): auroc(labels, s) for t, s in by_top.items()}
     result["per_type"] = {}
     for t in sorted(set(types) - {"good"}):
         sel = (types == t) | (types == "good")
-        result["per_type"][t] = _metrics(labels[sel], scores[sel], masks[sel], maps[sel])
+        result["per_type"][t] = _metrics(labels[sel], scores[sel], curves, ["good", t])
+    if holdout_scores is not None:
+        result["threshold_rules"] = compare_rules(np.asarray(holdout_scores), scores, labels)
     if threshold is not None:
         flagged = scores > threshold
         result["at_threshold"] = {"threshold": threshold,
                                   "good_rejected": float(flagged[labels == 0].mean()),
                                   "defects_caught": float(flagged[labels == 1].mean())}
     result["seconds_per_image"] = seconds / len(samples)
+    result["images"] = [{"path": str(s.path), "type": s.defect_type, "score": float(v)}
+                        for s, v in zip(samples, scores)]
     return result
 
 
 def _print_table(result: dict) -> None:
+    where = "each mask's own resolution" if result["protocol"] == "mask" else "the model's input size"
+    print(f"pixel metrics at {where} (--protocol {result['protocol']})")
     print(f"{'':12s} {'images':>6s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO':>7s}")
     for name, r in [("all", result), *result["per_type"].items()]:
         print(f"{name:12s} {r['n_images']:6d} {r['image_auroc']:11.4f} {r['pixel_auroc']:11.4f} {r['aupro']:7.4f}")
     if "image_auroc_by_top" in result:
         print("image AUROC with the image score's top fraction at: "
               + ", ".join(f"{t} {a:.4f}" for t, a in result["image_auroc_by_top"].items()))
+    if "threshold_rules" in result:
+        print("threshold rules on the held-out good scores (caught / good rejected): " + ", ".join(
+            f"{k} {v['defects_caught']:.1%} / {v['good_rejected']:.1%}" for k, v in result["threshold_rules"].items()))
     if "at_threshold" in result:
         a = result["at_threshold"]
         print(f"at threshold {a['threshold']:.4f}: {a['defects_caught']:.1%} of defective images caught, "
@@ -125,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="MVTec-layout folder with test/ and ground_truth/")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON (a list when several models)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--protocol", default=PROTOCOLS[0], choices=PROTOCOLS,
+                   help="pixel metrics at each mask's own resolution (mask), or at the model's input size with "
+                   "the masks shrunk to it (input: lineflow's yardstick before rectangular inputs)")
     p.add_argument("--device", default=DEVICES[0], choices=DEVICES)
     p.add_argument("--image-score-top", type=float, nargs="+", default=[], metavar="FRACTION",
                    help="also report image AUROC with the image score = mean of these top fractions of "
@@ -146,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     results, cache = [], {}
     for path, model, meta in loaded:
         result = evaluate(model.to(device), args.data, meta.get("threshold", {}).get("threshold"),
-                          args.batch_size, device, cache, tuple(args.image_score_top))
+                          args.batch_size, device, cache, tuple(args.image_score_top), args.protocol,
+                          meta.get("threshold", {}).get("holdout_scores"))
         results.append({**result, "model": str(path), "data": str(args.data), "config": meta["config"],
                         "epoch": meta.get("epoch")})
         if len(loaded) > 1:

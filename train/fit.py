@@ -26,10 +26,14 @@ import torch
 from tqdm import tqdm
 
 from engine.common.errors import UserError, run_cli
+from engine.common.geometry import choose_input_size, format_size, parse_size
+from engine.common.images import images_in, open_image, read_image
 from train.backbones import BACKBONES, create_backbone
 from train.checkpoint import save_model
-from train.data import load_batches, train_images
+from train.data import train_images
 from train.model import FUSIONS, IMAGE_SCALES, MAP_SCALES, FastFlow, FlowConfig
+from train.threshold import THRESHOLD_RULES, from_defects, from_good
+from train.tiles import FrameTiles, frame_tiles, score_frames
 
 __all__ = ["DEVICES", "LR_SCHEDULES", "TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimisers",
            "extract_features", "split_holdout", "main"]
@@ -51,7 +55,7 @@ class TrainConfig:
     lr_schedule: str = "anneal"  # both rates decay to 0 over the last fifth of the run ("cosine": all of it)
     grad_clip: float = 100.0  # max gradient norm, flow and base
     holdout_fraction: float = 0.1  # good images kept out of training, for the threshold
-    threshold_quantile: float = 0.99  # of held-out good image scores
+    threshold_rule: str = THRESHOLD_RULES[0]  # how held-out good scores set the threshold (train/threshold.py)
     seed: int = 0
 
 
@@ -68,17 +72,33 @@ def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[P
 
 @torch.no_grad()
 def extract_features(model: FastFlow, paths: list[Path], batch_size: int, device: torch.device,
-                     desc: str) -> list[torch.Tensor]:
-    """Frozen backbone features of every image, per scale: [(N, C, h, w)] on the CPU."""
+                     desc: str) -> tuple[list[torch.Tensor], list[FrameTiles]]:
+    """Frozen backbone features of every tile of every image (an image resized whole is one tile), per
+    scale [(N_tiles, C, h, w)] on the CPU, and where each image's tiles lie (train/tiles.py), in order."""
     per_scale: list[list[torch.Tensor]] = []
-    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
-        for images in load_batches(paths, model.config.input_size, batch_size):
-            feats = model.features(images.to(device))
-            per_scale = per_scale or [[] for _ in feats]
+    frames: list[FrameTiles] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        tiles = torch.cat(pending)
+        pending.clear()
+        for i in range(0, len(tiles), batch_size):
+            feats = model.features(tiles[i:i + batch_size].to(device))
+            per_scale.extend([] for _ in range(len(feats) - len(per_scale)))
             for acc, f in zip(per_scale, feats):
                 acc.append(f.cpu())
-            bar.update(len(images))
-    return [torch.cat(acc) for acc in per_scale]
+
+    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
+        for path in paths:
+            tiles, where = frame_tiles(read_image(path), model.config)
+            frames.append(where)
+            pending.append(tiles)
+            if sum(len(t) for t in pending) >= batch_size:
+                flush()
+            bar.update(1)
+        if pending:
+            flush()
+    return [torch.cat(acc) for acc in per_scale], frames
 
 
 @torch.no_grad()
@@ -96,17 +116,11 @@ def calibrate_scales(model: FastFlow, feats: list[torch.Tensor], device: torch.d
     model.scale_stats.copy_(torch.tensor(stats, dtype=model.scale_stats.dtype))
 
 
-@torch.no_grad()
-def score_cached(model: FastFlow, feats: list[torch.Tensor], device: torch.device,
+def score_cached(model: FastFlow, feats: list[torch.Tensor], frames: list[FrameTiles], device: torch.device,
                  batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: NLL per dimension and image score, from cached features."""
-    nll, scores = [], []
-    size = (model.config.input_size,) * 2
-    for i in range(0, len(feats[0]), batch_size):
-        zs, logdet = model.flow([f[i:i + batch_size].to(device) for f in feats])
-        nll.append(model.nll_per_dim(zs, logdet).cpu())
-        scores.append(model.score(zs, size)[1].cpu())
-    return torch.cat(nll).numpy(), torch.cat(scores).numpy()
+    """Per image: NLL per dimension (its tiles' mean) and image score, from cached features."""
+    rows = [(nll, score) for _, score, _, nll in score_frames(model, feats, frames, device, batch_size)]
+    return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
 
 
 def train_step(model: FastFlow, feats: list[torch.Tensor], step: int, flow_opt: torch.optim.Optimizer,
@@ -151,9 +165,9 @@ def set_learning_rates(flow_opt: torch.optim.Optimizer, base_opt: torch.optim.Op
                 group["lr"] = lr * factor
 
 
-def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch.Tensor], cfg: TrainConfig,
-        device: torch.device, on_epoch=None) -> tuple[list[dict], np.ndarray]:
-    """Train the flow (and the AltUB base) on cached features.
+def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch.Tensor], hold_frames: list[FrameTiles],
+        cfg: TrainConfig, device: torch.device, on_epoch=None) -> tuple[list[dict], np.ndarray]:
+    """Train the flow (and the AltUB base) on cached features (of tiles, where the model tiles frames).
 
     Returns one history row per epoch and the held-out image scores after the last epoch.
     """
@@ -178,7 +192,7 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         model.eval()
         calibrate_scales(model, hold_feats, device)
-        hold_nll, hold_scores = score_cached(model, hold_feats, device)
+        hold_nll, hold_scores = score_cached(model, hold_feats, hold_frames, device)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "holdout_nll": float(hold_nll.mean()),
                "holdout_score_median": float(np.median(hold_scores)), "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -187,12 +201,6 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
         if on_epoch is not None:
             on_epoch(epoch, hold_scores, history)
     return history, hold_scores
-
-
-def calibrate_threshold(scores: np.ndarray, quantile: float) -> dict:
-    return {"threshold": float(np.quantile(scores, quantile)), "quantile": quantile, "n_images": int(len(scores)),
-            "score_min": float(scores.min()), "score_median": float(np.median(scores)),
-            "score_max": float(scores.max())}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,7 +212,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=m.backbone, choices=sorted(BACKBONES), help="frozen feature extractor")
     p.add_argument("--backbone-weights", metavar="PATH",
                    help="ImageNet checkpoint (torchvision/timm) for resnet18 / wide_resnet50_2")
-    p.add_argument("--input-size", type=int, default=m.input_size, help="images are resized to SIZE x SIZE")
+    p.add_argument("--input-size", default="auto", metavar="WxH",
+                   help="the model's input, WIDTHxHEIGHT (each a multiple of 32; N means N x N) that every image is "
+                   "resized to; auto: the training images' median aspect ratio and scale within 2 x 256 x 256 pixels")
+    p.add_argument("--tile-scale", type=float, default=m.tile_scale, metavar="S",
+                   help="0: each image is resized whole to the input; S > 0: images are resized by S (1 = their own "
+                   "pixels) and cut into overlapping tiles of the input's size, in training and at run time alike")
+    p.add_argument("--tile-overlap", type=float, default=m.tile_overlap, metavar="F",
+                   help="with --tile-scale: neighbouring tiles overlap by at least this share of a tile's side")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimisation step")
     p.add_argument("--lr", type=float, default=d.lr, help="flow learning rate (Adam)")
@@ -229,6 +244,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="the scales the anomaly map fuses: strides 4, 8, 16 (fine) or all four")
     p.add_argument("--image-scales", default=m.image_scales, choices=IMAGE_SCALES,
                    help="the map the image score reads: strides 16 + 32 (coarse), 32 only, or all four scales")
+    p.add_argument("--threshold-rule", default=d.threshold_rule, choices=THRESHOLD_RULES,
+                   help="how the held-out good images' scores set the pass/fail threshold: their median + 4 robust "
+                   "standard deviations (robust), or their 99%% quantile (quantile)")
+    p.add_argument("--threshold-defects", metavar="DIR",
+                   help="a folder of a few defect images (not the test set): the threshold then best separates "
+                   "them from the held-out good images")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out split, initialisation and batch order")
     p.add_argument("--device", default=DEVICES[0], choices=DEVICES, help="where features and flow run")
     p.add_argument("--epoch-checkpoints", metavar="DIR",
@@ -236,9 +257,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(height, width) of each image, from its header (nothing decoded)."""
+    sizes = []
+    for p in paths:
+        with open_image(p, decode=False) as im:
+            sizes.append((im.height, im.width))
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("input_size", "epochs", "batch_size", "flow_steps", "altub_every"):
+    for name in ("epochs", "batch_size", "flow_steps", "altub_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not (args.lr > 0 and args.base_lr > 0 and args.hidden_ratio > 0 and args.clamp > 0 and args.blur_sigma >= 0):
@@ -253,30 +283,49 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, altub_every=args.altub_every,
-                      base_lr=args.base_lr, lr_schedule=args.lr_schedule, seed=args.seed)
+                      base_lr=args.base_lr, lr_schedule=args.lr_schedule, threshold_rule=args.threshold_rule,
+                      seed=args.seed)
+    paths = train_images(args.data)
+    try:
+        if args.input_size == "auto":
+            scale = args.tile_scale or 1.0  # tiles: the shape and scale the images have once resized
+            input_size = choose_input_size([(round(h * scale), round(w * scale)) for h, w in _image_sizes(paths)])
+        else:
+            input_size = parse_size(args.input_size)
+    except ValueError as e:
+        raise UserError(f"--input-size: {e}") from None
     try:  # FlowConfig checks its own fields; one place for the rules
-        model_cfg = FlowConfig(backbone=args.backbone, input_size=args.input_size, flow_steps=args.flow_steps,
+        model_cfg = FlowConfig(backbone=args.backbone, input_size=input_size, tile_scale=args.tile_scale,
+                               tile_overlap=args.tile_overlap, flow_steps=args.flow_steps,
                                hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
                                fusion=args.fusion, image_score_top=args.image_score_top, image_scales=args.image_scales,
                                map_scales=args.map_scales, clamp=args.clamp,
                                feature_pool=args.feature_pool)
     except ValueError as e:
         raise UserError(f"invalid option: {e}") from None
-    paths = train_images(args.data)
     fit_paths, hold_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
+    defect_paths = None
+    if args.threshold_defects:
+        folder = Path(args.threshold_defects)
+        defect_paths = images_in(folder) if folder.is_dir() else None
+        if not defect_paths:
+            raise UserError(f"{folder}: --threshold-defects needs a folder with defect images")
     torch.manual_seed(cfg.seed)
     model = FastFlow(model_cfg, create_backbone(args.backbone, args.backbone_weights)).to(device)
     print(f"lineflow: {len(fit_paths)} training + {len(hold_paths)} held-out good images from {args.data}; "
-          f"{args.backbone} at {args.input_size}px, {'AltUB' if model_cfg.altub else 'fixed N(0, I)'} base")
+          f"{args.backbone} at {format_size(input_size)} px{' (auto)' if args.input_size == 'auto' else ''}"
+          f"{f' tiles of frames resized by {args.tile_scale:g}' if args.tile_scale else ''}, "
+          f"{'AltUB' if model_cfg.altub else 'fixed N(0, I)'} base")
 
     t_start = time.perf_counter()
-    train_feats = extract_features(model, fit_paths, 16, device, "features (train)")
-    hold_feats = extract_features(model, hold_paths, 16, device, "features (held-out)")
+    train_feats, _ = extract_features(model, fit_paths, 16, device, "features (train)")
+    hold_feats, hold_frames = extract_features(model, hold_paths, 16, device, "features (held-out)")
     t_features = time.perf_counter() - t_start
-    print(f"features cached in {t_features:.1f} s ({sum(f.numel() * 4 for f in train_feats) / 2**20:.0f} MiB)")
+    print(f"features cached in {t_features:.1f} s ({len(train_feats[0])} training tiles, "
+          f"{sum(f.numel() * 4 for f in train_feats) / 2**20:.0f} MiB)")
 
     def meta(epoch: int, hold_scores: np.ndarray, history: list[dict]) -> dict:
-        return {"threshold": calibrate_threshold(hold_scores, cfg.threshold_quantile),
+        return {"threshold": from_good(hold_scores, cfg.threshold_rule),
                 "train_config": asdict(cfg), "epoch": epoch, "history": history,
                 "data": {"root": str(Path(args.data).resolve()), "n_train": len(fit_paths),
                          "n_holdout": len(hold_paths)},
@@ -290,13 +339,22 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch(epoch, hold_scores, history):
             save_model(ckpt_dir / f"epoch_{epoch:03d}.pt", model, meta(epoch, hold_scores, history))
 
-    history, hold_scores = fit(model, train_feats, hold_feats, cfg, device, on_epoch)
+    history, hold_scores = fit(model, train_feats, hold_feats, hold_frames, cfg, device, on_epoch)
     info = meta(cfg.epochs, hold_scores, history)
+    if defect_paths:
+        defect_scores = score_cached(model, *extract_features(model, defect_paths, 16, device, "features (defects)"),
+                                     device)[1]
+        info["threshold"] = {**from_defects(hold_scores, defect_scores),
+                             f"{cfg.threshold_rule}_threshold": info["threshold"]["threshold"]}
     if not math.isfinite(info["threshold"]["threshold"]):
         raise RuntimeError("held-out scores are not finite; training failed")
     save_model(out, model.cpu(), info)
-    print(f"wrote {out}  (threshold {info['threshold']['threshold']:.4f} = {cfg.threshold_quantile:.0%} quantile "
-          f"of {len(hold_paths)} held-out good images; {info['timing']['total_s']:.0f} s in all)")
+    t = info["threshold"]
+    how = {"robust": f"median + {t.get('spreads')} robust std of",
+           "quantile": f"{t.get('quantile', 0):.0%} quantile of",
+           "defects": f"best split of {len(defect_paths or [])} defect images from"}[t["rule"]]
+    print(f"wrote {out}  (threshold {t['threshold']:.4f} = {how} {len(hold_paths)} held-out good images; "
+          f"{info['timing']['total_s']:.0f} s in all)")
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.common.geometry import as_hw, check_hw
 from engine.common.maths import gaussian_taps, top_k_count
 from train.backbones import Backbone, create_backbone
 
@@ -121,16 +122,16 @@ class GaussianBase(nn.Module):
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps with engine.common.maths.gaussian_taps, reflect padding."""
-    taps = gaussian_taps(sigma, min(x.shape[-2:]))
-    if taps is None:
-        return x
-    k = torch.from_numpy(taps).to(x)
-    radius = (k.numel() - 1) // 2
-    y = F.pad(x[:, None], (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(y, k.view(1, 1, -1, 1))[:, 0]
+    """Separable Gaussian blur of (B, H, W) maps with engine.common.maths.gaussian_taps per axis, reflect padding."""
+    for dim, n in ((-1, x.shape[-1]), (-2, x.shape[-2])):
+        taps = gaussian_taps(sigma, n)
+        if taps is None:
+            continue
+        k = torch.from_numpy(taps).to(x)
+        radius = (k.numel() - 1) // 2
+        pad, shape = ((radius, radius, 0, 0), (1, 1, 1, -1)) if dim == -1 else ((0, 0, radius, radius), (1, 1, -1, 1))
+        x = F.conv2d(F.pad(x[:, None], pad, mode="reflect"), k.view(shape))[:, 0]
+    return x
 
 
 def pool_features(feats: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -155,12 +156,17 @@ IMAGE_SCALES = ("coarse", "coarsest", "all")
 MAP_SCALES = ("fine", "all")
 
 
+_TILING_KEYS = ("tile_scale", "tile_overlap")
+
+
 @dataclass(frozen=True)
 class FlowConfig:
     """Everything needed to rebuild the model; saved in model.pt."""
 
     backbone: str = "efficientnet_lite2"
-    input_size: int = 256  # images are resized to input_size x input_size
+    input_size: tuple[int, int] = (256, 256)  # (height, width) images (or tiles) are resized to; an int N: N x N
+    tile_scale: float = 0.0  # 0: each frame resized whole to input_size; s > 0: frames resized by s, cut into tiles
+    tile_overlap: float = 0.25  # tiles overlap by at least this share of their side
     flow_steps: int = 8
     hidden_ratio: float = 1.0
     clamp: float = 2.0
@@ -173,10 +179,12 @@ class FlowConfig:
     image_scales: str = "coarse"  # the map the image score reads: "coarse" (strides 16 + 32), "coarsest" (32), "all"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "input_size": list(self.input_size)}
 
     @classmethod
     def from_dict(cls, d: dict) -> FlowConfig:
+        if not set(_TILING_KEYS) & set(d):  # model.pt before tiles: frames resized whole
+            d = {**d, **{k: getattr(cls, k) for k in _TILING_KEYS}}
         known = {f.name for f in fields(cls)}
         unknown, missing = set(d) - known, known - set(d)
         if unknown or missing:  # a default filled in here could silently change what the weights mean
@@ -187,8 +195,11 @@ class FlowConfig:
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
-        if self.input_size < 64 or self.input_size % 32:
-            raise ValueError("input_size must be a multiple of 32, at least 64 (features are taken at stride 32)")
+        object.__setattr__(self, "input_size", check_hw(as_hw(self.input_size)))  # model.pt before rectangles: an int
+        if not (isinstance(self.tile_scale, (int, float)) and 0 <= self.tile_scale <= 16):
+            raise ValueError("tile_scale must be 0 (frames resized whole) or a scale in (0, 16]")
+        if not 0 <= self.tile_overlap <= 0.75:
+            raise ValueError("tile_overlap must be in [0, 0.75]")
         if self.map_scales not in MAP_SCALES:
             raise ValueError(f"map_scales must be one of {MAP_SCALES}, not {self.map_scales!r}")
         if self.image_scales not in IMAGE_SCALES:

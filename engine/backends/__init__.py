@@ -1,7 +1,8 @@
 """Runtime backends behind one small interface: built once by engine.build, loaded here to run many times.
 
-A backend is loaded by its constructor from the engine's header and sections, takes (B, 3, S, S)
-float32 images in [0, 1] in `infer` and returns the anomaly maps (B, S, S) and the image scores (B,),
+A backend is loaded by its constructor from the engine's header and sections, takes (B, 3, H, W)
+float32 images in [0, 1] in `infer` and returns the anomaly maps (B, H, W) and the image scores (B,)
+(`infer_maps`: the maps and the maps the scores read, for tiled frames),
 and lets go of its threads and buffers in `close`. Each module imports only its own runtime, and
 only when an engine asks for it:
 
@@ -43,8 +44,13 @@ class Backend:
         raise NotImplementedError
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float32 -> (maps (B, S, S) float32, scores (B,) float32)."""
+        """(B, 3, H, W) float32 -> (maps (B, H, W) float32, scores (B,) float32)."""
         raise NotImplementedError
+
+    def infer_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) float32 -> (maps (B, H, W), score maps (B, H, W)): the map the image score reads (the same
+        array when it reads the map's scales), for frames cut in tiles, whose score is read after stitching."""
+        raise EngineFileError(f"{type(self).__name__} cannot run a tiling engine")
 
     def close(self) -> None:
         """Stop the backend's own threads and free its buffers; idempotent."""

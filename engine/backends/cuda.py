@@ -3,7 +3,8 @@
 KernelGraph packs an InferenceGraph (engine/build/graph.py) for kernels/: per coupling step the GEMM
 weights in the run precision and the index tables that fold the channel gathers away (y2 overwrites
 x2 in the scale's state buffer, so the physical channel of each logical channel is tracked here at
-pack time), per scale alpha/beta in physical channel order and the resize-and-blur matrix R.
+pack time), per scale alpha/beta in physical channel order and the resize-and-blur matrices of its
+rows and columns (Rr, Rc: kernels/scoring.py).
 It also runs on the CPU under TRITON_INTERPRET=1, which is how the tests check it against the graph.
 """
 
@@ -47,9 +48,9 @@ class _PackedStep(nn.Module):
 
 
 class _PackedScale(nn.Module):
-    def __init__(self, scale, size: int, sigma: float, dtype: torch.dtype):
+    def __init__(self, scale, size: tuple[int, int], sigma: float, dtype: torch.dtype):
         super().__init__()
-        channels, h, _ = scale.norm_shape
+        channels, h, w = scale.norm_shape
         self.norm_shape, self.offset, self.dtype = scale.norm_shape, float(scale.offset), dtype
         device = scale.alpha.device
         phys = torch.arange(channels, device=device)  # physical channel of each stored channel of the graph
@@ -61,8 +62,10 @@ class _PackedScale(nn.Module):
         alpha, beta = torch.empty(channels, device=device), torch.empty(channels, device=device)
         alpha[phys], beta[phys] = scale.alpha.flatten(), scale.beta.flatten()
         self.register_buffer("alpha_beta", torch.cat([alpha, beta]).float())
-        resize = resize_blur_matrix(h, size, sigma)  # R = blur @ upsample (engine/common/maths.py)
-        self.register_buffer("resize", torch.tensor(resize, dtype=torch.float32, device=device))
+        # R = blur @ upsample along each axis (engine/common/maths.py): (H, h) for the rows, (W, w) for the columns
+        for name, n_in, n_out in (("resize_rows", h, size[0]), ("resize_cols", w, size[1])):
+            resize = resize_blur_matrix(n_in, n_out, sigma)
+            self.register_buffer(name, torch.tensor(resize, dtype=torch.float32, device=device))
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(feat.float(), self.norm_shape).contiguous()
@@ -75,14 +78,14 @@ class _PackedScale(nn.Module):
 
 
 class KernelGraph(nn.Module):
-    """(B, 3, S, S) images in [0, 1] -> (map (B, S, S), score (B,)), as InferenceGraph, via kernels/."""
+    """(B, 3, H, W) images in [0, 1] -> (map (B, H, W), score (B,)), as InferenceGraph, via kernels/."""
 
     def __init__(self, graph: InferenceGraph, precision: str = "fp32"):
         super().__init__()
         if precision not in RUN_DTYPES:
             raise ValueError(f"precision must be one of {sorted(RUN_DTYPES)}, not {precision!r}")
         self.precision, dtype = precision, RUN_DTYPES[precision]
-        self.backbone, self.pool, self.size = graph.backbone, graph.pool, graph.size
+        self.backbone, self.pool, self.size = graph.backbone, graph.pool, tuple(graph.size)  # (H, W)
         self.keys = [int(k) for k in graph.scales]
         self.scales = nn.ModuleList(_PackedScale(graph.scales[str(k)], graph.size, graph.sigma, dtype)
                                     for k in self.keys)
@@ -98,10 +101,15 @@ class KernelGraph(nn.Module):
             feats = self.backbone(images)
         return pool_features([feats[k].float() for k in self.keys], self.pool)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly map, the map the image score reads) (B, H, W): one tensor twice when they read the same scales."""
         states = [scale(f) for scale, f in zip(self.scales, self.features(images))]
-        amap, score_map = score_maps(states, [s.alpha_beta for s in self.scales], [s.offset for s in self.scales],
-                                     [s.resize for s in self.scales], self.map_weights, self.image_weights, self.size)
+        return score_maps(states, [s.alpha_beta for s in self.scales], [s.offset for s in self.scales],
+                          [s.resize_rows for s in self.scales], [s.resize_cols for s in self.scales],
+                          self.map_weights, self.image_weights, self.size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap, score_map = self.maps(images)
         return amap, top_k_mean(score_map, self.top_k)
 
 

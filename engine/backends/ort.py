@@ -29,5 +29,8 @@ class OnnxRuntimeBackend(Backend):
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.scoring(self.session.run(None, {"images": images}))
 
+    def infer_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.scoring.maps(self.session.run(None, {"images": images}))
+
     def close(self) -> None:
         self.session = None

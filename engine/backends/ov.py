@@ -85,6 +85,9 @@ class OpenVinoBackend(Backend):
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.scoring(self._graph_outputs(images))
 
+    def infer_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.scoring.maps(self._graph_outputs(images))
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)

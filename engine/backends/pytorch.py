@@ -37,7 +37,8 @@ class TorchBackend(Backend):
             return
         from engine.backends.cuda import CudaGraphRunner, KernelGraph
         from engine.build.graph import InferenceGraph
-        self.model = CudaGraphRunner(KernelGraph(InferenceGraph(model.eval()), header.precision).cuda().eval())
+        self.kernel_graph = KernelGraph(InferenceGraph(model.eval()), header.precision).cuda().eval()
+        self.model = CudaGraphRunner(self.kernel_graph)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
@@ -48,5 +49,15 @@ class TorchBackend(Backend):
         amap, score = self.model(torch.from_numpy(images).cuda(non_blocking=True))
         return amap.cpu().numpy(), score.cpu().numpy()  # copies: the graph's outputs are reused by the next call
 
+    def infer_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        with torch.no_grad():
+            if not self.cuda:
+                zs, _ = self.model.flow(self.model.features(torch.from_numpy(images)))
+                amap, score_map = self.model.score_maps(zs, self.model.config.input_size)
+            else:  # eagerly, outside the captured graphs (which end at the score)
+                amap, score_map = self.kernel_graph.maps(torch.from_numpy(images).cuda(non_blocking=True))
+        return amap.cpu().numpy(), (amap if score_map is amap else score_map).cpu().numpy()
+
     def close(self) -> None:
-        self.model = None
+        self.model = self.kernel_graph = None

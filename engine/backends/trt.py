@@ -22,7 +22,7 @@ class TensorRTBackend(Backend):
         import torch  # CUDA buffers; the CUDA path carries PyTorch anyway
         if not torch.cuda.is_available():
             raise EngineFileError("this engine was built for TensorRT, which needs an NVIDIA GPU; none is visible")
-        self.torch, self.size = torch, header.input_size
+        self.torch, self.size = torch, tuple(header.input_size)  # (H, W)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.plan = self.runtime.deserialize_cuda_engine(sections[SECTION_TENSORRT_PLAN])
         if self.plan is None:
@@ -33,7 +33,7 @@ class TensorRTBackend(Backend):
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
         x = torch.from_numpy(images).cuda(non_blocking=True)
-        amap = torch.empty((len(images), self.size, self.size), dtype=torch.float32, device="cuda")
+        amap = torch.empty((len(images), *self.size), dtype=torch.float32, device="cuda")  # (B, H, W)
         score = torch.empty((len(images),), dtype=torch.float32, device="cuda")
         self.context.set_input_shape("images", tuple(x.shape))
         for name, t in (("images", x), ("anomaly_map", amap), ("score", score)):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.build.builder import BUILD_BACKENDS, BUILD_PRECISIONS, BuildConfig, build_engine
 from engine.common.errors import UserError, run_cli
+from engine.common.geometry import format_size
 from train.checkpoint import load_model_bytes
 
 __all__ = ["main"]
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = load_model_bytes(io.BytesIO(model_bytes), str(model_path))
     t0 = time.perf_counter()
     header = build_engine(model, meta, model_bytes, out, config)
-    print(f"wrote {out}: {header.backend} {header.precision}, {header.input_size} px, "
+    print(f"wrote {out}: {header.backend} {header.precision}, {format_size(header.input_size)} px, "
           f"batch {header.batch or 'any'}, threshold {header.threshold:.4f}, "
           f"{header.checks['ms_per_frame_batch1']:.1f} ms/frame here ({time.perf_counter() - t0:.0f} s to build)")
     return 0

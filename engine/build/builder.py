@@ -25,7 +25,15 @@ from engine.build.graph import InferenceGraph
 from engine.common.errors import UserError
 from engine.common.images import images_in, read_image
 from engine.format import write_engine
-from engine.header import BACKEND_PRECISIONS, BACKENDS, NATIVE_FUSION_BACKENDS, PRECISIONS, EngineHeader
+from engine.header import (
+    BACKEND_PRECISIONS,
+    BACKENDS,
+    NATIVE_FUSION_BACKENDS,
+    PRECISIONS,
+    TILING_BACKENDS,
+    EngineHeader,
+    TilingSpec,
+)
 from engine.preprocess import frames_to_input
 from train.model import FastFlow
 
@@ -56,11 +64,11 @@ class BuildConfig:
             raise ValueError(f"batch must be a positive batch size or None (any), not {self.batch!r}")
 
 
-def _calibration_images(calib: str | None, size: int, limit: int = 32) -> tuple[np.ndarray, str]:
+def _calibration_images(calib: str | None, hw: tuple[int, int], limit: int = 32) -> tuple[np.ndarray, str]:
     """Real images for the build's checks: --calib DIR, else random images (said so in the header)."""
     if calib is None:
         rng = np.random.default_rng(0)
-        return rng.random((4, 3, size, size), dtype=np.float32), "4 random images (no --calib given)"
+        return rng.random((4, 3, *hw), dtype=np.float32), "4 random images (no --calib given)"
     folder = Path(calib)
     if not folder.is_dir():
         raise UserError(f"{folder}: --calib needs a folder of good images")
@@ -68,7 +76,7 @@ def _calibration_images(calib: str | None, size: int, limit: int = 32) -> tuple[
     if not paths:
         raise UserError(f"{folder}: no images found for --calib")
     paths = paths[:: max(1, len(paths) // limit)][:limit]
-    return frames_to_input([read_image(p) for p in paths], size), f"{len(paths)} images from {folder}"
+    return frames_to_input([read_image(p) for p in paths], hw), f"{len(paths)} images from {folder}"
 
 
 def _compare(infer: Callable, ref_maps: np.ndarray, ref_scores: np.ndarray, images: np.ndarray,
@@ -118,7 +126,7 @@ def _auto_candidates(backend: str, real_images: bool) -> list[str]:
     return [p for p in _precisions(backend) if p != "fp32"][:1] + ["fp32"]
 
 
-def _resolve_backend(backend: str, precision: str) -> list[str]:
+def _resolve_backend(backend: str, precision: str, tiled: bool = False) -> list[str]:
     """The backends to build and check: one, or for auto without a GPU every installed CPU backend (timed)."""
     installed = available_backends()
     if backend != "auto" and backend not in installed:
@@ -126,7 +134,8 @@ def _resolve_backend(backend: str, precision: str) -> list[str]:
     if backend == "tensorrt" and not torch.cuda.is_available():
         raise UserError("backend tensorrt needs an NVIDIA GPU; none is visible to PyTorch")
     if backend == "auto" and torch.cuda.is_available():
-        backend = "tensorrt" if "tensorrt" in installed else "torch"  # torch: cuDNN + Triton kernels
+        # torch: cuDNN + Triton kernels; a TensorRT plan ends at the score, and tiled frames need the map it reads
+        backend = "tensorrt" if "tensorrt" in installed and not tiled else "torch"
     cpu = [b for b in NATIVE_FUSION_BACKENDS if b in installed]  # what auto times where no GPU is visible
     candidates = (cpu or ["torch"]) if backend == "auto" else [backend]
     if precision != "auto":
@@ -141,13 +150,13 @@ def _resolve_backend(backend: str, precision: str) -> list[str]:
 def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Path,
                  config: BuildConfig = BuildConfig()) -> EngineHeader:
     """Build and write the engine; returns its header (what was chosen and checked, with numbers)."""
-    size, batch = model.config.input_size, config.batch
+    hw, batch = model.config.input_size, config.batch
     threshold = meta.get("threshold", {}).get("threshold")
     if threshold is None:
         raise UserError("model.pt has no decision threshold (train it with python -m train.fit)")
     graph = InferenceGraph(model).eval()
-    images, calib_desc = _calibration_images(config.calib, size)
-    check_images = np.concatenate([images, np.random.default_rng(1).random((2, 3, size, size), dtype=np.float32)])
+    images, calib_desc = _calibration_images(config.calib, hw)
+    check_images = np.concatenate([images, np.random.default_rng(1).random((2, 3, *hw), dtype=np.float32)])
     with torch.no_grad():
         ref_maps, ref_scores = (t.numpy() for t in model(torch.from_numpy(check_images)))
         graph_check = _compare(lambda x: tuple(t.numpy() for t in graph(torch.from_numpy(x))), ref_maps, ref_scores,
@@ -159,11 +168,17 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
                            f"{graph_check}; this is a lineflow bug, please report it")
     checks: dict = {"graph_vs_reference": graph_check, "check_images": calib_desc}
     scoring = graph.scoring_spec()
+    cfg = model.config
+    tiling = TilingSpec(cfg.tile_scale, cfg.tile_overlap, cfg.image_score_top) if cfg.tile_scale else None
+    if tiling is not None and config.backend not in (*TILING_BACKENDS, "auto"):
+        raise UserError(f"--backend {config.backend}: this model tiles its frames, which runs on "
+                        f"{', '.join(TILING_BACKENDS)} (a TensorRT plan ends at the image score, not the map it reads)")
 
     def header(backend: str, precision: str) -> EngineHeader:
         return EngineHeader(
-            backend=backend, precision=precision, input_size=size, threshold=threshold, batch=batch,
+            backend=backend, precision=precision, input_size=hw, threshold=threshold, batch=batch,
             scoring=scoring if backend in NATIVE_FUSION_BACKENDS else None,  # tensorrt, torch: fused inside
+            tiling=tiling,
             model_config=model.config.to_dict(), model_threshold=meta.get("threshold"), checks=checks,
             created=datetime.now(UTC).isoformat(),
             built_on={"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__})
@@ -192,7 +207,7 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
             print(f"  {prec} is outside tolerance: trying {candidates[candidates.index(prec) + 1]}")
         raise AssertionError("unreachable: fp32 is every backend's last candidate")
 
-    names = _resolve_backend(config.backend, config.precision)
+    names = _resolve_backend(config.backend, config.precision, tiling is not None)
     options = {name: checked(name) for name in names}
     timings = {name: _median_ms(options[name][2].infer, check_images[:batch or 1]) for name in names}
     if len(names) > 1:  # auto without a GPU: the fastest installed CPU backend at its checked precision

@@ -27,14 +27,14 @@ ONNX_PARTS = ("full", "maps", "backbone", "flow")
 def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") -> bytes:
     """The inference graph, or a part of it, as ONNX (opset 17); batch None = dynamic batch dimension.
 
-    full: images -> anomaly_map (B, S, S) and score (B,) (TensorRT). maps: images -> the per-scale NLL maps
-    q0..qn (B, h, h), fused by the native post-processing (CPU backends). backbone + flow: maps in two
+    full: images -> anomaly_map (B, H, W) and score (B,) (TensorRT). maps: images -> the per-scale NLL maps
+    q0..qn (B, h, w), fused by the native post-processing (CPU backends). backbone + flow: maps in two
     graphs, images -> features f0..fn -> q0..qn, for engines that run the two at different precisions.
     """
     if part not in ONNX_PARTS:
         raise ValueError(f"part must be one of {ONNX_PARTS}, not {part!r}")
     n = len(graph.scales)
-    x = torch.rand(batch or 2, 3, graph.size, graph.size)
+    x = torch.rand(batch or 2, 3, *graph.size)
     feats, maps = [f"f{i}" for i in range(n)], [f"q{i}" for i in range(n)]
     if part == "flow":
         with torch.no_grad():
@@ -52,7 +52,7 @@ def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") ->
     return buf.getvalue()
 
 
-def tensorrt_plan(onnx: bytes, precision: str, batch: int | None, size: int, max_batch: int = 32) -> bytes:
+def tensorrt_plan(onnx: bytes, precision: str, batch: int | None, hw: tuple[int, int], max_batch: int = 32) -> bytes:
     """ONNX -> serialised TensorRT plan (TensorRT 10/11 Python API). Not run on our machines."""
     import tensorrt as trt
     logger = trt.Logger(trt.Logger.WARNING)
@@ -70,7 +70,7 @@ def tensorrt_plan(onnx: bytes, precision: str, batch: int | None, size: int, max
         config.set_flag(trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
     lo, hi = (batch, batch) if batch else (1, max_batch)
-    profile.set_shape("images", (lo, 3, size, size), (hi if batch else 8, 3, size, size), (hi, 3, size, size))
+    profile.set_shape("images", (lo, 3, *hw), (hi if batch else 8, 3, *hw), (hi, 3, *hw))
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:

@@ -115,7 +115,7 @@ class FoldedScale(nn.Module):
 
 
 class InferenceGraph(nn.Module):
-    """(B, 3, S, S) images in [0, 1] -> anomaly map (B, S, S) and image score (B,), as FastFlow.forward."""
+    """(B, 3, H, W) images in [0, 1] -> anomaly map (B, H, W) and image score (B,), as FastFlow.forward."""
 
     def __init__(self, model: FastFlow):
         super().__init__()
@@ -128,8 +128,8 @@ class InferenceGraph(nn.Module):
         used = sorted(set(self.map_scales) | set(self.image_scales))  # a scale neither map reads is not computed
         strides = self.backbone.strides
         self.scales = nn.ModuleDict(
-            {str(s): FoldedScale(model, s, (self.size // strides[s], self.size // strides[s])) for s in used})
-        self.top_k = top_k_count(cfg.image_score_top, self.size * self.size)
+            {str(s): FoldedScale(model, s, (self.size[0] // strides[s], self.size[1] // strides[s])) for s in used})
+        self.top_k = top_k_count(cfg.image_score_top, self.size[0] * self.size[1])
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The used scales' backbone features, neighbourhood-averaged: what the flows read."""
@@ -137,19 +137,18 @@ class InferenceGraph(nn.Module):
         return pool_features([feats[int(key)] for key in self.scales], self.pool)
 
     def scale_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Each used scale's NLL map (B, 1, h_s, h_s), in the order of self.scales."""
+        """Each used scale's NLL map (B, 1, h_s, w_s), in the order of self.scales."""
         return [scale(f) for scale, f in zip(self.scales.values(), self.features(images))]
 
     def per_scale(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        size = (self.size, self.size)
-        return {int(key): F.interpolate(q, size=size, mode="bilinear", align_corners=False)
+        return {int(key): F.interpolate(q, size=self.size, mode="bilinear", align_corners=False)
                 for key, q in zip(self.scales, self.scale_maps(images))}
 
     def scoring_spec(self) -> ScoringSpec:
         """What the fusion after scale_maps needs (engine.native.NativeScoring, the CUDA path's scoring kernel)."""
         keys = [int(k) for k in self.scales]
         return ScoringSpec(size=self.size, sigma=float(self.sigma), top_k=self.top_k,
-                           heights=tuple(scale.norm_shape[1] for scale in self.scales.values()),
+                           shapes=tuple(scale.norm_shape[1:] for scale in self.scales.values()),
                            map_weights=tuple(1 / len(self.map_scales) if k in self.map_scales else 0.0 for k in keys),
                            image_weights=tuple(1 / len(self.image_scales) if k in self.image_scales else 0.0
                                                for k in keys))
@@ -165,7 +164,7 @@ class InferenceGraph(nn.Module):
 
 
 class ScaleMapsGraph(nn.Module):
-    """InferenceGraph up to the per-scale NLL maps (B, h_s, h_s): for CPU backends whose upsample, blur and
+    """InferenceGraph up to the per-scale NLL maps (B, h_s, w_s): for CPU backends whose upsample, blur and
     top-k run in the native post-processing (engine/native.py), which is faster there than in the graph."""
 
     def __init__(self, graph: InferenceGraph):
@@ -189,7 +188,7 @@ class BackboneGraph(nn.Module):
 
 
 class FlowGraph(nn.Module):
-    """ScaleMapsGraph's second stage: the features -> per-scale NLL maps (B, h_s, h_s)."""
+    """ScaleMapsGraph's second stage: the features -> per-scale NLL maps (B, h_s, w_s)."""
 
     def __init__(self, graph: InferenceGraph):
         super().__init__()

@@ -25,14 +25,16 @@ class DataError(UserError):
     """Bad input data a user can fix; the message names the file and the problem."""
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path: Path, decode: bool = True) -> Image.Image:
+    """The image, decoded (or, with decode=False, only its header read: size and mode)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
             if im.width * im.height > MAX_PIXELS:
                 raise DataError(f"{path}: image is {im.width}x{im.height}, over the {MAX_PIXELS:,}-pixel limit")
-            im.load()
+            if decode:
+                im.load()
         if im.width == 0 or im.height == 0:
             raise DataError(f"{path}: image has zero size")
         return im
