@@ -143,6 +143,7 @@ def score_maps(states: list[torch.Tensor], alpha_beta: list[torch.Tensor], offse
         hblocks.append(_block(z.shape[2]))
         wblocks.append(_block(z.shape[3]))
         chunks.append(max(1, min(triton.next_power_of_2(z.shape[1]), 8192 // (hblocks[-1] * wblocks[-1]))))
+    block_rows = max(1, min(block_rows, 8192 // _block(width)))  # a row tile's two accumulators stay ~64 KiB
     grid = (triton.cdiv(height, block_rows), bsz)
     _score_kernel[grid](out, score_out if two else out, height, width, *args, NUM=n, TWO_MAPS=two,
                         HB0=hblocks[0], HB1=hblocks[1], HB2=hblocks[2], HB3=hblocks[3],

@@ -1,0 +1,28 @@
+"""Re-read one trained model's maps under other post-processing settings, without refitting (round 7).
+
+    python docs/scripts/reread_maps.py model.pt DATA_DIR
+
+Blur sigma 0, 1, 2, 4 px and the stride-32 scale in the map; image AUROC also at other top fractions.
+The flow's weights are the model's; only the fusion after it changes, so the backbone runs once.
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from train.checkpoint import load_model  # noqa: E402
+from train.evaluate import evaluate  # noqa: E402
+from train.model import FastFlow  # noqa: E402
+
+VARIANTS = [{"blur_sigma": b} for b in (0.0, 1.0, 2.0, 4.0)] + [{"blur_sigma": 2.0, "map_scales": "all"}]
+
+model, _ = load_model(sys.argv[1])
+cache: dict = {}
+for variant in VARIANTS:
+    m = FastFlow(replace(model.config, **variant), model.backbone).eval()
+    m.load_state_dict(model.state_dict())
+    r = evaluate(m, sys.argv[2], None, feature_cache=cache, tops=(0.01, 0.05, 0.1, 0.2))
+    print(variant, f"image {r['image_auroc']:.4f} pixel {r['pixel_auroc']:.4f} aupro {r['aupro']:.4f}",
+          "image AUROC by top fraction", r["image_auroc_by_top"], flush=True)
