@@ -14,13 +14,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["SIDE_MULTIPLE", "MIN_SIDE", "PIXEL_BUDGET", "AREA_FILL", "parse_size", "format_size",
+__all__ = ["SIDE_MULTIPLE", "MIN_SIDE", "PIXEL_BUDGET", "AREA_FILL", "MIXED_ASPECTS", "MIXED_BUDGET",
+            "parse_size", "format_size",
            "as_hw", "check_hw", "choose_input_size", "tile_starts", "tile_grid", "blend_weights", "stitch"]
 
 SIDE_MULTIPLE = 32  # features are taken down to stride 32
 MIN_SIDE = 64
 PIXEL_BUDGET = 2 * 256 * 256  # the default input's area at most (a BSD fit stays within 30 min on 2 cores)
 AREA_FILL = 0.75  # the default input uses at least this share of its pixel limit
+MIXED_ASPECTS = 2.0  # images whose aspect ratios spread wider (95th / 5th percentile) get a square input...
+MIXED_BUDGET = 256 * 256  # ... of at most this many pixels (measured on MTD, docs/results.md round 7)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -65,7 +68,8 @@ def choose_input_size(image_sizes: Iterable[tuple[int, int]], budget: int = PIXE
     Keeps their median scale and their median aspect ratio: the pixel limit is `budget`, or their
     median area where that is smaller (small images are not enlarged); of the shapes on the
     SIDE_MULTIPLE grid that use AREA_FILL to all of that limit, the one nearest their aspect ratio
-    (the larger on a tie).
+    (the larger on a tie). Images of widely mixed aspect ratios (portrait and landscape tiles: MTD)
+    get the square of at most MIXED_BUDGET pixels instead: no one rectangle keeps their shapes.
     """
     sizes = list(image_sizes)
     if not sizes:
@@ -73,6 +77,10 @@ def choose_input_size(image_sizes: Iterable[tuple[int, int]], budget: int = PIXE
     aspects = sorted(w / h for h, w in sizes)
     areas = sorted(h * w for h, w in sizes)
     aspect, area = aspects[len(aspects) // 2], areas[len(areas) // 2]
+    if aspects[int(0.95 * (len(aspects) - 1))] / aspects[int(0.05 * (len(aspects) - 1))] > MIXED_ASPECTS:
+        # no one rectangle keeps such images' shapes: a square treats both orientations alike
+        side = max(MIN_SIDE, int(math.sqrt(min(MIXED_BUDGET, area))) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+        return (side, side)
     limit = max(min(budget, area), MIN_SIDE * MIN_SIDE)
     shapes = [(h, w) for h in range(MIN_SIDE, limit // MIN_SIDE + 1, SIDE_MULTIPLE)
               for w in range(MIN_SIDE, limit // h + 1, SIDE_MULTIPLE)]
