@@ -107,26 +107,39 @@ def tile_grid(frame_hw: tuple[int, int], scale: float, tile_hw: tuple[int, int],
                     for x in tile_starts(scaled[1], tile_hw[1], overlap)]
 
 
-def blend_weights(tile_hw: tuple[int, int], overlap: float) -> np.ndarray:
-    """(h, w) float32 weights of a tile's map: 1 inside, falling linearly to its edges over the `overlap`
-    share of its side (never to 0, so a frame's own border keeps its one tile's value). Stitched map =
-    sum(weights * tile map) / sum(weights): seams fade instead of jumping."""
-    axes = []
-    for n in tile_hw:
-        d = np.minimum(np.arange(n), np.arange(n)[::-1]) + 0.5  # distance to the nearer edge
-        axes.append(np.clip(d / max(1.0, overlap * n), 1e-3, 1.0))
-    return (axes[0][:, None] * axes[1][None, :]).astype(np.float32)
+def _ramp(n: int, overlap: float) -> np.ndarray:
+    """One axis of a tile's blend weights: 1 inside, falling linearly to its edges over `overlap` of n."""
+    d = np.minimum(np.arange(n), np.arange(n)[::-1]) + 0.5  # distance to the nearer edge
+    return np.clip(d / max(1.0, overlap * n), 1e-3, 1.0).astype(np.float32)
+
+
+def blend_weights(tile_hw: tuple[int, int], overlap: float) -> tuple[np.ndarray, np.ndarray]:
+    """A tile's map weights, separable: (along rows (h,), along columns (w,)) float32. 1 inside, falling
+    linearly to its edges over the `overlap` share of its side (never to 0, so a frame's own border keeps
+    its one tile's value). Stitched map = sum(weights * tile map) / sum(weights): seams fade, not jump."""
+    return _ramp(tile_hw[0], overlap), _ramp(tile_hw[1], overlap)
 
 
 def stitch(tile_maps: np.ndarray, starts: list[tuple[int, int]], scaled_hw: tuple[int, int],
-           weights: np.ndarray) -> np.ndarray:
-    """(T, h, w) maps of one frame's tiles -> its (height, width) map at the tiles' scale, blended by `weights`."""
+           weights: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(T, h, w) maps of one frame's tiles -> its (height, width) map at the tiles' scale, blended by `weights`.
+
+    The tiles lie on a grid (tile_grid: every row start with every column start), so the sum of the
+    weights is itself separable: the division is two in-place passes, not a frame-sized weight map.
+    """
     if len(starts) == 1 and tuple(tile_maps.shape[1:]) == tuple(scaled_hw):
         return np.asarray(tile_maps[0], dtype=np.float32)
+    wy, wx = weights
     h, w = tile_maps.shape[1:]
-    total = np.zeros(scaled_hw, dtype=np.float64)
-    norm = np.zeros(scaled_hw, dtype=np.float64)
-    for m, (y, x) in zip(tile_maps, starts):
-        total[y:y + h, x:x + w] += weights * m
-        norm[y:y + h, x:x + w] += weights
-    return (total / norm).astype(np.float32)
+    total = np.zeros(scaled_hw, dtype=np.float32)
+    weighted = tile_maps * wy[None, :, None] * wx[None, None, :]
+    for m, (y, x) in zip(weighted, starts):
+        total[y:y + h, x:x + w] += m
+    norm_y, norm_x = np.zeros(scaled_hw[0], np.float32), np.zeros(scaled_hw[1], np.float32)
+    for y in sorted({y for y, _ in starts}):
+        norm_y[y:y + h] += wy
+    for x in sorted({x for _, x in starts}):
+        norm_x[x:x + w] += wx
+    total *= (1.0 / norm_y)[:, None]
+    total *= (1.0 / norm_x)[None, :]
+    return total
