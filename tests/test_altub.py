@@ -5,6 +5,7 @@ import torch
 
 from train.fit import TrainConfig, make_optimisers, train_step
 from train.model import FastFlow, FlowConfig
+from train.tiles import FrameTiles
 
 
 def _snapshot(params):
@@ -99,7 +100,8 @@ def test_cosine_schedule_decays_both_learning_rates_to_zero(monkeypatch):
         return real_step(model, feats, step, flow_opt, base_opt, cfg)
 
     monkeypatch.setattr(fit_mod, "train_step", recording_step)
-    fit_mod.fit(model, _feats(model, 1), _feats(model, 2), cfg, torch.device("cpu"))
+    held_out = [FrameTiles((64, 64), ((0, 0),))] * 4  # 4 images, each one whole tile
+    fit_mod.fit(model, _feats(model, 1), _feats(model, 2), held_out, cfg, torch.device("cpu"))
     assert len(seen) == 6  # 3 epochs x 2 batches of 2
     assert seen[0] == (1e-3, 1e-2)
     flow_lrs = [f for f, _ in seen]
