@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - `pip install -e .` builds it; say
     raise ImportError("engine._native is not built: run `pip install -e .` in the lineflow checkout "
                       f"(it compiles cpp/native.cpp; needs a C++17 compiler) ({e})") from e
 
-__all__ = ["band", "resize_band", "scale_bands", "preprocess", "preprocess_bands",
+__all__ = ["band", "resize_band", "scale_bands", "tile_bands", "preprocess", "preprocess_bands",
            "NativeScoring", "resize_maps", "NATIVE_DTYPES"]
 
 NATIVE_DTYPES = (np.uint8, np.uint16)
@@ -68,6 +68,14 @@ def preprocess(frames: list[np.ndarray], hw: tuple[int, int], bgr: bool = False,
     cols = [resize_band(f.shape[1], out_w) for f in frames]
     _native.preprocess(list(frames), rows, cols, out, bgr)
     return out
+
+
+@lru_cache(maxsize=64)
+def tile_bands(n_in: int, n_scaled: int, starts: tuple[int, ...], tile: int) -> tuple[tuple, ...]:
+    """Per tile start, the band of rows start..start+tile of resize_matrix(n_in, n_scaled): one axis of the
+    tiles of a frame resized to n_scaled (cached: a camera's frames share one size)."""
+    start, taps = resize_band(n_in, n_scaled)
+    return tuple((np.ascontiguousarray(start[s:s + tile]), np.ascontiguousarray(taps[s:s + tile])) for s in starts)
 
 
 def preprocess_bands(frames: list[np.ndarray], rows: list[tuple], cols: list[tuple], bgr: bool = False,

@@ -146,13 +146,14 @@ class Engine:
             first = len(fast) + len(slow)
             if a.dtype in native.NATIVE_DTYPES:
                 a = np.ascontiguousarray(a)
-                row_band = native.resize_band(a.shape[0], scaled[0])
-                col_band = native.resize_band(a.shape[1], scaled[1])
+                ys, xs = sorted({y for y, _ in starts}), sorted({x for _, x in starts})
+                row_bands = dict(zip(ys, native.tile_bands(a.shape[0], scaled[0], tuple(ys), th)))
+                col_bands = dict(zip(xs, native.tile_bands(a.shape[1], scaled[1], tuple(xs), tw)))
                 for i, (y, x) in enumerate(starts):
                     fast.append(a)
                     fast_idx.append(first + i)
-                    rows.append(tuple(np.ascontiguousarray(b[y:y + th]) for b in row_band))
-                    cols.append(tuple(np.ascontiguousarray(b[x:x + tw]) for b in col_band))
+                    rows.append(row_bands[y])
+                    cols.append(col_bands[x])
             else:
                 whole = frames_to_input([to_rgb_float(a, bgr)], scaled)[0]
                 slow.extend(whole[:, y:y + th, x:x + tw] for y, x in starts)
