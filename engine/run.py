@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 
-from engine.common.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_SOURCE_FAILED, UserError, run_cli
+from engine.common.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT_FAILED,
+    EXIT_SOURCE_FAILED,
+    EXIT_TERMINATED,
+    UserError,
+    run_cli,
+)
 from engine.runtime import Engine
 from engine.sinks import JsonlSink, MapSink, VideoSink
 from engine.sources import SourceError
@@ -31,10 +41,13 @@ def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> N
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog=f"exit status: 0 done; {EXIT_BAD_INPUT} bad engine, source or option (nothing "
-                                f"written); {EXIT_SOURCE_FAILED} the source failed mid-run: a camera or stream lost "
-                                "after reconnection attempts with backoff, or a video cut short (every result before "
-                                f"the fault is written); {EXIT_INTERRUPTED} interrupted")
+                                epilog=f"exit status: 0 done; {EXIT_INTERNAL} the backend failed, or a bug; "
+                                f"{EXIT_BAD_INPUT} bad engine, source or option (nothing written); "
+                                f"{EXIT_SOURCE_FAILED} the source failed mid-run: a camera or stream lost after "
+                                "reconnection attempts with backoff, hanging, or a video cut short; "
+                                f"{EXIT_OUTPUT_FAILED} an output could not be written mid-run (disk full); "
+                                f"{EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_TERMINATED} terminated (SIGTERM). "
+                                "After 3, 4, 130 and 143 every result before the fault is written, in whole lines.")
     p.add_argument("engine", help="engine file written by python -m engine.build")
     p.add_argument("--source", required=True, help="camera:N, /dev/videoN, rtsp/http URL, video file, image folder "
                    "or image file")
@@ -52,33 +65,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path checked before anything runs: a bad one fails in one line, with nothing written."""
+    for opt, path, folder in (("--out", args.out, False), ("--save-maps", args.save_maps, True),
+                              ("--overlay-video", args.overlay_video, False)):
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir() and not folder:
+            raise UserError(f"{opt} {path}: is a folder; give a file name")
+        if p.exists() and not p.is_dir() and folder:
+            raise UserError(f"{opt} {path}: is a file; give a folder (created if missing)")
+        parent = p.resolve().parent
+        if not parent.is_dir():
+            raise UserError(f"{opt} {path}: folder {p.parent} does not exist")
+        if not os.access(p if p.exists() else parent, os.W_OK):
+            raise UserError(f"{opt} {path}: not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.batch < 1:
         raise UserError("--batch must be at least 1")
     if args.max_fps is not None and args.max_fps <= 0:
         raise UserError("--max-fps must be positive")
-    for opt, path in (("--out", args.out), ("--overlay-video", args.overlay_video)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{opt} {path}: folder {Path(path).parent} does not exist")
+    _check_outputs(args)
     engine = Engine(args.engine, args.threads)  # a bad engine fails here, before any output exists
-    with engine:  # its backend threads stop before the process exits, on every path
-        return _stream(args, engine)
-
-
-def _stream(args: argparse.Namespace, engine: Engine) -> int:
-    with_maps = bool(args.save_maps or args.overlay_video)
     stats = StreamStats()
+    with engine:  # the stream's threads are joined, then the backend's stopped, before the process exits
+        code = _stream(args, engine, stats)
+    if stats.capture_stuck:  # a source hanging inside read() cannot be joined: leave without tearing it down
+        print("note: the source's reader hung and was abandoned", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats) -> int:
+    with_maps = bool(args.save_maps or args.overlay_video)
     results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
                   with_maps=with_maps, stats=stats)
-    first = next(results, None)  # opens the source: a bad source fails here, before any output exists
-    sinks = []
-    if args.out:
-        sinks.append(JsonlSink(args.out))
-    if args.save_maps:
-        sinks.append(MapSink(args.save_maps, engine.threshold))
-    if args.overlay_video:
-        sinks.append(VideoSink(args.overlay_video, engine.threshold, fps=args.max_fps or 10.0))
+    sinks: list = []
+    try:
+        first = next(results, None)  # opens the source: a bad source fails here, before any output exists
+        if args.out:
+            sinks.append(JsonlSink(args.out))
+        if args.save_maps:
+            sinks.append(MapSink(args.save_maps, engine.threshold))
+        if args.overlay_video:  # at the source's own rate where it states one (video, camera)
+            sinks.append(VideoSink(args.overlay_video, engine.threshold, fps=stats.source_fps or args.max_fps or 10.0))
+    except BaseException:
+        results.close()  # joins the stream's threads
+        for s in sinks:
+            s.close()
+        raise
     stop = threading.Event()
     status = threading.Thread(target=_status, args=(stats, stop), daemon=True)
     if not args.quiet:
@@ -97,14 +138,21 @@ def _stream(args: argparse.Namespace, engine: Engine) -> int:
                 print(f"{r.index}\t{r.source}\terror: {r.error}")
     except SourceError as e:  # every result before the fault has been written; the sinks close below
         failure = e
-    finally:
+    finally:  # also on Ctrl-C, SIGTERM and a sink's failure: the threads joined, every sink closed
         stop.set()
+        results.close()
+        closing = None
         for s in sinks:
-            s.close()
+            try:
+                s.close()
+            except Exception as e:  # noqa: BLE001 - the others still close; the first failure is reported
+                closing = closing or e
+        if closing is not None and sys.exc_info()[0] is None:
+            raise closing
     if not args.quiet:
         print(f"\r{stats.line()}", file=sys.stderr)
     print(f"{stats.frames} frames in {time.perf_counter() - t0:.1f} s: {stats.scored} scored, {anomalous} anomalous "
-          f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} could not be read; "
+          f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} errors; "
           f"{engine.backend_name} {engine.precision}", file=sys.stderr)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)

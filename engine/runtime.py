@@ -6,8 +6,10 @@ and nothing of train/ unless the engine was built for the torch or TensorRT back
 
 from __future__ import annotations
 
+import math
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,13 @@ from engine.format import read_engine
 from engine.header import EngineHeader
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
 
-__all__ = ["Engine", "Result", "load"]
+__all__ = ["Engine", "EngineClosedError", "Result", "load", "NON_FINITE_SCORE"]
+
+NON_FINITE_SCORE = "the backend returned a non-finite score ({}): no verdict for this frame"
+
+
+class EngineClosedError(RuntimeError):
+    """A call on an engine after close()."""
 
 
 @dataclass
@@ -62,8 +70,23 @@ class Engine:
         self.tiling = self.header.tiling  # None: frames resized whole; else cut in tiles and stitched
         self.backend = load_backend(self.header, sections, threads)
         self._lock = nullcontext() if self.backend.thread_safe else threading.Lock()
+        self._calls, self._closed, self._idle = 0, False, threading.Condition()
         if self.tiling is not None:
             self._blend = blend_weights(self.input_size, self.tiling.overlap)
+
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Counts a call that uses the backend or the native pool, so that close() waits for it to end."""
+        with self._idle:
+            if self._closed:
+                raise EngineClosedError(f"{self.path}: the engine is closed")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._calls -= 1
+                self._idle.notify_all()
 
     def _infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
@@ -71,7 +94,8 @@ class Engine:
 
     def infer_prepared(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) float32 model input -> maps (B, H, W), scores (B,); split to the engine's batch size."""
-        return run_batched(self._infer, images, self.max_batch)
+        with self._in_flight():
+            return run_batched(self._infer, images, self.max_batch)
 
     def _infer_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
@@ -111,14 +135,24 @@ class Engine:
                 idx = [i for i, s in enumerate(sizes) if tuple(s) == hw]
                 for i, m in zip(idx, native.resize_maps(maps[idx], hw)):
                     resized[i] = m
-        return [Result(float(s), bool(s > self.threshold), m) for s, m in zip(scores, resized)]
+        return [self._verdict(float(s), m) for s, m in zip(scores, resized)]
+
+    def _verdict(self, score: float, amap: np.ndarray | None) -> Result:
+        """A finite score judged against the threshold; a NaN or infinite one is an error result, never a pass."""
+        if not math.isfinite(score):
+            return Result(None, None, amap, error=NON_FINITE_SCORE.format(score))
+        return Result(score, score > self.threshold, amap)
 
     def score(self, frames: list[np.ndarray], bgr: bool = False, with_maps: bool = True) -> list[Result]:
         """Frames -> their Results, all in the engine's batches: each resized whole to the model's input, or,
         for a tiling engine, cut in tiles (all tiles of all frames in one batched call) and stitched."""
-        if self.tiling is None:
-            x, sizes = self.prepare(frames, bgr)
-            return self.finish(*self.infer_prepared(x), sizes, with_maps)
+        with self._in_flight():  # close() waits for the native pool and the backend to be done with this call
+            if self.tiling is None:
+                x, sizes = self.prepare(frames, bgr)
+                return self.finish(*self.infer_prepared(x), sizes, with_maps)
+            return self._score_tiled(frames, bgr, with_maps)
+
+    def _score_tiled(self, frames: list[np.ndarray], bgr: bool, with_maps: bool) -> list[Result]:
         x, layout = self.prepare_tiles(frames, bgr)
         maps, score_maps = run_batched(self._infer_maps, x, self.max_batch)
         results, first = [], 0
@@ -130,7 +164,7 @@ class Engine:
             k = top_k_count(self.tiling.top_fraction, score_map.size)
             score = float(np.partition(score_map.ravel(), score_map.size - k)[-k:].mean(dtype=np.float32))
             amap = (resize_map(amap, hw) if tuple(hw) != scaled else amap) if with_maps else None
-            results.append(Result(score, bool(score > self.threshold), amap))
+            results.append(self._verdict(score, amap))
         return results
 
     def prepare_tiles(self, frames: list[np.ndarray], bgr: bool = False) -> tuple[np.ndarray, list[tuple]]:
@@ -177,9 +211,13 @@ class Engine:
         results = self.score(batch, bgr)
         return results[0] if single else results
 
-
     def close(self) -> None:
-        """Stop the backend's threads and free it (after a call in flight); the engine cannot score after this."""
+        """Wait for the calls in flight, then stop the backend's threads and free it; idempotent. Later calls raise
+        EngineClosedError. A process that loaded an engine closes it before it exits (the CLIs do), so no native or
+        backend thread is busy while the interpreter tears down."""
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: self._calls == 0)
         with self._lock:
             self.backend.close()
 

@@ -40,6 +40,7 @@ class Frame:
     bgr: bool = False  # image is OpenCV's BGR
     error: str | None = None
     perf: float = 0.0  # perf_counter when captured (latency)
+    fps: float | None = None  # the source's own frame rate, where it states one (video files, cameras)
 
 
 def is_live(spec) -> bool:
@@ -66,10 +67,11 @@ def _video(spec: str, capture_arg: int | str) -> Iterator[Frame]:
     if not cap.isOpened():  # checked now, not at the first frame: a bad source fails before anything runs
         raise UserError(f"{spec}: cannot open (not a readable video, camera or stream)")
     expected = 0 if live else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    return _read_video(cap, spec, open_capture if live else None, expected)
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0)
+    return _read_video(cap, spec, open_capture if live else None, expected, fps if 0 < fps < 1000 else None)
 
 
-def _read_video(cap, spec: str, reopen, expected: int) -> Iterator[Frame]:
+def _read_video(cap, spec: str, reopen, expected: int, fps: float | None = None) -> Iterator[Frame]:
     """Frames until the end. Files: ending short of the container's frame count is a SourceError. Live
     sources: a failed read reconnects with exponential backoff, each attempt reported as an error frame."""
     index = 0
@@ -77,7 +79,7 @@ def _read_video(cap, spec: str, reopen, expected: int) -> Iterator[Frame]:
         while True:
             ok, frame = cap.read()
             if ok:
-                yield Frame(index, spec, time.time(), frame, bgr=True)
+                yield Frame(index, spec, time.time(), frame, bgr=True, fps=fps)
                 index += 1
                 continue
             if reopen is None:
@@ -95,7 +97,7 @@ def _read_video(cap, spec: str, reopen, expected: int) -> Iterator[Frame]:
                 cap = reopen()
                 ok, frame = cap.read() if cap.isOpened() else (False, None)
                 if ok:
-                    yield Frame(index, spec, time.time(), frame, bgr=True)
+                    yield Frame(index, spec, time.time(), frame, bgr=True, fps=fps)
                     index += 1
                     break
             else:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.common.errors import UserError, run_cli
+from engine.common.errors import RunError, UserError, run_cli
 from engine.common.geometry import choose_input_size, format_size, parse_size
 from engine.common.images import images_in, open_image, read_image
 from train.backbones import BACKBONES, create_backbone
@@ -186,7 +186,8 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
                     set_learning_rates(flow_opt, base_opt, cfg, schedule_factor(cfg.lr_schedule, step, total_steps))
                 loss = train_step(model, [f[idx].to(device) for f in train_feats], step, flow_opt, base_opt, cfg)
                 if not math.isfinite(loss):
-                    raise RuntimeError(f"training diverged at epoch {epoch} (loss {loss}); try a lower --lr")
+                    raise RunError(f"training diverged at epoch {epoch}, step {step} (loss {loss}); no model written; "
+                                   f"try a lower --lr (now {cfg.lr:g})")
                 step += 1
                 losses.append(loss)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -10,6 +10,8 @@ It also runs on the CPU under TRITON_INTERPRET=1, which is how the tests check i
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -114,14 +116,22 @@ class KernelGraph(nn.Module):
 
 
 class CudaGraphRunner:
-    """Runs a module on fixed-shape CUDA inputs by replaying one captured CUDA graph per batch size."""
+    """Runs a module on fixed-shape CUDA inputs by replaying one captured CUDA graph per batch size.
+
+    The graphs' input and output buffers are static, so a call holds a lock from the copy in to the copy out,
+    and returns copies: two threads on one runner never see each other's buffers."""
 
     def __init__(self, module: nn.Module, warmup: int = 3):
         self.module, self.warmup = module, warmup
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
+        self.lock = threading.Lock()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple:
+        with self.lock:
+            return tuple(t.clone() for t in self._replay(images))
+
+    def _replay(self, images: torch.Tensor) -> tuple:
         key = tuple(images.shape)
         if key not in self.graphs:
             static_in = images.clone()

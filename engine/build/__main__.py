@@ -29,9 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=d.backend, choices=BUILD_BACKENDS,
                    help="auto: TensorRT on an NVIDIA GPU, else the fastest installed CPU backend, timed here")
     p.add_argument("--precision", default=d.precision, choices=BUILD_PRECISIONS,
-                   help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16. auto: the first of "
-                        "bf16 (OpenVINO only with --calib), bf16-flow, fp16 that the hardware runs natively and that "
-                        "stays within tolerance of fp32 on the check images, else fp32")
+                   help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16. Only precisions the "
+                        "hardware runs natively are built. auto: the first low precision that stays within tolerance "
+                        "of fp32 on the check images, else fp32: OpenVINO on a CPU with bf16 tries bf16 (with --calib "
+                        "only) then bf16-flow; the GPU paths try bf16; fp16 is built only when asked for")
     p.add_argument("--batch", type=int, default=d.batch or 0, help="fixed batch size; 0 = any batch size")
     p.add_argument("--calib", metavar="DIR", default=d.calib, help="folder of good images for the accuracy checks "
                    "(default: random images, which check the arithmetic but not real-image precision)")
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     header = build_engine(model, meta, model_bytes, out, config)
     print(f"wrote {out}: {header.backend} {header.precision}, {format_size(header.input_size)} px, "
           f"batch {header.batch or 'any'}, threshold {header.threshold:.4f}, "
-          f"{header.checks['ms_per_frame_batch1']:.1f} ms/frame here ({time.perf_counter() - t0:.0f} s to build)")
+          f"{header.checks['ms_per_frame']:.1f} ms/frame here at batch {header.checks['ms_per_frame_batch']} "
+          f"({time.perf_counter() - t0:.0f} s to build)")
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from engine.backends import Backend, available_backends, load_backend, run_batched
 from engine.build.export import engine_sections
 from engine.build.graph import InferenceGraph
-from engine.common.errors import UserError
+from engine.common.errors import RunError, UserError
 from engine.common.images import images_in, read_image
 from engine.format import write_engine
 from engine.header import (
@@ -90,26 +90,48 @@ def _compare(infer: Callable, ref_maps: np.ndarray, ref_scores: np.ndarray, imag
     return {"max_map_diff": float(map_diff.max()), "max_score_diff": float(score_diff.max())}
 
 
-def _median_ms(infer: Callable, images: np.ndarray, repeats: int = 5) -> float:
+def _median_ms_per_frame(infer: Callable, images: np.ndarray, batch: int | None, repeats: int = 5) -> float:
+    """Median time of one call on a batch of the engine's size (1 for any-batch engines), per frame."""
+    n = batch or 1
+    images = np.resize(images, (n, *images.shape[1:]))  # as many images as the engine takes, repeated
     infer(images)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         infer(images)
         times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return statistics.median(times) / n
 
 
-def _openvino_has_bf16() -> bool:
+def _openvino_capabilities() -> list[str]:
     import openvino as ov
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+# the CPU capability OpenVINO needs to run a precision natively; without it, it silently runs fp32
+_OPENVINO_NEEDS = {"bf16": "BF16", "bf16-flow": "BF16", "fp16": "FP16"}
 
 
 def _precisions(backend: str) -> list[str]:
-    """What --precision may name for a backend here, fastest first (the order auto tries them in)."""
+    """What --precision may name for a backend here, fastest first (the order auto tries them in): only the
+    precisions this machine runs natively, so that an engine's stated precision is the one it runs."""
     if backend == "torch" and not torch.cuda.is_available():
         return ["fp32"]  # the PyTorch reference on the CPU
+    if backend == "openvino":
+        caps = _openvino_capabilities()
+        return [p for p in BACKEND_PRECISIONS[backend] if _OPENVINO_NEEDS.get(p, "FP32") in caps]
     return list(BACKEND_PRECISIONS[backend])
+
+
+def _precision_refusal(backend: str, precision: str) -> str:
+    """Why `precision` cannot be built for `backend` here, in one line."""
+    if backend == "openvino" and precision in _OPENVINO_NEEDS:
+        return (f"--precision {precision}: this CPU has no native {_OPENVINO_NEEDS[precision]} (OpenVINO reports "
+                f"{', '.join(_openvino_capabilities())}), so OpenVINO would run fp32 under a {precision} label; "
+                f"choose from {', '.join(_precisions(backend))}, or auto")
+    if backend == "torch" and not torch.cuda.is_available():
+        return f"--precision {precision}: the torch backend on a CPU is the fp32 reference; use fp32"
+    return f"--precision {precision} is not available for {backend} (choose from {', '.join(_precisions(backend))})"
 
 
 def _auto_candidates(backend: str, real_images: bool) -> list[str]:
@@ -120,9 +142,8 @@ def _auto_candidates(backend: str, real_images: bool) -> list[str]:
     and image AUROC from 0.9715 to 0.9503, while on random images it stayed near the tolerance (benchmarks/NOTES.md).
     """
     if backend == "openvino":
-        if not _openvino_has_bf16():
-            return ["fp32"]
-        return ["bf16", "bf16-flow", "fp32"] if real_images else ["bf16-flow", "fp32"]
+        low = [p for p in ("bf16", "bf16-flow") if p in _precisions(backend) and (real_images or p != "bf16")]
+        return [*low, "fp32"]
     return [p for p in _precisions(backend) if p != "fp32"][:1] + ["fp32"]
 
 
@@ -141,8 +162,7 @@ def _resolve_backend(backend: str, precision: str, tiled: bool = False) -> list[
     if precision != "auto":
         allowed = [b for b in candidates if precision in _precisions(b)]
         if not allowed:
-            raise UserError(f"--precision {precision} is not available for {'/'.join(candidates)} "
-                            f"(choose from {', '.join(sorted({p for b in candidates for p in _precisions(b)}))})")
+            raise UserError("; ".join(_precision_refusal(b, precision) for b in candidates))
         candidates = allowed
     return candidates
 
@@ -164,8 +184,9 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
     print(f"folded graph vs PyTorch reference: max |map diff| {graph_check['max_map_diff']:.2e}, "
           f"max |score diff| {graph_check['max_score_diff']:.2e} ({calib_desc} + 2 random)")
     if graph_check["max_map_diff"] > GRAPH_TOLERANCE or graph_check["max_score_diff"] > GRAPH_TOLERANCE:
-        raise RuntimeError(f"the folded inference graph disagrees with the reference beyond {GRAPH_TOLERANCE}: "
-                           f"{graph_check}; this is a lineflow bug, please report it")
+        raise RunError(f"the folded inference graph disagrees with the reference beyond {GRAPH_TOLERANCE}: "
+                       f"max |map diff| {graph_check['max_map_diff']:.2e}, max |score diff| "
+                       f"{graph_check['max_score_diff']:.2e}; this is a lineflow bug, please report it")
     checks: dict = {"graph_vs_reference": graph_check, "check_images": calib_desc}
     scoring = graph.scoring_spec()
     cfg = model.config
@@ -203,13 +224,18 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
                 return prec, sections, backend
             backend.close()
             if prec == "fp32" or config.precision != "auto":
-                raise RuntimeError(f"{name} {prec} disagrees with the PyTorch reference beyond tolerance: {check}")
+                advice = ("this is a lineflow bug, please report it" if prec == "fp32" else
+                          "build with --precision auto or fp32 (check on your own images with --calib DIR)")
+                raise RunError(f"{name} {prec} disagrees with the PyTorch reference beyond tolerance: max |map diff| "
+                               f"{check['max_map_diff']:.2e} (tolerance {tol['map']:g}), max |score diff| "
+                               f"{check['max_score_diff']:.2e} (tolerance {tol['score']:g}); no engine written; "
+                               f"{advice}")
             print(f"  {prec} is outside tolerance: trying {candidates[candidates.index(prec) + 1]}")
         raise AssertionError("unreachable: fp32 is every backend's last candidate")
 
     names = _resolve_backend(config.backend, config.precision, tiling is not None)
     options = {name: checked(name) for name in names}
-    timings = {name: _median_ms(options[name][2].infer, check_images[:batch or 1]) for name in names}
+    timings = {name: _median_ms_per_frame(options[name][2].infer, check_images, batch) for name in names}
     if len(names) > 1:  # auto without a GPU: the fastest installed CPU backend at its checked precision
         print("auto: " + ", ".join(f"{name} {options[name][0]} {ms:.1f} ms/frame" for name, ms in timings.items())
               + f" (batch {batch or 1}, median of 5)")
@@ -217,7 +243,7 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
     chosen = min(timings, key=timings.get)
     for _, _, backend in options.values():
         backend.close()
-    checks["ms_per_frame_batch1"] = timings[chosen]
+    checks["ms_per_frame"], checks["ms_per_frame_batch"] = timings[chosen], batch or 1
     precision, sections, _ = options[chosen]
     result = header(chosen, precision)
     write_engine(out, result, sections)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.common.errors import UserError
 from engine.common.maths import top_k_count
 from engine.header import ScoringSpec
 from kernels.reference import poly_atan
@@ -121,7 +122,9 @@ class InferenceGraph(nn.Module):
         super().__init__()
         cfg = model.config
         if cfg.fusion != "normalised":
-            raise ValueError(f"the engine implements fusion 'normalised'; this model uses {cfg.fusion!r}")
+            raise UserError(f"this model fuses its scales as {cfg.fusion!r} (train.fit --fusion), which only "
+                            "train.evaluate scores; engines implement 'normalised', the default: retrain without "
+                            "--fusion to build an engine")
         self.size, self.sigma = cfg.input_size, cfg.blur_sigma
         self.backbone, self.pool = model.backbone, cfg.feature_pool
         self.map_scales, self.image_scales = model.map_scale_indices(), model.image_scale_indices()

@@ -13,12 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "temporary_beside"]
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """`with atomic_write(path) as f: f.write(...)`: `path` appears, complete, only when the block succeeds."""
+def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+    """`with atomic_write(path) as f: f.write(...)`: `path` appears, complete, only when the block succeeds.
+    fsync=False skips the flush to disk (many small files: a crash may lose the newest, never half of one)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes new files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
@@ -27,8 +28,17 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_beside(path: str | Path) -> Path:
+    """A new, empty temporary file in `path`'s folder with its suffix (for writers that open files by name)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
