@@ -17,9 +17,10 @@ import numpy as np
 
 from engine import native
 from engine.backends import load_backend, run_batched
+from engine.common.errors import one_line
 from engine.common.geometry import blend_weights, stitch, tile_grid
 from engine.common.maths import top_k_count
-from engine.format import read_engine
+from engine.format import EngineFileError, read_engine
 from engine.header import EngineHeader
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
 
@@ -68,11 +69,31 @@ class Engine:
         self.precision: str = self.header.precision
         self.max_batch: int | None = self.header.batch  # None: any batch size
         self.tiling = self.header.tiling  # None: frames resized whole; else cut in tiles and stitched
-        self.backend = load_backend(self.header, sections, threads)
+        self.backend = self._load_backend(sections, threads)
         self._lock = nullcontext() if self.backend.thread_safe else threading.Lock()
         self._calls, self._closed, self._idle = 0, False, threading.Condition()
         if self.tiling is not None:
             self._blend = blend_weights(self.input_size, self.tiling.overlap)
+        self._self_test()
+
+    def _load_backend(self, sections: dict[str, bytes], threads: int | None):
+        """The backend, or EngineFileError naming this file: whatever its runtime's parser says about a section."""
+        try:
+            return load_backend(self.header, sections, threads)
+        except EngineFileError as e:
+            raise EngineFileError(str(e) if str(self.path) in str(e) else f"{self.path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime, OpenVINO, TensorRT: each its own exception types
+            raise EngineFileError(f"{self.path}: its {self.backend_name} section cannot be loaded ({one_line(e)}); "
+                                  "rebuild the engine") from None
+
+    def _self_test(self) -> None:
+        """One blank frame through the whole path: an engine whose sections disagree with its header (shapes,
+        scales) is refused here, in one line, rather than failing on the first real frame."""
+        try:
+            self.score([np.zeros((*self.input_size, 3), np.uint8)], with_maps=False)
+        except Exception as e:  # noqa: BLE001 - any failure of a file that passed its checksums is the file's
+            self.close()
+            raise EngineFileError(f"{self.path}: the engine does not run ({one_line(e)}); rebuild it") from None
 
     @contextmanager
     def _in_flight(self) -> Iterator[None]:

@@ -118,11 +118,8 @@ class MapSink:
         png = io.BytesIO()
         Image.fromarray(overlay(result, self.threshold)).save(png, format="PNG")
         path = self.folder / f"{result.index:06d}_{stem}.png"
-        try:
-            with atomic_write(path, fsync=False) as f:  # a whole PNG or none
-                f.write(png.getbuffer())
-        except OSError as e:
-            raise OutputError(f"{path}: cannot write the map ({os_reason(e)})") from None
+        with atomic_write(path, fsync=False) as f:  # a whole PNG or none; OutputError naming it when the disk is full
+            f.write(png.getbuffer())
 
     def close(self) -> None:
         pass

@@ -8,6 +8,7 @@ flipped byte in a tensor that would otherwise load silently.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import BinaryIO
@@ -45,8 +46,10 @@ def save_model(path: str | Path, model: FastFlow, meta: dict) -> None:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta}
     payload = {"meta": meta, "state_dict": state, "checksum": checksum(meta, state)}
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()  # serialised first: a full disk then fails in the write, which names the file
+    torch.save(payload, buf)
     with atomic_write(path) as f:
-        torch.save(payload, f)
+        f.write(buf.getbuffer())
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FastFlow, dict]:
@@ -82,6 +85,6 @@ def load_model_bytes(file: BinaryIO, path: str, map_location: str = "cpu") -> tu
     try:
         model = FastFlow(FlowConfig.from_dict(meta["config"]))
         model.load_state_dict(state, strict=True)
-    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         raise ModelFileError(f"{path}: does not match its own config ({str(e).splitlines()[0][:160]})") from None
     return model.eval(), meta

@@ -157,6 +157,13 @@ MAP_SCALES = ("fine", "all")
 
 
 _TILING_KEYS = ("tile_scale", "tile_overlap")
+_NUMBER = (int, float)
+# (field, type, lowest, highest): what a FlowConfig may hold, checked before a model is built from it
+_FIELD_LIMITS = (("backbone", str, None, None), ("fusion", str, None, None), ("map_scales", str, None, None),
+                 ("image_scales", str, None, None), ("altub", bool, None, None), ("flow_steps", int, 1, 64),
+                 ("feature_pool", int, 1, 15), ("hidden_ratio", _NUMBER, 0.01, 16), ("clamp", _NUMBER, 0.01, 100),
+                 ("blur_sigma", _NUMBER, 0, 64), ("tile_scale", _NUMBER, 0, 16), ("tile_overlap", _NUMBER, 0, 0.75),
+                 ("image_score_top", _NUMBER, 0, 1))
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,14 @@ class FlowConfig:
         return cls(**d)
 
     def __post_init__(self):
+        for name, kind, low, high in _FIELD_LIMITS:  # a model file is untrusted: types and ranges before any use
+            v = getattr(self, name)
+            ok = isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool)
+            if ok and kind is not bool and kind is not str:
+                ok = math.isfinite(v) and low <= v <= high
+            if not ok:
+                raise ValueError(f"{name} must be {kind.__name__ if isinstance(kind, type) else 'a number'}"
+                                 + (f" in [{low}, {high}]" if low is not None else "") + f", not {v!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
         object.__setattr__(self, "input_size", check_hw(as_hw(self.input_size)))  # model.pt before rectangles: an int

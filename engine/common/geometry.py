@@ -14,12 +14,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["SIDE_MULTIPLE", "MIN_SIDE", "PIXEL_BUDGET", "AREA_FILL", "MIXED_ASPECTS", "MIXED_BUDGET",
+__all__ = ["SIDE_MULTIPLE", "MIN_SIDE", "MAX_SIDE", "PIXEL_BUDGET", "AREA_FILL", "MIXED_ASPECTS", "MIXED_BUDGET",
             "parse_size", "format_size",
            "as_hw", "check_hw", "choose_input_size", "tile_starts", "tile_grid", "blend_weights", "stitch"]
 
 SIDE_MULTIPLE = 32  # features are taken down to stride 32
 MIN_SIDE = 64
+MAX_SIDE = 4096  # an input side; frames larger than the input at its scale are cut in tiles
 PIXEL_BUDGET = 2 * 256 * 256  # the default input's area at most (a BSD fit stays within 30 min on 2 cores)
 AREA_FILL = 0.75  # the default input uses at least this share of its pixel limit
 MIXED_ASPECTS = 2.0  # images whose aspect ratios spread wider (95th / 5th percentile) get a square input...
@@ -54,11 +55,12 @@ def as_hw(size) -> tuple[int, int]:
 
 
 def check_hw(hw: tuple[int, int]) -> tuple[int, int]:
-    """Each side a multiple of SIDE_MULTIPLE, at least MIN_SIDE; returns hw."""
+    """Each side a multiple of SIDE_MULTIPLE, from MIN_SIDE to MAX_SIDE; returns hw."""
     for side in hw:
-        if side < MIN_SIDE or side % SIDE_MULTIPLE:
-            raise ValueError(f"input size {format_size(hw)}: each side must be a multiple of {SIDE_MULTIPLE}, at least "
-                             f"{MIN_SIDE} (features are taken at stride {SIDE_MULTIPLE})")
+        if side < MIN_SIDE or side > MAX_SIDE or side % SIDE_MULTIPLE:
+            raise ValueError(f"input size {format_size(hw)}: each side must be a multiple of {SIDE_MULTIPLE}, from "
+                             f"{MIN_SIDE} to {MAX_SIDE} (features are taken at stride {SIDE_MULTIPLE}; larger frames "
+                             "are cut in tiles)")
     return hw
 
 
