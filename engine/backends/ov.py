@@ -39,6 +39,7 @@ class OpenVinoBackend(Backend):
             self.stages = [(sections[SECTION_ONNX], header.precision)]
         self.ov, self.core, self.threads = ov, ov.Core(), default_threads(threads)
         self.latency = self._frame_runner(self._compile("LATENCY"))
+        self._warm_up(header)
         self.pool: ThreadPoolExecutor | None = None  # throughput streams, made on the first batch
         self.runners: list = []
         self.scoring = NativeScoring(header.scoring)
@@ -53,6 +54,12 @@ class OpenVinoBackend(Backend):
                 "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": hint,
                 "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}))
         return graphs
+
+    def _warm_up(self, header: EngineHeader) -> None:
+        """One frame through, in this thread, before any pool thread: OpenVINO's Python binding initialises its
+        numpy glue on first use, and two threads doing that at once deadlocked a build here (one holding the GIL
+        in a C++ static initialiser, the other holding the initialiser and waiting for the GIL)."""
+        self.latency(np.zeros((1, 3, *header.input_size), np.float32))
 
     @staticmethod
     def _frame_runner(graphs: list):
@@ -73,6 +80,8 @@ class OpenVinoBackend(Backend):
             graphs = self._compile("THROUGHPUT")
             n = max(1, int(graphs[0].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
             self.runners = [self._frame_runner(graphs) for _ in range(n)]
+            for run in self.runners:  # first calls in this thread, one at a time (see _warm_up)
+                run(images[:1])
             self.pool = ThreadPoolExecutor(n, thread_name_prefix="lineflow-openvino")
         n = len(self.runners)
         parts = self.pool.map(lambda k: [self.runners[k](images[i:i + 1]) for i in range(k, len(images), n)],
