@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 from engine.common.errors import (
     EXIT_BAD_INPUT,
@@ -25,6 +24,7 @@ from engine.common.errors import (
     UserError,
     run_cli,
 )
+from engine.common.files import check_output
 from engine.runtime import Engine
 from engine.sinks import JsonlSink, MapSink, VideoSink
 from engine.sources import SourceError
@@ -69,18 +69,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Every output path checked before anything runs: a bad one fails in one line, with nothing written."""
     for opt, path, folder in (("--out", args.out, False), ("--save-maps", args.save_maps, True),
                               ("--overlay-video", args.overlay_video, False)):
-        if not path:
-            continue
-        p = Path(path)
-        if p.is_dir() and not folder:
-            raise UserError(f"{opt} {path}: is a folder; give a file name")
-        if p.exists() and not p.is_dir() and folder:
-            raise UserError(f"{opt} {path}: is a file; give a folder (created if missing)")
-        parent = p.resolve().parent
-        if not parent.is_dir():
-            raise UserError(f"{opt} {path}: folder {p.parent} does not exist")
-        if not os.access(p if p.exists() else parent, os.W_OK):
-            raise UserError(f"{opt} {path}: not writable")
+        if path:
+            check_output(opt, path, folder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -569,3 +569,15 @@ def test_tensorrt_calls_are_serialised(fake_tensorrt):
     assert max(overlaps) == 1
     for i, s in enumerate(outs):
         np.testing.assert_allclose(s, (images * (i + 1)).mean((1, 2, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["train.fit", "train.evaluate", "engine.build"])
+def test_every_command_refuses_a_folder_as_its_output_file_before_working(tiny, demo_dir, tmp_path, command):
+    target = tmp_path / "a_folder"
+    target.mkdir()
+    args = {"train.fit": ["--data", str(demo_dir), "--out"], "train.evaluate": [str(tiny["model"]), "--data",
+            str(demo_dir), "--json"], "engine.build": [str(tiny["model"]), "-o"]}[command]
+    proc = _cli(command, *args, str(target))
+    err = _clean(proc, EXIT_BAD_INPUT)
+    assert err.startswith(f"error: {args[-1]} {target}: is a folder") and len(err.strip().splitlines()) == 1, err
+    assert proc.stdout == "" and not list(target.iterdir())  # refused before any work was done or printed

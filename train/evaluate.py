@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from engine.common.errors import UserError, run_cli
-from engine.common.files import atomic_write
+from engine.common.files import atomic_write, check_output
 from engine.common.images import DataError, open_image
 from engine.preprocess import resize_map
 from train.checkpoint import checksum, load_model
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also report image AUROC with the image score = mean of these top fractions of "
                    "the map (0 = its max), to compare rules without refitting")
     args = p.parse_args(argv)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"{Path(args.json).parent}: folder does not exist")
+    if args.json:
+        check_output("--json", args.json)
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     for t in args.image_score_top:  # FlowConfig holds the rule for a fraction; one place for it

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from engine.common.errors import RunError, UserError, run_cli
+from engine.common.files import check_output
 from engine.common.geometry import choose_input_size, format_size, parse_size
 from engine.common.images import images_in, open_image, read_image
 from train.backbones import BACKBONES, create_backbone
@@ -274,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not (args.lr > 0 and args.base_lr > 0 and args.hidden_ratio > 0 and args.clamp > 0 and args.blur_sigma >= 0):
         raise UserError("--lr, --base-lr, --hidden-ratio and --clamp must be positive, --blur-sigma non-negative")
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; --out takes a file name")
-    if not out.parent.exists():
-        raise UserError(f"{out.parent}: folder does not exist")
+    out = check_output("--out", args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to this PyTorch")
     device = torch.device(args.device)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.build.builder import BUILD_BACKENDS, BUILD_PRECISIONS, BuildConfig, build_engine
 from engine.common.errors import UserError, run_cli
+from engine.common.files import check_output
 from engine.common.geometry import format_size
 from train.checkpoint import load_model_bytes
 
@@ -42,11 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     model_path = Path(args.model)
-    out = Path(args.out) if args.out else model_path.with_suffix(".engine")
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; -o takes a file name")
-    if not out.resolve().parent.is_dir():
-        raise UserError(f"{out.parent}: folder does not exist")
+    out = check_output("-o", args.out or model_path.with_suffix(".engine"))
     if args.batch < 0:
         raise UserError("--batch must be 0 (any) or a positive batch size")
     config = BuildConfig(backend=args.backend, precision=args.precision, batch=args.batch or None, calib=args.calib)

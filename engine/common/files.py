@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from engine.common.errors import OutputError, os_reason
+from engine.common.errors import OutputError, UserError, os_reason
 
-__all__ = ["atomic_write", "temporary_beside"]
+__all__ = ["atomic_write", "temporary_beside", "check_output"]
 
 
 @contextmanager
@@ -52,3 +52,19 @@ def temporary_beside(path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def check_output(option: str, path: str | Path, folder: bool = False) -> Path:
+    """An output path checked before any work (UserError, exit 2): a file where a file goes, a folder where a
+    folder goes (created later if missing), in an existing, writable folder."""
+    p = Path(path)
+    if p.is_dir() and not folder:
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    if p.exists() and not p.is_dir() and folder:
+        raise UserError(f"{option} {path}: is a file; give a folder (created if missing)")
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: folder {p.parent} does not exist")
+    if not os.access(p if p.exists() else parent, os.W_OK):
+        raise UserError(f"{option} {path}: not writable")
+    return p
