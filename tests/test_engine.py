@@ -288,3 +288,15 @@ def test_drop_oldest_policy_counts_and_reports_every_dropped_frame(built):
     assert stats.dropped == len(dropped) and stats.scored == 30 - len(dropped)
     blocked = list(engine.run(eng, iter(frames), policy="block", queue_size=2))
     assert all(r.error is None for r in blocked) and len(blocked) == 30
+
+
+def test_evaluate_an_engine_file_as_the_model(built, demo_dir):
+    """train.evaluate on an engine file (every test image through Engine.infer) reads the model's metrics."""
+    from train.evaluate import evaluate, evaluate_engine
+    model, path, header = built
+    ref = evaluate(model, demo_dir, header.threshold)
+    got = evaluate_engine(path, demo_dir)
+    assert got["n_images"] == ref["n_images"]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(got[key] - ref[key]) <= 2e-3, (key, got[key], ref[key])
+    assert got["at_threshold"] == ref["at_threshold"]

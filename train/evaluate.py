@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.common.errors import UserError, run_cli
+from engine.common.errors import RunError, UserError, run_cli
 from engine.common.files import atomic_write, check_output
-from engine.common.images import DataError, open_image
+from engine.common.images import DataError, open_image, read_image
+from engine.format import MAGIC as ENGINE_MAGIC
+from engine.format import read_engine
 from engine.preprocess import resize_map
 from train.checkpoint import checksum, load_model
 from train.data import Sample, evaluation_samples, read_mask
@@ -32,7 +34,7 @@ from train.model import FastFlow, FlowConfig
 from train.threshold import compare_rules
 from train.tiles import FrameTiles, score_frames
 
-__all__ = ["PROTOCOLS", "predict", "pixel_curves", "evaluate", "main"]
+__all__ = ["PROTOCOLS", "predict", "pixel_curves", "evaluate", "evaluate_engine", "main"]
 
 
 @torch.no_grad()
@@ -92,15 +94,7 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
     `feature_cache`: a dict shared across calls; models with the same backbone weights and input size
     then compute the test set's features once (comparing checkpoints of one training run).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
-    samples = evaluation_samples(data)
-    for s in samples:  # masks first (headers only): a bad mask fails before the long scoring pass
-        if s.mask_path is not None:
-            with open_image(s.path, decode=False) as im, open_image(s.mask_path, decode=False) as m:
-                if m.size != im.size:
-                    raise DataError(f"{s.mask_path}: mask is {m.width}x{m.height} but its image is "
-                                    f"{im.width}x{im.height}")
+    samples = _checked_samples(data, protocol)
     t0 = time.perf_counter()
     paths = [s.path for s in samples]
     feats = None
@@ -113,7 +107,47 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
             feature_cache[key] = extract_features(model, paths, batch_size, device, "features")
         feats = feature_cache[key]
     maps, scores, by_top = predict(model, paths, batch_size, device, feats, tops)
-    seconds = time.perf_counter() - t0
+    return _report(samples, maps, scores, time.perf_counter() - t0, threshold, protocol, holdout_scores, by_top)
+
+
+def evaluate_engine(path: str | Path, data: str | Path, protocol: str = "mask", threads: int | None = None) -> dict:
+    """The metrics of an engine file, every test image through `Engine.infer` as engine.run scores a frame (the
+    engine's own preprocessing, backend and precision); its threshold and held-out scores from its header."""
+    from engine.runtime import Engine
+    samples = _checked_samples(data, protocol)
+    maps, scores = [], []
+    with Engine(path, threads) as eng:
+        t0 = time.perf_counter()
+        for s in tqdm(samples, desc="engine", unit="img", leave=False):
+            r = eng.infer(read_image(s.path))
+            if r.error is not None:
+                raise RunError(f"{s.path}: the engine gave no score ({r.error})")
+            maps.append(r.anomaly_map if protocol == "mask" else resize_map(r.anomaly_map, eng.input_size))
+            scores.append(r.score)
+        seconds = time.perf_counter() - t0
+        threshold = eng.threshold
+        holdout = (eng.header.model_threshold or {}).get("holdout_scores")
+    return _report(samples, maps, np.array(scores, dtype=np.float32), seconds, threshold, protocol, holdout, {})
+
+
+def _checked_samples(data: str | Path, protocol: str) -> list[Sample]:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    samples = evaluation_samples(data)
+    for s in samples:  # masks first (headers only): a bad mask fails before the long scoring pass
+        if s.mask_path is not None:
+            with open_image(s.path, decode=False) as im, open_image(s.mask_path, decode=False) as m:
+                if m.size != im.size:
+                    raise DataError(f"{s.mask_path}: mask is {m.width}x{m.height} but its image is "
+                                    f"{im.width}x{im.height}")
+    return samples
+
+
+def _report(samples: list[Sample], maps: list[np.ndarray], scores: np.ndarray, seconds: float,
+            threshold: float | None, protocol: str, holdout_scores: list[float] | None,
+            by_top: dict[float, np.ndarray]) -> dict:
+    """Maps and scores of a test set -> image and pixel metrics, per defect type, at the threshold."""
+    tops = tuple(by_top)
     curves = pixel_curves(samples, maps, protocol)
     labels = np.array([s.label for s in samples])
     types = np.array([s.defect_type for s in samples])
@@ -155,10 +189,20 @@ def _print_table(result: dict) -> None:
               f"{a['good_rejected']:.1%} of good images rejected")
 
 
+def _is_engine(path: str) -> bool:
+    """An engine file (by its magic bytes), as opposed to a model.pt."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(ENGINE_MAGIC)) == ENGINE_MAGIC
+    except OSError:
+        return False  # load_model names the problem
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="+", help="model.pt written by train.fit; several (e.g. epoch checkpoints) "
-                   "share the backbone pass when their backbone is the same")
+    p.add_argument("model", nargs="+", help="model.pt written by train.fit (several, e.g. epoch checkpoints, "
+                   "share the backbone pass when their backbone is the same), or an engine file written by "
+                   "engine.build: every test image then goes through the engine as engine.run scores a frame")
     p.add_argument("--data", required=True, help="MVTec-layout folder with test/ and ground_truth/")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON (a list when several models)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -182,14 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to this PyTorch")
     device = torch.device(args.device)
-    loaded = [(path, *load_model(path)) for path in args.model]  # refuse a bad file before the long pass
+    engines = [path for path in args.model if _is_engine(path)]
+    if engines and args.image_score_top:
+        raise UserError("--image-score-top re-reads a model's maps; an engine's image score is built in")
+    loaded = {path: load_model(path) for path in args.model if path not in engines}  # refused before the long pass
+    for path in engines:
+        read_engine(path)  # checksums and header: a damaged engine is refused before any scoring
     results, cache = [], {}
-    for path, model, meta in loaded:
-        result = evaluate(model.to(device), args.data, meta.get("threshold", {}).get("threshold"),
-                          args.batch_size, device, cache, tuple(args.image_score_top), args.protocol,
-                          meta.get("threshold", {}).get("holdout_scores"))
-        results.append({**result, "model": str(path), "data": str(args.data), "config": meta["config"],
-                        "epoch": meta.get("epoch")})
+    for path in args.model:
+        if path in engines:
+            result = evaluate_engine(path, args.data, args.protocol)
+            results.append({**result, "engine": str(path), "data": str(args.data)})
+        else:
+            model, meta = loaded[path]
+            result = evaluate(model.to(device), args.data, meta.get("threshold", {}).get("threshold"),
+                              args.batch_size, device, cache, tuple(args.image_score_top), args.protocol,
+                              meta.get("threshold", {}).get("holdout_scores"))
+            results.append({**result, "model": str(path), "data": str(args.data), "config": meta["config"],
+                            "epoch": meta.get("epoch")})
         if len(loaded) > 1:
             print(f"== {path}")
         _print_table(results[-1])
