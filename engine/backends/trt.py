@@ -9,6 +9,7 @@ one execution context serves one call at a time.
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class TensorRTBackend(Backend):
         self.lock = threading.Lock()
 
     def _on_stream(self):
-        return self.torch.cuda.stream(self.stream) if self.stream is not None else _NoStream()
+        return self.torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
@@ -78,10 +79,3 @@ class TensorRTBackend(Backend):
         with self.lock:
             self.context = self.plan = None
 
-
-class _NoStream:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
