@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from engine.common.geometry import as_hw
 
-__all__ = ["EngineHeader", "ScoringSpec", "TilingSpec", "TILING_BACKENDS",
-           "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "NATIVE_FUSION_BACKENDS",
+__all__ = ["EngineHeader", "ScoringSpec", "TilingSpec",
+           "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "MAPS_GRAPH_BACKENDS",
            "STAGE_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
            "required_sections"]
@@ -23,18 +23,18 @@ PRECISIONS = ("fp32", "bf16", "bf16-flow", "fp16")
 # what each backend can run, fastest first (torch: bf16 and fp16 on CUDA only; the build checks the device)
 BACKEND_PRECISIONS = {"openvino": ("bf16", "bf16-flow", "fp16", "fp32"), "onnxruntime": ("fp32",),
                       "tensorrt": ("bf16", "fp16", "fp32"), "torch": ("bf16", "fp16", "fp32")}
-# CPU backends: their graph ends at the per-scale maps, fused natively after (engine/native.py) by `scoring`
-NATIVE_FUSION_BACKENDS = ("openvino", "onnxruntime")
-# backends that return the map the image score reads (Backend.infer_maps), which tiled frames stitch; TensorRT's
-# plan ends at (map, score)
-TILING_BACKENDS = ("openvino", "onnxruntime", "torch")
+# the CPU backends that `engine.build --backend auto` times against each other where no GPU is visible
+CPU_BACKENDS = ("openvino", "onnxruntime")
+# backends whose graph ends at the per-scale maps, fused after it by the header's `scoring`: natively on CPUs
+# (engine/native.py), in PyTorch on the GPU for TensorRT (its TopK is limited to k <= 3840, below a 256² map's 10 %)
+MAPS_GRAPH_BACKENDS = ("openvino", "onnxruntime", "tensorrt")
 # precisions that run the graph as two stages, (backbone, flow), each in its own precision
 STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
 
 SECTION_ONNX = "onnx"  # CPU backends: images -> per-scale NLL maps (fused natively after)
 SECTION_ONNX_BACKBONE = "onnx_backbone"  # two-stage precisions: images -> features
 SECTION_ONNX_FLOW = "onnx_flow"  # ... features -> per-scale NLL maps
-SECTION_TENSORRT_PLAN = "tensorrt_plan"  # a serialised TensorRT plan: images -> map, score
+SECTION_TENSORRT_PLAN = "tensorrt_plan"  # a serialised TensorRT plan of the SECTION_ONNX graph
 SECTION_MODEL = "model"  # the model.pt bytes (torch backend: rebuilt with train's classes)
 
 
@@ -162,7 +162,7 @@ class EngineHeader:
     threshold: float  # image scores above it are anomalous (set by train.fit on held-out good images)
     precision: str = "fp32"
     batch: int | None = None  # a fixed batch size, or None for any
-    scoring: ScoringSpec | None = None  # NATIVE_FUSION_BACKENDS: the fusion after their graph; others: None
+    scoring: ScoringSpec | None = None  # MAPS_GRAPH_BACKENDS: the fusion after their graph; torch: None
     tiling: TilingSpec | None = None  # a model trained on tiles: frames are cut and stitched; None: resized whole
     model_config: dict = field(default_factory=dict)  # train.model.FlowConfig.to_dict() of the model
     model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
@@ -184,9 +184,10 @@ class EngineHeader:
             raise ValueError("scoring must be a ScoringSpec")
         if self.tiling is not None and not isinstance(self.tiling, TilingSpec):
             raise ValueError("tiling must be a TilingSpec")
-        if self.tiling is not None and self.backend not in TILING_BACKENDS:
-            raise ValueError(f"a tiling engine runs on {', '.join(TILING_BACKENDS)}, not {self.backend}")
-        if self.backend in NATIVE_FUSION_BACKENDS and self.scoring is None:
+        if self.backend == "tensorrt" and self.scoring is None:
+            raise ValueError("its TensorRT plan ends at the image score (built before plans ended at the per-scale "
+                             "maps, which TensorRT builds for every model): rebuild it with python -m engine.build")
+        if self.backend in MAPS_GRAPH_BACKENDS and self.scoring is None:
             raise ValueError(f"a {self.backend} engine needs its scoring (the fusion after its graph)")
         for name in ("model_config", "checks", "built_on"):
             if not isinstance(getattr(self, name), dict):

@@ -8,7 +8,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter here: correctness only, no speed
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-MTD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd"
+# the real-data checks' MTD; LINEFLOW_MTD points elsewhere (the GPU machine gets a few images carried with the tree)
+MTD = Path(os.environ.get("LINEFLOW_MTD") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd")
 
 
 @pytest.fixture(scope="session")

@@ -465,7 +465,8 @@ def test_training_that_diverges_ends_in_one_line(demo_dir, tmp_path, monkeypatch
 
 class _FakeTensorRT:
     """tensorrt's API as the backend uses it: a plan whose profile takes batches 1-4 and computes the channel
-    mean as the map and its mean as the score; it records each call's batch and the stream it ran on."""
+    mean as its one 64x64 map, which the backend's fusion (no blur, the top 4096 pixels) leaves as the anomaly map
+    and averages for the score; it records each call's batch and the stream it ran on."""
 
     class Logger:
         WARNING = 2
@@ -505,8 +506,7 @@ class _FakeTensorRT:
             if self.fail == "execute":
                 return False
             b = self.backend.bindings
-            b["anomaly_map"].copy_(b["images"].mean(1))
-            b["score"].copy_(b["images"].mean((1, 2, 3)))
+            b["q0"].copy_(b["images"].mean(1))
             self.calls.append((self.shape[0], stream))
             return True
 
@@ -517,13 +517,15 @@ def fake_tensorrt(monkeypatch):
     from dataclasses import replace
 
     from engine.backends.trt import TensorRTBackend
-    from engine.header import EngineHeader
+    from engine.header import EngineHeader, ScoringSpec
     module = types.ModuleType("tensorrt")
     for name in ("Logger", "Runtime"):
         setattr(module, name, getattr(_FakeTensorRT, name))
     monkeypatch.setitem(sys.modules, "tensorrt", module)
+    scoring = ScoringSpec(size=(64, 64), sigma=0.0, top_k=64 * 64, shapes=((64, 64),), map_weights=(1.0,),
+                          image_weights=(1.0,))
     header = replace(EngineHeader(input_size=64, threshold=1.0, backend="torch", precision="fp32"),
-                     backend="tensorrt")
+                     backend="tensorrt", scoring=scoring)
     backend = TensorRTBackend(header, {"tensorrt_plan": b"plan"}, device="cpu")
     backend.context.backend = backend
     return backend
@@ -532,7 +534,7 @@ def fake_tensorrt(monkeypatch):
 def test_tensorrt_batches_above_the_profile_are_split(fake_tensorrt):
     images = np.random.default_rng(0).random((10, 3, 64, 64), dtype=np.float32)
     maps, scores = fake_tensorrt.infer(images)
-    assert [b for b, _ in fake_tensorrt.context.calls] == [4, 4, 4]  # 10 frames: in chunks of the profile's 4
+    assert [b for b, _ in fake_tensorrt.context.calls] == [4, 4, 2]  # 10 frames: chunks of the profile's 4, unpadded
     np.testing.assert_allclose(maps, images.mean(1), rtol=1e-6)
     np.testing.assert_allclose(scores, images.mean((1, 2, 3)), rtol=1e-6)  # every frame its own result
 

@@ -84,15 +84,15 @@ def load_backend(header: EngineHeader, sections: dict[str, bytes], threads: int 
 
 
 def run_batched(infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], images: np.ndarray,
-                batch: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """infer over `images` in chunks of `batch` (None: one call); a fixed-batch engine's last chunk is padded
-    with copies of its last image, whose results are dropped."""
+                batch: int | None, pad: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """infer over `images` in chunks of `batch` (None: one call); with `pad` (a fixed-batch engine) the last chunk
+    is padded with copies of its last image, whose results are dropped."""
     step = batch or len(images)
     maps, scores = [], []
     for i in range(0, len(images), step):
         chunk = images[i:i + step]
         n = len(chunk)
-        if n < step:
+        if pad and n < step:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
         amap, score = infer(np.ascontiguousarray(chunk))
         maps.append(amap[:n])

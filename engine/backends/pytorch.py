@@ -36,7 +36,9 @@ class TorchBackend(Backend):
             self.model = model.eval()
             return
         from engine.backends.cuda import CudaGraphRunner, KernelGraph
+        from engine.backends.pinned import PinnedUpload
         from engine.build.graph import InferenceGraph
+        self.upload = PinnedUpload("cuda")  # calls are serialised by engine.Engine on CUDA (thread_safe False)
         self.kernel_graph = KernelGraph(InferenceGraph(model.eval()), header.precision).cuda().eval()
         self.model = CudaGraphRunner(self.kernel_graph)
 
@@ -46,7 +48,7 @@ class TorchBackend(Backend):
             with torch.no_grad():
                 amap, score = self.model(torch.from_numpy(images))
             return amap.numpy(), score.numpy()
-        amap, score = self.model(torch.from_numpy(images).cuda(non_blocking=True))
+        amap, score = self.model(self.upload(images))
         return amap.cpu().numpy(), score.cpu().numpy()  # copies: the graph's outputs are reused by the next call
 
     def infer_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,8 +58,10 @@ class TorchBackend(Backend):
                 zs, _ = self.model.flow(self.model.features(torch.from_numpy(images)))
                 amap, score_map = self.model.score_maps(zs, self.model.config.input_size)
             else:  # eagerly, outside the captured graphs (which end at the score)
-                amap, score_map = self.kernel_graph.maps(torch.from_numpy(images).cuda(non_blocking=True))
+                amap, score_map = self.kernel_graph.maps(self.upload(images))
         return amap.cpu().numpy(), (amap if score_map is amap else score_map).cpu().numpy()
 
     def close(self) -> None:
         self.model = self.kernel_graph = None
+        if self.cuda:
+            self.upload.close()

@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model.pt written by python -m train.fit")
     p.add_argument("-o", "--out", help="engine file to write (default: the model's name with .engine)")
     p.add_argument("--backend", default=d.backend, choices=BUILD_BACKENDS,
-                   help="auto: TensorRT on an NVIDIA GPU, else the fastest installed CPU backend, timed here")
+                   help="auto: TensorRT on an NVIDIA GPU (the CUDA path, torch, if the plan fails), else the "
+                        "fastest installed CPU backend, timed here")
     p.add_argument("--precision", default=d.precision, choices=BUILD_PRECISIONS,
                    help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16. Only precisions the "
                         "hardware runs natively are built. auto: the first low precision that stays within tolerance "

@@ -22,15 +22,15 @@ import torch
 from engine.backends import Backend, available_backends, load_backend, run_batched
 from engine.build.export import engine_sections
 from engine.build.graph import InferenceGraph
-from engine.common.errors import RunError, UserError
+from engine.common.errors import RunError, UserError, one_line
 from engine.common.images import images_in, read_image
 from engine.format import write_engine
 from engine.header import (
     BACKEND_PRECISIONS,
     BACKENDS,
-    NATIVE_FUSION_BACKENDS,
+    CPU_BACKENDS,
+    MAPS_GRAPH_BACKENDS,
     PRECISIONS,
-    TILING_BACKENDS,
     EngineHeader,
     TilingSpec,
 )
@@ -50,7 +50,7 @@ BUILD_PRECISIONS = ("auto", *PRECISIONS)
 class BuildConfig:
     """How to build: never mutated by the build; what was chosen for `auto` is in the engine's header."""
 
-    backend: str = "auto"  # auto: TensorRT on an NVIDIA GPU (else the CUDA path), else the fastest CPU backend here
+    backend: str = "auto"  # auto: TensorRT on an NVIDIA GPU (the CUDA path where it fails), else the fastest CPU one
     precision: str = "auto"  # auto: the fastest precision the hardware runs natively that passes the check
     batch: int | None = None  # a fixed batch size; None = any
     calib: str | None = None  # a folder of good images for the checks (default: random images)
@@ -112,6 +112,11 @@ def _openvino_capabilities() -> list[str]:
 _OPENVINO_NEEDS = {"bf16": "BF16", "bf16-flow": "BF16", "fp16": "FP16"}
 
 
+def _gpu_visible() -> bool:
+    """Whether the build targets an NVIDIA GPU (tests/test_tensorrt.py pretends so, with a fake TensorRT)."""
+    return torch.cuda.is_available()
+
+
 def _precisions(backend: str) -> list[str]:
     """What --precision may name for a backend here, fastest first (the order auto tries them in): only the
     precisions this machine runs natively, so that an engine's stated precision is the one it runs."""
@@ -147,24 +152,28 @@ def _auto_candidates(backend: str, real_images: bool) -> list[str]:
     return [p for p in _precisions(backend) if p != "fp32"][:1] + ["fp32"]
 
 
-def _resolve_backend(backend: str, precision: str, tiled: bool = False) -> list[str]:
-    """The backends to build and check: one, or for auto without a GPU every installed CPU backend (timed)."""
+def _resolve_backend(backend: str, precision: str) -> tuple[list[str], bool]:
+    """The backends to build and check, and whether they are fallbacks (the first that builds wins) rather than
+    rivals (all built and timed): one named backend; for auto on a GPU TensorRT, then the CUDA path (torch:
+    cuDNN + the Triton kernels) should the plan fail; for auto without one every installed CPU backend."""
     installed = available_backends()
     if backend != "auto" and backend not in installed:
         raise UserError(f"backend {backend} is not installed here (installed: {', '.join(installed)})")
-    if backend == "tensorrt" and not torch.cuda.is_available():
+    if backend == "tensorrt" and not _gpu_visible():
         raise UserError("backend tensorrt needs an NVIDIA GPU; none is visible to PyTorch")
-    if backend == "auto" and torch.cuda.is_available():
-        # torch: cuDNN + Triton kernels; a TensorRT plan ends at the score, and tiled frames need the map it reads
-        backend = "tensorrt" if "tensorrt" in installed and not tiled else "torch"
-    cpu = [b for b in NATIVE_FUSION_BACKENDS if b in installed]  # what auto times where no GPU is visible
-    candidates = (cpu or ["torch"]) if backend == "auto" else [backend]
+    fallbacks = backend == "auto" and _gpu_visible()
+    if fallbacks:
+        candidates = ["tensorrt", "torch"] if "tensorrt" in installed else ["torch"]
+    elif backend == "auto":
+        candidates = [b for b in CPU_BACKENDS if b in installed] or ["torch"]
+    else:
+        candidates = [backend]
     if precision != "auto":
         allowed = [b for b in candidates if precision in _precisions(b)]
         if not allowed:
             raise UserError("; ".join(_precision_refusal(b, precision) for b in candidates))
         candidates = allowed
-    return candidates
+    return candidates, fallbacks
 
 
 def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Path,
@@ -191,14 +200,11 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
     scoring = graph.scoring_spec()
     cfg = model.config
     tiling = TilingSpec(cfg.tile_scale, cfg.tile_overlap, cfg.image_score_top) if cfg.tile_scale else None
-    if tiling is not None and config.backend not in (*TILING_BACKENDS, "auto"):
-        raise UserError(f"--backend {config.backend}: this model tiles its frames, which runs on "
-                        f"{', '.join(TILING_BACKENDS)} (a TensorRT plan ends at the image score, not the map it reads)")
 
     def header(backend: str, precision: str) -> EngineHeader:
         return EngineHeader(
             backend=backend, precision=precision, input_size=hw, threshold=threshold, batch=batch,
-            scoring=scoring if backend in NATIVE_FUSION_BACKENDS else None,  # tensorrt, torch: fused inside
+            scoring=scoring if backend in MAPS_GRAPH_BACKENDS else None,  # torch: fused inside its own path
             tiling=tiling,
             model_config=model.config.to_dict(), model_threshold=meta.get("threshold"), checks=checks,
             created=datetime.now(UTC).isoformat(),
@@ -233,8 +239,22 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
             print(f"  {prec} is outside tolerance: trying {candidates[candidates.index(prec) + 1]}")
         raise AssertionError("unreachable: fp32 is every backend's last candidate")
 
-    names = _resolve_backend(config.backend, config.precision, tiling is not None)
-    options = {name: checked(name) for name in names}
+    names, fallbacks = _resolve_backend(config.backend, config.precision)
+    if fallbacks:  # auto on a GPU: the first candidate that builds and passes its check
+        options = {}
+        for name in names:
+            try:
+                options[name] = checked(name)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure of a plan's build is a reason to fall back
+                if name == names[-1]:
+                    raise
+                reason = str(e) if isinstance(e, (UserError, RunError)) else one_line(e)
+                print(f"auto: {name} failed ({reason}); falling back to {names[names.index(name) + 1]}")
+                checks[f"auto_{name}_failed"] = reason
+        names = list(options)
+    else:
+        options = {name: checked(name) for name in names}
     timings = {name: _median_ms_per_frame(options[name][2].infer, check_images, batch) for name in names}
     if len(names) > 1:  # auto without a GPU: the fastest installed CPU backend at its checked precision
         print("auto: " + ", ".join(f"{name} {options[name][0]} {ms:.1f} ms/frame" for name, ms in timings.items())

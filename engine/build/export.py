@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import warnings
 
+import onnx
 import torch
 
 from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph, ScaleMapsGraph
+from engine.build.tensorrt_limits import tensorrt_graph_problems
 from engine.common.errors import UserError
 from engine.header import (
     SECTION_MODEL,
@@ -19,7 +21,7 @@ from engine.header import (
     required_sections,
 )
 
-__all__ = ["export_onnx", "tensorrt_plan", "engine_sections", "ONNX_PARTS"]
+__all__ = ["export_onnx", "tensorrt_plan", "engine_sections", "ONNX_PARTS", "TENSORRT_MAX_BATCH"]
 
 ONNX_PARTS = ("full", "maps", "backbone", "flow")
 
@@ -27,9 +29,11 @@ ONNX_PARTS = ("full", "maps", "backbone", "flow")
 def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") -> bytes:
     """The inference graph, or a part of it, as ONNX (opset 17); batch None = dynamic batch dimension.
 
-    full: images -> anomaly_map (B, H, W) and score (B,) (TensorRT). maps: images -> the per-scale NLL maps
-    q0..qn (B, h, w), fused by the native post-processing (CPU backends). backbone + flow: maps in two
-    graphs, images -> features f0..fn -> q0..qn, for engines that run the two at different precisions.
+    full: images -> anomaly_map (B, H, W) and score (B,), the whole model in one graph (for users' own runtimes;
+    its TopK takes 10 % of the map's pixels, beyond TensorRT's k <= 3840). maps: images -> the per-scale NLL
+    maps q0..qn (B, h, w), fused after the graph by the header's scoring (every backend but torch; TensorRT's
+    plan is built from it). backbone + flow: maps in two graphs, images -> features f0..fn -> q0..qn, for
+    engines that run the two at different precisions.
     """
     if part not in ONNX_PARTS:
         raise ValueError(f"part must be one of {ONNX_PARTS}, not {part!r}")
@@ -49,11 +53,39 @@ def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") ->
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: sizes are fixed on purpose
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=17, input_names=inputs,
                           output_names=outputs, dynamic_axes=dynamic)
-    return buf.getvalue()
+    return _static_output_shapes(buf.getvalue(), batch)
 
 
-def tensorrt_plan(onnx: bytes, precision: str, batch: int | None, hw: tuple[int, int], max_batch: int = 32) -> bytes:
-    """ONNX -> serialised TensorRT plan (TensorRT 10/11 Python API). Not run on our machines."""
+def _static_output_shapes(data: bytes, batch: int | None) -> bytes:
+    """The graph with its outputs' shapes stated: (batch, ...) with the rest as ONNX's shape inference (with value
+    propagation) finds them. The exporter leaves symbolic sizes where a pad's amounts pass through shape
+    arithmetic, though the graph is built for one input size; TensorRT and the static check
+    (engine/build/tensorrt_limits.py) read the batch as the one dynamic dimension."""
+    model = onnx.load_from_string(data)
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output}
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        for d, found in zip(dims[1:], inferred[value.name].type.tensor_type.shape.dim[1:]):
+            if found.HasField("dim_value"):
+                d.dim_value = found.dim_value
+        if batch:
+            dims[0].dim_value = batch
+        else:
+            dims[0].dim_param = "batch"
+    return model.SerializeToString()
+
+
+TENSORRT_MAX_BATCH = 128  # the largest batch a plan built for any batch takes (its optimisation profile's max)
+
+
+def tensorrt_plan(onnx: bytes, precision: str, batch: int | None, hw: tuple[int, int],
+                  max_batch: int = TENSORRT_MAX_BATCH) -> bytes:
+    """The maps graph (ONNX) -> serialised TensorRT plan (TensorRT 10 Python API). TensorRT cannot be installed on
+    our machines: tests/test_tensorrt.py checks the graph against its limits and runs this against a fake."""
+    problems = tensorrt_graph_problems(onnx)
+    if problems:
+        raise UserError(f"the graph exceeds TensorRT's limits ({len(problems)} problems; first: "
+                        f"{'; '.join(problems[:3])})")
     import tensorrt as trt
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -88,8 +120,8 @@ def engine_sections(backend: str, precision: str, model_bytes: bytes, graph: Inf
             exported[part] = export_onnx(graph, batch, part)
         return exported[part]
     make = {SECTION_MODEL: lambda: model_bytes,
-            SECTION_TENSORRT_PLAN: lambda: tensorrt_plan(onnx("full"), precision, batch, graph.size),
-            SECTION_ONNX: lambda: onnx("maps"),  # CPU backends: the graph ends at the per-scale maps
+            SECTION_TENSORRT_PLAN: lambda: tensorrt_plan(onnx("maps"), precision, batch, graph.size),
+            SECTION_ONNX: lambda: onnx("maps"),  # the graph ends at the per-scale maps
             SECTION_ONNX_BACKBONE: lambda: onnx("backbone"),
             SECTION_ONNX_FLOW: lambda: onnx("flow")}
     assert precision not in STAGE_PRECISIONS or backend == "openvino", "two-stage precisions are OpenVINO's"
