@@ -14,6 +14,7 @@ setup(
     description="Unsupervised visual inspection at line speed: FastFlow + AltUB, train and deploy",
     python_requires=">=3.10",
     packages=find_packages(include=["train", "train.*", "engine", "engine.*", "kernels", "kernels.*"]),
+    package_data={"engine": ["view.html"]},  # the live view's page (engine/view.py)
     ext_modules=[native],
     cmdclass={"build_ext": build_ext},
     install_requires=[
@@ -29,10 +30,14 @@ setup(
         "onnxruntime>=1.17",  # engine backend: CPU, everywhere
         "openvino>=2024.0",  # engine backend: CPU
         "opencv-python-headless>=4.8",  # engine.run: cameras, video files, streams, overlay video
+        "paho-mqtt>=2.0",  # engine.run --mqtt: verdicts to line controllers
+        "starlette>=0.37",  # engine.run --view: the live view (an ASGI app on uvicorn)
+        "uvicorn>=0.29",
     ],
     extras_require={
         # triton: the kernels (kernels/), compiled on NVIDIA GPUs, checked in its interpreter on CPUs
         "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5", "triton>=3.2",
-                "hypothesis>=6.100"],  # hypothesis: fuzzing the image reader, frame path and engine loader
+                "hypothesis>=6.100",  # hypothesis: fuzzing the image reader, frame path and engine loader
+                "playwright>=1.40"],  # the live view in a real browser (the system's Chromium)
     },
 )

@@ -2,7 +2,8 @@
 
 Prints a live status line (frames/s, latency p50/p99, drops) on stderr and one JSON line per frame to
 --out (flushed as written). SRC: camera:N or /dev/videoN, rtsp:// or http:// stream, a video file, a
-folder of images, or one image file.
+folder of images, or one image file. Verdicts also go to an MQTT broker (--mqtt) or a webhook
+(--webhook), and the run can be watched in a browser (--view).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from engine.common.errors import (
 from engine.common.files import check_output
 from engine.runtime import Engine
 from engine.sinks import JsonlSink, MapSink, VideoSink
-from engine.sources import SourceError
+from engine.sources import SourceError, is_live
 from engine.stream import POLICIES, StreamStats, run
 
 __all__ = ["main", "EXIT_SOURCE_FAILED"]
@@ -62,6 +63,33 @@ def _parser() -> argparse.ArgumentParser:
                    "frame (default for cameras/streams) or block the reader (default for files)")
     p.add_argument("--threads", type=int, help="backend threads (default: all cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no status line")
+    p.add_argument("--camera-name", help="the camera in MQTT topics and the view's title (default: from --source)")
+    line = p.add_argument_group("line integration (engine/line.py): a slow or absent receiver never stalls the run")
+    line.add_argument("--mqtt", metavar="URL", help="mqtt://HOST:PORT/PREFIX (mqtts:// for TLS): a QoS-1 JSON "
+                      "message per frame on PREFIX/CAMERA/result, a retained PREFIX/CAMERA/status with a last will, "
+                      "a heartbeat on PREFIX/CAMERA/heartbeat")
+    line.add_argument("--mqtt-client-id", help="MQTT client id (default: lineflow-CAMERA)")
+    line.add_argument("--mqtt-user", help="MQTT user name (or in the URL: mqtt://USER@HOST/...)")
+    line.add_argument("--mqtt-password", help="MQTT password (better: the LINEFLOW_MQTT_PASSWORD environment "
+                      "variable, which other users cannot read in the process list)")
+    line.add_argument("--mqtt-ca", metavar="FILE", help="CA certificates for mqtts:// (default: the system's)")
+    line.add_argument("--mqtt-queue", type=int, default=10_000, help="messages that may wait for the broker "
+                      "(not yet acknowledged); past it new ones are dropped and counted")
+    line.add_argument("--mqtt-heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    line.add_argument("--webhook", metavar="URL", help="HTTP POST of the frame's JSON for every anomalous frame")
+    line.add_argument("--webhook-all", action="store_true", help="POST every frame, not only anomalous ones")
+    line.add_argument("--webhook-timeout", type=float, default=2.0, help="seconds per POST")
+    line.add_argument("--webhook-retries", type=int, default=3, help="retries of a failed POST, with backoff")
+    line.add_argument("--webhook-queue", type=int, default=1000, help="POSTs that may wait; past it the oldest "
+                      "waiting one is dropped and counted")
+    view = p.add_argument_group("live view (engine/view.py)")
+    view.add_argument("--view", metavar="[HOST:]PORT", help="serve a live page of the run at http://HOST:PORT/ "
+                      "(HOST 127.0.0.1 unless given; any other address requires a token)")
+    view.add_argument("--view-token", help="the token the page asks for (default: none on 127.0.0.1, a random one "
+                      "printed with the URL elsewhere; or the LINEFLOW_VIEW_TOKEN environment variable)")
+    view.add_argument("--view-hold", type=float, metavar="SECONDS", help="keep serving after the source ends "
+                      "(default: until Ctrl-C for folders, files and videos, so a batch can be reviewed; 0 for "
+                      "cameras and streams)")
     return p
 
 
@@ -73,6 +101,35 @@ def _check_outputs(args: argparse.Namespace) -> None:
             check_output(opt, path, folder)
 
 
+def _line_sinks(args: argparse.Namespace, engine: Engine, stats: StreamStats) -> list:
+    """The MQTT, webhook and view sinks: URLs checked, hosts resolved, the view's port bound (bad input fails here,
+    before any frame is read). Each closes itself with a summary line on stderr."""
+    if not (args.mqtt or args.webhook or args.view):
+        return []
+    from engine.line import MqttSink, WebhookSink, camera_name
+    camera = args.camera_name or camera_name(args.source)
+    sinks: list = []
+    try:
+        if args.view:
+            from engine.view import LiveView
+            token = args.view_token or os.environ.get("LINEFLOW_VIEW_TOKEN") or None
+            view = LiveView(args.view, engine.threshold, token, stats, title=camera)
+            print(f"view: {view.url}", file=sys.stderr, flush=True)
+            sinks.append(view)
+        if args.mqtt:
+            sinks.append(MqttSink(args.mqtt, camera, args.mqtt_client_id, args.mqtt_user,
+                                  args.mqtt_password or os.environ.get("LINEFLOW_MQTT_PASSWORD"), args.mqtt_ca,
+                                  args.mqtt_queue, args.mqtt_heartbeat, stats))
+        if args.webhook:
+            sinks.append(WebhookSink(args.webhook, args.webhook_all, args.webhook_timeout, args.webhook_retries,
+                                     args.webhook_queue))
+    except BaseException:
+        for s in sinks:
+            _close(s, 0.0)
+        raise
+    return sinks
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.batch < 1:
@@ -80,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_fps is not None and args.max_fps <= 0:
         raise UserError("--max-fps must be positive")
     _check_outputs(args)
+    if args.mqtt_heartbeat <= 0:
+        raise UserError("--mqtt-heartbeat must be positive")
     engine = Engine(args.engine, args.threads)  # a bad engine fails here, before any output exists
     stats = StreamStats()
     with engine:  # the stream's threads are joined, then the backend's stopped, before the process exits
-        code = _stream(args, engine, stats)
+        line_sinks = _line_sinks(args, engine, stats)
+        code = _stream(args, engine, stats, line_sinks)
     if stats.capture_stuck:  # a source hanging inside read() cannot be joined: leave without tearing it down
         print("note: the source's reader hung and was abandoned", file=sys.stderr)
         sys.stdout.flush()
@@ -92,11 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats) -> int:
-    with_maps = bool(args.save_maps or args.overlay_video)
+def _close(sink, hold: float | None) -> None:
+    if hasattr(sink, "server"):  # the live view: serving on for review where asked
+        sink.close(hold=hold)
+    else:
+        sink.close()
+
+
+def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats, line_sinks: list) -> int:
+    with_maps = bool(args.save_maps or args.overlay_video or args.view)
     results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
                   with_maps=with_maps, stats=stats)
-    sinks: list = []
+    sinks: list = list(line_sinks)
+    hold = args.view_hold if args.view_hold is not None else (0.0 if is_live(args.source) else None)
     try:
         first = next(results, None)  # opens the source: a bad source fails here, before any output exists
         if args.out:
@@ -108,7 +176,7 @@ def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats) -> int
     except BaseException:
         results.close()  # joins the stream's threads
         for s in sinks:
-            s.close()
+            _close(s, 0.0)
         raise
     stop = threading.Event()
     status = threading.Thread(target=_status, args=(stats, stop), daemon=True)
@@ -129,21 +197,24 @@ def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats) -> int
     except SourceError as e:  # every result before the fault has been written; the sinks close below
         failure = e
     finally:  # also on Ctrl-C, SIGTERM and a sink's failure: the threads joined, every sink closed
+        elapsed = time.perf_counter() - t0
         stop.set()
         results.close()
         closing = None
+        if not args.quiet:
+            print(f"\r{stats.line()}", file=sys.stderr)
         for s in sinks:
             try:
-                s.close()
+                _close(s, hold if failure is None and sys.exc_info()[0] is None else 0.0)
             except Exception as e:  # noqa: BLE001 - the others still close; the first failure is reported
                 closing = closing or e
         if closing is not None and sys.exc_info()[0] is None:
             raise closing
-    if not args.quiet:
-        print(f"\r{stats.line()}", file=sys.stderr)
-    print(f"{stats.frames} frames in {time.perf_counter() - t0:.1f} s: {stats.scored} scored, {anomalous} anomalous "
+    undelivered = sum(getattr(s, "undelivered", 0) for s in sinks)
+    print(f"{stats.frames} frames in {elapsed:.1f} s: {stats.scored} scored, {anomalous} anomalous "
           f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} errors; "
-          f"{engine.backend_name} {engine.precision}", file=sys.stderr)
+          f"{engine.backend_name} {engine.precision}"
+          + (f"; {undelivered} messages not delivered" if undelivered else ""), file=sys.stderr)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         return EXIT_SOURCE_FAILED

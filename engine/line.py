@@ -1,0 +1,351 @@
+"""Verdicts to the machines that act on them: MQTT (paho-mqtt) and webhooks, never stalling the line.
+
+Both sinks take `write(result)` from the loop that reads engine.run's results and return at once: an
+MQTT message goes into paho's own outgoing store (QoS 1: kept until the broker acknowledges it, resent
+in order after a reconnect), a webhook POST into a bounded queue served by its own thread. Past the
+bound new messages are dropped and counted, never silently. A broker or receiver that is absent or
+goes away is not an error of the run: it is a warning, the messages wait (bounded), and `close()` says
+how many were delivered, waited, were dropped or never arrived.
+
+MQTT topics, under the URL's prefix (a line) and a camera name:
+    PREFIX/CAMERA/result      one JSON message per frame: the JSONL result's keys plus latency_ms (QoS 1)
+    PREFIX/CAMERA/status      "online" (retained), "offline" on a clean close or as the broker's last will
+    PREFIX/CAMERA/heartbeat   every few seconds: frames/s, frames, scored, dropped, errors, messages waiting
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from engine.common.errors import UserError
+from engine.runtime import Result
+
+__all__ = ["MqttSink", "WebhookSink", "MqttTarget", "parse_mqtt_url", "camera_name", "result_message"]
+
+MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+FLUSH_TIMEOUT_S = 5.0  # how long close() waits for messages still in flight before it reports them undelivered
+
+
+def _warn(text: str) -> None:
+    print(f"\nwarning: {text}", file=sys.stderr, flush=True)
+
+
+def result_message(result: Result) -> dict:
+    """The JSONL result's keys plus latency_ms (capture to now), the payload of a frame's message."""
+    latency = (time.perf_counter() - result.captured_perf) * 1000 if result.captured_perf else None
+    return {**result.to_json(), "latency_ms": None if latency is None else round(latency, 3)}
+
+
+def camera_name(source) -> str:
+    """A topic-safe name for a source: camera:0 -> camera0, /data/line1/cam.mp4 -> cam, rtsp://host/x -> host_x."""
+    text = str(source)
+    if re.fullmatch(r"camera:\d+", text):
+        return text.replace(":", "")
+    parts = urlsplit(text)
+    if parts.scheme and parts.netloc:
+        text = parts.hostname + parts.path
+    else:
+        text = Path(text).stem or Path(text).name
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:64] or "camera"
+
+
+def _resolve(host: str, port: int, option: str) -> None:
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"{option}: cannot resolve host {host!r} ({e.strerror if hasattr(e, 'strerror') else e})") \
+            from None
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    host: str
+    port: int
+    prefix: str
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_mqtt_url(url: str) -> MqttTarget:
+    """mqtt://[USER[:PASSWORD]@]HOST[:PORT]/PREFIX (mqtts:// for TLS); UserError naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in MQTT_PORTS:
+        raise UserError(f"--mqtt {url}: the URL must start with mqtt:// or mqtts://")
+    try:
+        port = parts.port or MQTT_PORTS[parts.scheme]
+    except ValueError:
+        raise UserError(f"--mqtt {url}: the port is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise UserError(f"--mqtt {url}: no broker host (mqtt://HOST:PORT/PREFIX)")
+    prefix = parts.path.strip("/")
+    if not prefix or "#" in url or "+" in prefix or "//" in prefix:  # '#' would start a URL fragment
+        raise UserError(f"--mqtt {url}: the path is the topic prefix (say /plant/line1), without # or + "
+                        "and without empty levels")
+    if parts.query:
+        raise UserError(f"--mqtt {url}: no query is understood")
+    return MqttTarget(parts.hostname, port, prefix, parts.scheme == "mqtts",
+                      unquote(parts.username) if parts.username else None,
+                      unquote(parts.password) if parts.password else None)
+
+
+class MqttSink:
+    """One QoS-1 JSON message per frame to PREFIX/CAMERA/result; status and heartbeat topics (module docstring).
+
+    `queue_limit` bounds the messages not yet acknowledged by the broker (waiting through an outage and in
+    flight); past it new results are dropped and counted. Construction checks the URL and resolves the host
+    (UserError: bad input); connecting happens in paho's thread, so an unreachable broker is a warning."""
+
+    def __init__(self, url: str, camera: str = "camera", client_id: str | None = None, username: str | None = None,
+                 password: str | None = None, ca_file: str | None = None, queue_limit: int = 10_000,
+                 heartbeat_s: float = 5.0, stats=None, warn: Callable[[str], None] = _warn):
+        target = parse_mqtt_url(url)
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise UserError(f"--mqtt-ca {ca_file}: no such file")
+        if ca_file is not None and not target.tls:
+            raise UserError("--mqtt-ca is for mqtts:// brokers (TLS)")
+        if queue_limit < 1:
+            raise UserError("--mqtt-queue must be at least 1")
+        _resolve(target.host, target.port, "--mqtt")
+        import paho.mqtt.client as mqtt
+        self.target, self.warn, self.stats, self.queue_limit = target, warn, stats, queue_limit
+        self.address = f"{target.host}:{target.port}"
+        camera = re.sub(r"[^A-Za-z0-9_-]+", "_", camera) or "camera"
+        base = f"{target.prefix}/{camera}"
+        self.topic, self.status_topic, self.heartbeat_topic = f"{base}/result", f"{base}/status", f"{base}/heartbeat"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"lineflow-{camera}",
+                                  protocol=mqtt.MQTTv311, clean_session=True)
+        user = username or target.username
+        if user:
+            self.client.username_pw_set(user, password or target.password)
+        if target.tls:
+            self.client.tls_set(ca_certs=ca_file)
+        self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.lock = threading.Lock()
+        self.published = self.acked = self.dropped = self.waited = 0
+        # acknowledgements arrive on paho's thread, which holds paho's lock while it calls back: they are queued
+        # there without taking ours (no lock-order deadlock with write) and matched to the frames' message ids here
+        self.acks: deque = deque()
+        self.unacked: set[int] = set()  # the frames' messages not yet acknowledged
+        self.early: dict[int, float] = {}  # acks of ids not (yet) known: status messages, or a race with write
+        self.connected, self.ever_connected, self.outage_reported, self.closed = False, False, False, False
+        self.client.on_connect, self.client.on_disconnect = self._on_connect, self._on_disconnect
+        self.client.on_publish, self.client.on_connect_fail = self._on_publish, self._on_connect_fail
+        self.client.connect_async(target.host, target.port, keepalive=10)
+        self.client.loop_start()
+        self.stop = threading.Event()
+        self.heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), name="lineflow-mqtt-heartbeat",
+                                          daemon=True)
+        self.heartbeat.start()
+
+    # paho's callbacks (its network thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            self._outage(f"the broker at {self.address} refused the connection ({reason_code})")
+            return
+        with self.lock:
+            self.connected = True
+            waiting = self._settle()
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+        if self.ever_connected or self.outage_reported:
+            self.warn(f"mqtt: connected to {self.address}; delivering {waiting} waiting messages")
+        self.ever_connected, self.outage_reported = True, False
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        with self.lock:
+            self.connected = False
+        if not self.closed:
+            self._outage(f"lost the broker at {self.address} ({reason_code})")
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._outage(f"cannot reach the broker at {self.address}")
+
+    def _outage(self, why: str) -> None:
+        if not self.outage_reported and not self.closed:
+            self.outage_reported = True
+            self.warn(f"mqtt: {why}; messages wait (up to {self.queue_limit}) and are sent when it is back")
+
+    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        self.acks.append((mid, time.monotonic()))
+
+    def _settle(self) -> int:
+        """Match the queued acknowledgements to the frames' messages (call under self.lock); the number waiting."""
+        now = time.monotonic()
+        while self.acks:
+            mid, at = self.acks.popleft()
+            self.early[mid] = at
+        for mid in list(self.early):
+            if mid in self.unacked:
+                self.unacked.discard(mid)
+                del self.early[mid]
+                self.acked += 1
+            elif now - self.early[mid] > 1.0:  # a status or heartbeat message's: not a frame's
+                del self.early[mid]
+        return len(self.unacked)
+
+    def _beat(self, period: float) -> None:
+        while not self.stop.wait(period):
+            if self.connected and self.stats is not None:
+                s = self.stats
+                beat = {"time": time.time(), "frames_per_s": round(s.fps(), 2), "frames": s.frames,
+                        "scored": s.scored, "dropped": s.dropped, "errors": s.errors,
+                        "messages_waiting": self.pending, "messages_dropped": self.dropped}
+                self.client.publish(self.heartbeat_topic, json.dumps(beat), qos=0)
+
+    @property
+    def pending(self) -> int:
+        with self.lock:
+            return self._settle()
+
+    def write(self, result: Result) -> None:
+        payload = json.dumps(result_message(result))
+        with self.lock:
+            if self._settle() >= self.queue_limit:
+                self.dropped += 1
+                return
+            self.published += 1
+            self.waited += not self.connected
+        info = self.client.publish(self.topic, payload, qos=1)  # paho keeps it until PUBACK, resent after reconnects
+        with self.lock:
+            self.unacked.add(info.mid)
+
+    @property
+    def undelivered(self) -> int:
+        """Messages that never reached the broker: dropped, or not acknowledged (so far; final after close)."""
+        return self.pending + self.dropped
+
+    def summary(self) -> str:
+        pending = self.pending
+        return (f"mqtt {self.address}/{self.topic}: {self.acked} of {self.published + self.dropped} messages "
+                f"delivered, {self.waited} waited for the broker, {self.dropped} dropped (queue full), "
+                f"{pending + self.dropped} not delivered")
+
+    def close(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
+        """Wait up to `timeout` s for unacknowledged messages (a broker away may come back), mark the camera offline
+        (retained), disconnect."""
+        if self.closed:
+            return
+        self.stop.set()
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:  # a broker away may be back within the timeout
+            time.sleep(0.05)
+        self.closed = True
+        if self.connected:
+            info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=1.0)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+        (self.warn if self.undelivered else lambda s: print(s, file=sys.stderr))(self.summary())
+
+
+class WebhookSink:
+    """An HTTP POST (JSON: the frame's message) per anomalous frame, or per frame with `every_frame`; from its own
+    thread with a timeout and retries, through a bounded queue (past it the oldest waiting message is dropped
+    and counted). Construction checks the URL and resolves the host (UserError)."""
+
+    def __init__(self, url: str, every_frame: bool = False, timeout: float = 2.0, retries: int = 3,
+                 queue_limit: int = 1000, headers: dict | None = None, warn: Callable[[str], None] = _warn):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UserError(f"--webhook {url}: the URL must be http:// or https:// with a host")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise UserError(f"--webhook {url}: the port is not a number from 1 to 65535") from None
+        _resolve(parts.hostname, port, "--webhook")
+        if timeout <= 0 or retries < 0 or queue_limit < 1:
+            raise UserError("--webhook-timeout must be positive, retries >= 0, the queue at least 1")
+        self.url, self.every_frame, self.timeout, self.retries, self.warn = url, every_frame, timeout, retries, warn
+        self.headers = {"Content-Type": "application/json", "User-Agent": "lineflow", **(headers or {})}
+        self.queue: deque = deque()
+        self.queue_limit = queue_limit
+        self.cond = threading.Condition()
+        self.sent = self.failed = self.dropped = self.attempts = self.unsent = 0
+        self.busy, self.closing, self.failing = False, False, False
+        self.thread = threading.Thread(target=self._serve, name="lineflow-webhook", daemon=True)
+        self.thread.start()
+
+    def write(self, result: Result) -> None:
+        if not (self.every_frame or result.is_anomalous):
+            return
+        body = json.dumps(result_message(result)).encode()
+        with self.cond:
+            if len(self.queue) >= self.queue_limit:
+                self.queue.popleft()
+                self.dropped += 1
+            self.queue.append(body)
+            self.cond.notify()
+
+    def _post(self, body: bytes) -> bool:
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(0.25 * 2 ** attempt, 2.0))
+            self.attempts += 1
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    if 200 <= response.status < 300:
+                        return True
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                why = getattr(e, "reason", None) or e
+                if not self.failing:
+                    self.failing = True
+                    self.warn(f"webhook {self.url}: {why}; retrying ({self.retries} retries per message)")
+        return False
+
+    def _serve(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closing:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                body = self.queue.popleft()
+                self.busy = True
+            ok = self._post(body)
+            with self.cond:
+                self.busy = False
+                if ok:
+                    self.sent += 1
+                    self.failing = False
+                else:
+                    self.failed += 1
+                self.cond.notify_all()
+
+    @property
+    def undelivered(self) -> int:
+        return self.failed + self.dropped + self.unsent + len(self.queue) + self.busy
+
+    def summary(self) -> str:
+        return (f"webhook {self.url}: {self.sent} delivered, {self.failed} failed after retries, {self.dropped} "
+                f"dropped (queue full), {self.unsent + len(self.queue) + self.busy} not sent")
+
+    def close(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
+        """Send what waits, for up to `timeout` s; then report what was not delivered."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+            deadline = time.monotonic() + timeout
+            while (self.queue or self.busy) and time.monotonic() < deadline:
+                self.cond.wait(0.05)
+            self.unsent += len(self.queue) + self.busy  # given up: the thread ends after its current POST
+            self.queue.clear()
+            self.busy = False
+        self.thread.join(0.1)
+        (self.warn if self.undelivered else lambda s: print(s, file=sys.stderr))(self.summary())

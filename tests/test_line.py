@@ -1,0 +1,299 @@
+"""engine.run's line integration against real receivers, started by the tests on free loopback ports.
+
+MQTT: a real Mosquitto broker (Debian package `mosquitto`; .ci/run installs it), with persistence so that a
+restart keeps the test subscriber's session. Webhooks: an HTTP server in a thread. Every run is the real
+CLI in a subprocess; every server stops when its test ends.
+"""
+
+import http.server
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install -e .)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, wait=True, timeout=120):
+    cmd = [sys.executable, "-m", "engine.run", *map(str, args)]
+    env = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    """An onnxruntime engine of a small model whose threshold is the median score of 60 frames (about half of
+    them anomalous), and the folder of those frames."""
+    pytest.importorskip("onnxruntime", reason="the line tests run an onnxruntime engine")
+    from test_engine import perturbed_model
+
+    import engine
+    from engine.build import BuildConfig, build_engine
+    from train.checkpoint import save_model
+    d = tmp_path_factory.mktemp("line")
+    frames = d / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
+    model = perturbed_model(seed=3)
+    save_model(d / "m.pt", model, {"threshold": {"threshold": 1.0}})
+    build_engine(model, {"threshold": {"threshold": 1.0}}, (d / "m.pt").read_bytes(), d / "probe.engine",
+                 BuildConfig("onnxruntime", "fp32"))
+    with engine.load(d / "probe.engine") as eng:
+        scores = [r.score for r in eng.infer([np.asarray(Image.open(p)) for p in sorted(frames.iterdir())])]
+    threshold = float(np.median(scores))
+    build_engine(model, {"threshold": {"threshold": threshold}}, (d / "m.pt").read_bytes(), d / "m.engine",
+                 BuildConfig("onnxruntime", "fp32"))
+    return {"engine": d / "m.engine", "frames": frames, "dir": d, "n": 60}
+
+
+class Broker:
+    """mosquitto on a free loopback port, persistence on (a restart keeps sessions and queued messages)."""
+
+    def __init__(self, folder: Path):
+        self.port, self.folder, self.proc = free_port(), folder, None
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mosquitto.conf").write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {folder}/\nautosave_interval 1\n")
+
+    def start(self) -> "Broker":
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.folder / "mosquitto.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: mosquitto saves its persistence file
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto; .ci/run does)")
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+class Subscriber:
+    """A persistent-session QoS-1 subscriber to PREFIX/#: what the line controller would see, in arrival order."""
+
+    def __init__(self, port: int, prefix: str, client_id: str = "test-subscriber"):
+        import paho.mqtt.client as mqtt
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"{prefix}/#", qos=1)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload, m.retain))
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
+        self.client.connect("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def results(self) -> list[dict]:
+        return [json.loads(p) for t, p, _ in self.messages if t.endswith("/result")]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _first_seen(results: list[dict]) -> list[int]:
+    seen, order = set(), []
+    for r in results:
+        if r["index"] not in seen:
+            seen.add(r["index"])
+            order.append(r["index"])
+    return order
+
+
+def test_every_frame_arrives_in_order_with_its_result(line, broker, tmp_path):
+    sub = Subscriber(broker.port, "plant/line1")
+    out = tmp_path / "r.jsonl"
+    proc = cli(line["engine"], "--source", line["frames"], "--out", out, "--quiet", "--camera-name", "cam-A",
+               "--mqtt", f"mqtt://127.0.0.1:{broker.port}/plant/line1", "--mqtt-heartbeat", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(0.5)
+    sub.close()
+    jsonl = _jsonl(out)
+    got = sub.results()
+    assert [r["index"] for r in got] == list(range(line["n"]))  # each once, in order (QoS 1 on a steady link)
+    for msg, ref in zip(got, jsonl):
+        assert {k: msg[k] for k in ref} == ref  # the JSONL result's keys and values
+        assert msg["latency_ms"] > 0
+    topics = {t for t, _, _ in sub.messages}
+    assert {"plant/line1/cam-A/result", "plant/line1/cam-A/status", "plant/line1/cam-A/heartbeat"} <= topics
+    status = [p.decode() for t, p, _ in sub.messages if t.endswith("/status")]
+    assert status[0] == "online" and status[-1] == "offline"
+    beat = json.loads([p for t, p, _ in sub.messages if t.endswith("/heartbeat")][-1])
+    assert {"frames_per_s", "frames", "dropped", "errors", "messages_waiting"} <= set(beat)
+    assert f"{line['n']} of {line['n']} messages delivered" in proc.stderr
+
+
+def test_the_api_sinks_as_docs_line_md_shows_them(line, broker):
+    """docs/line.md's API example: MqttSink and LiveView fed from engine.run's loop, closed at the end."""
+    import urllib.request
+
+    import engine
+    from engine.line import MqttSink
+    from engine.view import LiveView
+    sub = Subscriber(broker.port, "plant/api", client_id="api-subscriber")
+    with engine.load(line["engine"]) as eng:
+        stats = engine.StreamStats()
+        sinks = [MqttSink(f"mqtt://127.0.0.1:{broker.port}/plant/api", camera="cam-A", stats=stats),
+                 LiveView("127.0.0.1:0", eng.threshold, stats=stats)]
+        try:
+            for r in engine.run(eng, str(line["frames"]), stats=stats):
+                for s in sinks:
+                    s.write(r)
+            with urllib.request.urlopen(f"http://127.0.0.1:{sinks[1].port}/stats.json", timeout=5) as response:
+                served = json.loads(response.read())
+        finally:
+            for s in sinks:
+                s.close()
+    time.sleep(0.3)
+    sub.close()
+    assert [r["index"] for r in sub.results()] == list(range(line["n"]))
+    assert served["passed"] + served["failed"] == line["n"] and len(served["scores"]) == line["n"]
+
+
+def test_a_broker_restart_mid_run_loses_nothing(line, broker, tmp_path):
+    """The broker stops for 1.5 s of a 6 s run (10 frames/s): the messages wait in the client's store, are resent
+    on reconnect, and every frame reaches the subscriber (its session persisted by the broker), in order of
+    first arrival (QoS 1 may deliver one twice)."""
+    sub = Subscriber(broker.port, "plant/line2", client_id="restart-subscriber")
+    out = tmp_path / "r.jsonl"
+    run = cli(line["engine"], "--source", line["frames"], "--out", out, "--quiet", "--max-fps", "10",
+              "--mqtt", f"mqtt://127.0.0.1:{broker.port}/plant/line2", wait=False)
+    time.sleep(1.0)
+    broker.stop()
+    time.sleep(1.5)
+    broker.start()
+    stdout, stderr = run.communicate(timeout=120)
+    time.sleep(1.5)
+    sub.close()
+    assert run.returncode == 0, stderr
+    order = _first_seen(sub.results())
+    assert order == list(range(line["n"])), f"missing or out of order: {order}\n{stderr}"
+    waited = int(stderr.split(" waited for the broker")[0].rsplit(", ", 1)[-1])
+    assert waited > 0 and "lost the broker" in stderr and "delivering" in stderr
+    assert f"{line['n']} of {line['n']} messages delivered" in stderr and "0 not delivered" in stderr
+    assert len(_jsonl(out)) == line["n"]
+
+
+def test_a_broker_that_never_comes_does_not_stop_the_run(line, tmp_path):
+    port = free_port()  # nothing listens there
+    out = tmp_path / "r.jsonl"
+    proc = cli(line["engine"], "--source", line["frames"], "--out", out, "--quiet",
+               "--mqtt", f"mqtt://127.0.0.1:{port}/plant/line3")
+    assert proc.returncode == 0, proc.stderr
+    assert len(_jsonl(out)) == line["n"]
+    assert f"cannot reach the broker at 127.0.0.1:{port}" in proc.stderr
+    assert f"{line['n']} not delivered" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"{line['n']} messages not delivered")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("url,why", [
+    ("http://127.0.0.1:1883/x", "must start with mqtt:// or mqtts://"),
+    ("mqtt://127.0.0.1:notaport/x", "port is not a number"),
+    ("mqtt://127.0.0.1:1883", "the path is the topic prefix"),
+    ("mqtt://127.0.0.1:1883/a/#", "without # or +"),
+    ("mqtt://no-such-host.invalid:1883/x", "cannot resolve host 'no-such-host.invalid'")])
+def test_a_bad_broker_url_is_bad_input_before_any_frame(line, tmp_path, url, why):
+    out = tmp_path / "r.jsonl"
+    proc = cli(line["engine"], "--source", line["frames"], "--out", out, "--mqtt", url)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert why in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and proc.stdout == ""
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    bodies: list
+    delay = 0.0
+    fail_first = 0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if type(self).fail_first > 0:
+            type(self).fail_first -= 1
+            self.send_response(500)
+            self.end_headers()
+            return
+        time.sleep(type(self).delay)
+        type(self).bodies.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    """An HTTP server on a free loopback port; its handler class collects the POSTed JSON bodies."""
+    handler = type("Receiver", (_Receiver,), {"bodies": [], "delay": 0.0, "fail_first": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhook_posts_each_anomalous_frame_and_retries(line, receiver, tmp_path):
+    handler, url = receiver
+    handler.fail_first = 2  # the first POST fails twice (500), then succeeds on the retry
+    out = tmp_path / "r.jsonl"
+    proc = cli(line["engine"], "--source", line["frames"], "--out", out, "--quiet", "--webhook", url)
+    assert proc.returncode == 0, proc.stderr
+    anomalous = [r for r in _jsonl(out) if r["is_anomalous"]]
+    assert 0 < len(anomalous) < line["n"]
+    assert [b["index"] for b in handler.bodies] == [r["index"] for r in anomalous]
+    assert all(b["is_anomalous"] and "latency_ms" in b for b in handler.bodies)
+    assert f"{len(anomalous)} delivered, 0 failed" in proc.stderr
+
+
+def test_a_slow_webhook_never_stalls_the_run(line, receiver, tmp_path):
+    """Each POST takes 0.3 s and every frame is posted: 60 frames would take 18 s in line; the run does not wait
+    for them (bounded queue of 5: the oldest dropped, counted), and stderr says what was not delivered."""
+    handler, url = receiver
+    handler.delay = 0.3
+    proc = cli(line["engine"], "--source", line["frames"], "--quiet", "--webhook", url, "--webhook-all",
+               "--webhook-queue", "5")
+    assert proc.returncode == 0, proc.stderr
+    took = float(proc.stderr.split(" frames in ")[1].split(" s")[0])
+    assert took < 6, proc.stderr  # the frames themselves: inference never waited on the receiver
+    dropped = int(proc.stderr.split(" dropped (queue full)")[0].rsplit(", ", 1)[-1])
+    assert dropped > 0 and "messages not delivered" in proc.stderr.strip().splitlines()[-1]

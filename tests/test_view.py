@@ -1,0 +1,129 @@
+"""The live view (engine.run --view) in a real browser: headless Chromium (Debian package `chromium`) driven by
+Playwright, pointed at the system's browser (Playwright's own download cannot run here). The server binds a
+free loopback port and stops with the run; a screenshot goes to $LINEFLOW_ARTIFACTS (default: the test's
+temporary folder) for the test report.
+"""
+
+import json
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_line import cli, free_port, line  # noqa: F401 - `line`: the engine and frames fixture
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _wait_up(port: int, proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"engine.run ended early: {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("the view did not come up")
+
+
+@pytest.fixture
+def viewed_run(line):  # noqa: F811 - the fixture imported above
+    """engine.run over the 60 frames at 8 frames/s (7.5 s) with --view on a free loopback port, 3 s held after."""
+    port = free_port()
+    proc = cli(line["engine"], "--source", line["frames"], "--quiet", "--max-fps", "8", "--view",
+               f"127.0.0.1:{port}", "--view-hold", "3", wait=False)
+    _wait_up(port, proc)
+    yield f"http://127.0.0.1:{port}/", proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_the_page_shows_the_run_live_in_a_browser(viewed_run, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+    url, proc = viewed_run
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(url)
+        assert "lineflow live view" in page.title()
+        page.wait_for_function("Number(document.getElementById('frame').dataset.seq) > 0", timeout=15000)
+        first_seq = int(page.get_attribute("#frame", "data-seq"))
+        first_count = int(page.inner_text("#passed")) + int(page.inner_text("#failed"))
+        page.wait_for_timeout(1500)
+        seq = int(page.get_attribute("#frame", "data-seq"))
+        count = int(page.inner_text("#passed")) + int(page.inner_text("#failed"))
+        assert seq > first_seq, "the image did not update"
+        assert count > first_count, "the counters did not move"
+        assert int(page.get_attribute("#plot", "data-points")) > 0, "the plot has no points"
+        assert float(page.inner_text("#fps")) > 0
+        assert page.evaluate("document.getElementById('frame').naturalWidth") > 0  # a decodable JPEG
+        artifacts = Path(os.environ.get("LINEFLOW_ARTIFACTS") or tmp_path)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(artifacts / "live-view.png"))
+        browser.close()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert (artifacts / "live-view.png").stat().st_size > 10_000
+
+
+def test_the_view_serves_stats_and_frames_without_a_browser(viewed_run):
+    url, proc = viewed_run
+    time.sleep(1.0)
+    status, body = _get(url + "stats.json")
+    stats = json.loads(body)
+    assert status == 200 and stats["passed"] + stats["failed"] > 0 and stats["scores"]
+    status, jpeg = _get(url + "frame.jpg?after=0")
+    assert status == 200 and jpeg[:2] == b"\xff\xd8"
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_a_token_is_asked_for_on_every_request(line):  # noqa: F811
+    port, token = free_port(), "s3cret-token-0123456789"
+    proc = cli(line["engine"], "--source", line["frames"], "--quiet", "--max-fps", "20", "--view", f"127.0.0.1:{port}",
+               "--view-token", token, "--view-hold", "1", wait=False)
+    _wait_up(port, proc)
+    base = f"http://127.0.0.1:{port}/"
+    assert _get(base)[0] == 401 and _get(base + "stats.json")[0] == 401 and _get(base + "frame.jpg")[0] == 401
+    assert _get(base + "stats.json?token=wrong-token-0123456789")[0] == 401
+    assert _get(base + f"?token={token}")[0] == 200 and _get(base + f"stats.json?token={token}")[0] == 200
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_beyond_loopback_a_token_is_made_up_when_none_is_given():
+    from engine.view import _loopback, parse_view_address
+    assert parse_view_address("8080") == ("127.0.0.1", 8080) and parse_view_address("0.0.0.0:80") == ("0.0.0.0", 80)
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("192.0.2.7") and not _loopback("cam-box.local")
+
+
+@pytest.mark.parametrize("option,why", [("in_use", "the port is in use"), ("bad_token", "--view-token: 16 to 128"),
+                                        ("bad_port", "expected [HOST:]PORT")])
+def test_bad_view_options_are_bad_input_before_any_frame(line, tmp_path, option, why):  # noqa: F811
+    out = tmp_path / "r.jsonl"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        args = {"in_use": ["--view", f"127.0.0.1:{busy.getsockname()[1]}"],
+                "bad_token": ["--view", f"127.0.0.1:{free_port()}", "--view-token", "short"],
+                "bad_port": ["--view", "127.0.0.1:http"]}[option]
+        proc = cli(line["engine"], "--source", line["frames"], "--out", out, *args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert why in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
