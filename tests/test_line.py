@@ -7,6 +7,7 @@ CLI in a subprocess; every server stops when its test ends.
 
 import http.server
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -30,9 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(*args, wait=True, timeout=120):
+def cli(*args, wait=True, timeout=120, env=None):
     cmd = [sys.executable, "-m", "engine.run", *map(str, args)]
-    env = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    env = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -69,12 +70,13 @@ def line(tmp_path_factory):
 class Broker:
     """mosquitto on a free loopback port, persistence on (a restart keeps sessions and queued messages)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, extra: str = "allow_anonymous true\n"):
         self.port, self.folder, self.proc = free_port(), folder, None
         folder.mkdir(parents=True, exist_ok=True)
+        as_root = "user root\n" if os.geteuid() == 0 else ""  # else it drops to user mosquitto: no access to tmp
         (folder / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nautosave_interval 1\n")
+            f"listener {self.port} 127.0.0.1\n{extra}persistence true\n"
+            f"persistence_location {folder}/\nautosave_interval 1\n{as_root}")
 
     def start(self) -> "Broker":
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.folder / "mosquitto.conf")],
@@ -106,10 +108,15 @@ def broker(tmp_path):
 class Subscriber:
     """A persistent-session QoS-1 subscriber to PREFIX/#: what the line controller would see, in arrival order."""
 
-    def __init__(self, port: int, prefix: str, client_id: str = "test-subscriber"):
+    def __init__(self, port: int, prefix: str, client_id: str = "test-subscriber", ca: Path | None = None,
+                 auth: tuple[str, str] | None = None):
         import paho.mqtt.client as mqtt
         self.messages: list[tuple[str, bytes, bool]] = []
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        if ca is not None:
+            self.client.tls_set(ca_certs=str(ca))
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"{prefix}/#", qos=1)
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload, m.retain))
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
@@ -223,6 +230,37 @@ def test_a_broker_that_never_comes_does_not_stop_the_run(line, tmp_path):
     assert f"{line['n']} not delivered" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(f"{line['n']} messages not delivered")
     assert "Traceback" not in proc.stderr
+
+
+def test_tls_and_a_password(line, tmp_path):
+    """mqtts:// with a CA file, the user in the URL and the password from LINEFLOW_MQTT_PASSWORD; a wrong
+    password is a refused connection: a warning, the run completes, nothing delivered and said so."""
+    if MOSQUITTO is None or shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs mosquitto, mosquitto_passwd and openssl (Debian packages mosquitto, openssl)")
+    d = tmp_path / "tls"
+    d.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", d / "key.pem", "-out", d / "cert.pem"],
+                   check=True, capture_output=True)
+    subprocess.run(["mosquitto_passwd", "-b", "-c", d / "passwd", "lineuser", "s3cret"], check=True,
+                   capture_output=True)
+    broker = Broker(d / "broker", f"allow_anonymous false\npassword_file {d}/passwd\ncertfile {d}/cert.pem\n"
+                                  f"keyfile {d}/key.pem\n").start()
+    try:
+        sub = Subscriber(broker.port, "plant/tls", "tls-subscriber", ca=d / "cert.pem", auth=("lineuser", "s3cret"))
+        url = f"mqtts://lineuser@127.0.0.1:{broker.port}/plant/tls"
+        proc = cli(line["engine"], "--source", line["frames"], "--quiet", "--mqtt", url, "--mqtt-ca", d / "cert.pem",
+                   env={"LINEFLOW_MQTT_PASSWORD": "s3cret"})
+        time.sleep(0.3)
+        sub.close()
+        assert proc.returncode == 0 and f"{line['n']} of {line['n']} messages delivered" in proc.stderr, proc.stderr
+        assert [r["index"] for r in sub.results()] == list(range(line["n"]))
+        wrong = cli(line["engine"], "--source", line["frames"], "--quiet", "--mqtt", url, "--mqtt-ca",
+                    d / "cert.pem", env={"LINEFLOW_MQTT_PASSWORD": "wrong"})
+        assert wrong.returncode == 0 and "refused the connection" in wrong.stderr, wrong.stderr
+        assert wrong.stderr.strip().splitlines()[-1].endswith(f"{line['n']} messages not delivered")
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize("url,why", [
