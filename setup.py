@@ -38,6 +38,7 @@ setup(
         # triton: the kernels (kernels/), compiled on NVIDIA GPUs, checked in its interpreter on CPUs
         "dev": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.4", "ruff>=0.5", "triton>=3.2",
                 "hypothesis>=6.100",  # hypothesis: fuzzing the image reader, frame path and engine loader
-                "playwright>=1.40"],  # the live view in a real browser (the system's Chromium)
+                "playwright>=1.40",  # the live view in a real browser (the system's Chromium)
+                "tritonclient[http,grpc]>=2.40"],  # engine.run --server, and the engine.serve tests
     },
 )

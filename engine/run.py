@@ -49,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
                                 f"{EXIT_OUTPUT_FAILED} an output could not be written mid-run (disk full); "
                                 f"{EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_TERMINATED} terminated (SIGTERM). "
                                 "After 3, 4, 130 and 143 every result before the fault is written, in whole lines.")
-    p.add_argument("engine", help="engine file written by python -m engine.build")
+    p.add_argument("engine", nargs="?", help="engine file written by python -m engine.build (or --server)")
+    p.add_argument("--server", metavar="URL", help="score on a Triton server running python -m engine.serve instead "
+                   "of a local engine: grpc://HOST:8001/MODEL or http://HOST:8000/MODEL (MODEL: the engine file's "
+                   "stem); every sink, policy and statistic stays")
+    p.add_argument("--server-send", choices=("full", "reduced"), default="full", help="full: every frame whole "
+                   "(results equal a local engine's); reduced: frames larger than the engine's input resized to it "
+                   "here with the engine's own resize, then rounded to uint8 (fewer bytes; scores move by that "
+                   "rounding: docs/deploy.md); frames of tiling engines always travel whole")
     p.add_argument("--source", required=True, help="camera:N, /dev/videoN, rtsp/http URL, video file, image folder "
                    "or image file")
     p.add_argument("--out", metavar="RESULTS.jsonl", help="one JSON line per frame: index, source, timestamp, "
@@ -139,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     _check_outputs(args)
     if args.mqtt_heartbeat <= 0:
         raise UserError("--mqtt-heartbeat must be positive")
-    engine = Engine(args.engine, args.threads)  # a bad engine fails here, before any output exists
+    if (args.engine is None) == (args.server is None):
+        raise UserError("give an engine file or --server URL (one of the two)")
+    if args.server:
+        from engine.remote import RemoteEngine
+        engine = RemoteEngine(args.server, reduce=args.server_send == "reduced")  # unreachable: fails here
+    else:
+        engine = Engine(args.engine, args.threads)  # a bad engine fails here, before any output exists
     stats = StreamStats()
     with engine:  # the stream's threads are joined, then the backend's stopped, before the process exits
         line_sinks = _line_sinks(args, engine, stats)
@@ -215,6 +228,9 @@ def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats, line_s
           f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} errors; "
           f"{engine.backend_name} {engine.precision}"
           + (f"; {undelivered} messages not delivered" if undelivered else ""), file=sys.stderr)
+    if getattr(engine, "sent_frames", 0):  # a thin camera host: what travelled
+        print(f"server {engine.url}: {engine.sent_frames} frames sent, {engine.sent_bytes / 1e6:.1f} MB of uint8 RGB "
+              f"({'reduced to the engine input where larger' if engine.reduce else 'whole'})", file=sys.stderr)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         return EXIT_SOURCE_FAILED

@@ -196,7 +196,8 @@ def run(engine_or_path: Engine | str | Path, source, batch_size: int = 1, policy
     Each result also carries `.frame` (the input image, when with_maps) for overlay sinks.
     Closing the generator (or leaving the loop) stops and joins the inference thread before it returns.
     """
-    engine = engine_or_path if isinstance(engine_or_path, Engine) else Engine(engine_or_path)
+    # an Engine, or anything with its score() (engine.remote.RemoteEngine: a Triton server)
+    engine = engine_or_path if hasattr(engine_or_path, "score") else Engine(engine_or_path)
     policy = policy or ("drop-oldest" if is_live(source) else "block")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}")

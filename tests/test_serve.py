@@ -1,0 +1,259 @@
+"""engine.serve on Triton Inference Server (PyTriton) and engine.run --server, on free loopback ports.
+
+The server runs from .venv-serve (Triton's Python backend needs the system's Python 3.11; `bash
+venv-serve.sh` makes it, .ci/run too); without it these tests skip and say so. Clients are tritonclient
+(HTTP and gRPC) in the test's own environment. Every server is stopped (SIGTERM, or SIGKILL for the
+fault test) by its test. Tolerance: 1e-5 against engine.infer on the same frames.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_PY = ROOT / ".venv-serve" / "bin" / "python"
+# PyTriton keeps its workspace under $HOME/.cache: the server gets the test's environment, plus the checkout
+SERVE_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+pytestmark = pytest.mark.skipif(not SERVE_PY.exists(), reason="no .venv-serve (make it with `bash venv-serve.sh`)")
+tritonclient_http = pytest.importorskip("tritonclient.http", reason="no tritonclient (pip install -e .[dev])")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Server:
+    """python -m engine.serve in its own process group (so a kill reaches its tritonserver), on free ports."""
+
+    def __init__(self, engines: list[Path], *extra: str, ports: list[int] | None = None):
+        self.http, self.grpc, self.metrics = ports or free_ports(3)
+        self.engines, self.extra, self.proc = engines, extra, None
+        self.log = engines[0].parent / f"serve-{self.http}.log"
+
+    def start(self, timeout: float = 120.0) -> "Server":
+        cmd = [str(SERVE_PY), "-m", "engine.serve", *map(str, self.engines), "--http-port", str(self.http),
+               "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *self.extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
+                                     start_new_session=True, env=SERVE_ENV)
+        name = self.engines[0].stem
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"engine.serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/models/{name}/ready", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"not ready after {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        if sig == signal.SIGKILL:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(60)
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing of the group outlives the test
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small model's onnxruntime engine (named `served_model`) and a server for it."""
+    from test_engine import perturbed_model
+
+    from engine.build import BuildConfig, build_engine
+    from train.checkpoint import save_model
+    d = tmp_path_factory.mktemp("serve")
+    model = perturbed_model(seed=4)
+    save_model(d / "m.pt", model, {"threshold": {"threshold": 1.0}})
+    path = d / "served_model.engine"
+    build_engine(model, {"threshold": {"threshold": 1.0}}, (d / "m.pt").read_bytes(), path,
+                 BuildConfig("onnxruntime", "fp32"))
+    server = Server([path], "--max-batch", "16").start()
+    yield path, server
+    assert server.stop() == 0, server.log.read_text()[-2000:]
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"--http-port {server.http} "], capture_output=True, text=True).stdout
+    assert left.strip() == "", f"processes left after SIGTERM: {left}"
+
+
+def _frames(rng, n: int, h: int, w: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_four_client_streams_over_http_and_grpc_equal_engine_infer(served):
+    import engine
+    path, server = served
+    eng = engine.load(path)
+    failures, checked = [], [0]
+
+    def stream(k: int):
+        mod = tritonclient_http if k % 2 else tritonclient_grpc
+        url = f"127.0.0.1:{server.http if k % 2 else server.grpc}"
+        client = mod.InferenceServerClient(url)
+        rng = np.random.default_rng(k)
+        for i in range(8):
+            x = _frames(rng, 1 + i % 3, 48 + 8 * (i % 2), 64 + 16 * k)
+            inp = mod.InferInput("frames", list(x.shape), "UINT8")
+            inp.set_data_from_numpy(x)
+            out = client.infer(path.stem, [inp], outputs=[mod.InferRequestedOutput(n) for n in
+                                                            ("score", "is_anomalous", "anomaly_map")])
+            ref = eng.infer(list(x))
+            score, flag, amap = out.as_numpy("score"), out.as_numpy("is_anomalous"), out.as_numpy("anomaly_map")
+            want = np.array([r.score for r in ref])
+            if score.shape != (len(x), 1) or np.abs(score[:, 0] - want).max() > 1e-5 * max(1, np.abs(want).max()):
+                failures.append((k, i, score.reshape(-1), want))
+            if list(flag[:, 0]) != [r.is_anomalous for r in ref]:
+                failures.append((k, i, "verdicts"))
+            if np.abs(amap - np.stack([r.anomaly_map for r in ref])).max() > 1e-5:
+                failures.append((k, i, "maps"))
+            checked[0] += len(x)
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    eng.close()
+    assert not failures, failures[:3]
+    assert checked[0] == 4 * sum(1 + i % 3 for i in range(8))
+
+
+def test_health_readiness_and_metrics_are_tritons(served):
+    _, server = served
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http}/v2/health/ready", timeout=5) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
+        assert "nv_inference_request_success" in r.read().decode()
+
+
+def test_a_refused_request_fails_alone_and_serving_goes_on(served):
+    path, server = served
+    client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.http}")
+    for bad in (np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 0, 8, 3), np.uint8)):
+        inp = tritonclient_http.InferInput("frames", list(bad.shape), "FP32" if bad.dtype == np.float32 else "UINT8")
+        inp.set_data_from_numpy(bad)
+        with pytest.raises(Exception, match="expects 'UINT8'|H, W > 0|Failed to process"):
+            client.infer(path.stem, [inp])
+    good = np.full((1, 32, 32, 3), 128, np.uint8)
+    inp = tritonclient_http.InferInput("frames", list(good.shape), "UINT8")
+    inp.set_data_from_numpy(good)
+    assert np.isfinite(client.infer(path.stem, [inp]).as_numpy("score")).all()
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "engine.run", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin",
+                                                       "PYTHONPATH": str(ROOT)})
+
+
+def test_a_thin_camera_host_gets_the_local_engines_results(served, tmp_path):
+    """engine.run --server: the same JSONL as the local engine (1e-5), over gRPC and HTTP; with --server-send
+    reduced, fewer bytes travel and the run says how many."""
+    from PIL import Image
+    path, server = served
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (120 + 8 * (i % 3), 160, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    local = _run(path, "--source", folder, "--out", tmp_path / "local.jsonl", "--quiet")
+    assert local.returncode == 0, local.stderr
+    want = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    for url in (f"grpc://127.0.0.1:{server.grpc}/{path.stem}", f"http://127.0.0.1:{server.http}/{path.stem}"):
+        remote = _run("--server", url, "--source", folder, "--out", tmp_path / "remote.jsonl", "--quiet")
+        assert remote.returncode == 0, remote.stderr
+        got = [json.loads(line) for line in (tmp_path / "remote.jsonl").read_text().splitlines()]
+        assert [g["index"] for g in got] == [w["index"] for w in want]
+        assert max(abs(g["score"] - w["score"]) for g, w in zip(got, want)) <= 1e-5
+        assert [g["is_anomalous"] for g in got] == [w["is_anomalous"] for w in want]
+        assert "12 frames sent" in remote.stderr and "(whole)" in remote.stderr
+    reduced = _run("--server", f"grpc://127.0.0.1:{server.grpc}/{path.stem}", "--source", folder, "--quiet",
+                   "--server-send", "reduced")
+    assert reduced.returncode == 0 and "reduced to the engine input" in reduced.stderr, reduced.stderr
+
+
+@pytest.mark.parametrize("args,why", [
+    (["--server", "grpc://127.0.0.1:{port}/served_model"], "the model does not answer"),
+    (["--server", "tcp://127.0.0.1:1/x"], "must be grpc://HOST:PORT/MODEL"),
+    (["--server", "grpc://no-such-host.invalid:8001/x"], "cannot resolve host"),
+    (["ENGINE", "--server", "grpc://127.0.0.1:1/x"], "one of the two")])
+def test_bad_server_options_are_bad_input_before_any_frame(served, tmp_path, args, why):
+    path, _ = served
+    port = free_ports(1)[0]
+    args = [str(path) if a == "ENGINE" else a.format(port=port) for a in args]
+    proc = _run(*args, "--source", tmp_path, "--out", tmp_path / "r.jsonl")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert why in proc.stderr and not (tmp_path / "r.jsonl").exists()
+
+
+def test_serve_refuses_bad_input_in_one_line(served, tmp_path):
+    path, server = served
+    busy = subprocess.run([str(SERVE_PY), "-m", "engine.serve", str(path), "--http-port", str(server.http)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=SERVE_ENV)
+    assert busy.returncode == 2 and f"--http-port {server.http}: cannot listen" in busy.stderr, busy.stderr
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(b"not an engine")
+    proc = subprocess.run([str(SERVE_PY), "-m", "engine.serve", str(bad), *sum(
+        ([f"--{n}-port", str(p)] for n, p in zip(("http", "grpc", "metrics"), free_ports(3))), [])],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=SERVE_ENV)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_server_killed_mid_stream_gives_error_results_then_recovers(served, tmp_path):
+    """A second server is SIGKILLed (with its tritonserver) while a client streams 10 frames/s, then restarted
+    on the same ports: every frame has a result, in order; those during the outage are errors; after the
+    restart (the client's backoff at most 5 s) frames are scored again."""
+    import engine
+    from engine.remote import RemoteEngine
+    path, _ = served
+    server = Server([path]).start()
+    remote = RemoteEngine(f"grpc://127.0.0.1:{server.grpc}/{path.stem}", timeout=2.0)
+    frame = np.full((64, 64, 3), 90, np.uint8)
+    stop_at = [time.monotonic() + 60]
+
+    def frames():
+        while time.monotonic() < stop_at[0]:
+            yield frame
+            time.sleep(0.1)
+    results = []
+    try:
+        for r in engine.run(remote, frames(), policy="block", with_maps=False):
+            results.append(r)
+            if len(results) == 10:
+                server.stop(signal.SIGKILL)
+            if len(results) == 30:
+                server.start()
+            if len(results) > 30 and r.error is None:
+                stop_at[0] = min(stop_at[0], time.monotonic() + 1.0)  # scored again: a few more, then stop
+    finally:
+        server.stop()
+        remote.close()
+    assert [r.index for r in results] == list(range(len(results)))
+    errors = [i for i, r in enumerate(results) if r.error is not None]
+    assert errors and errors[0] >= 10 and all(r.error.startswith("server") for r in results if r.error)
+    assert results[-1].error is None and all(r.error is None for r in results[:10])
