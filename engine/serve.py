@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    "at most (and per request)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="how long a request may wait for others "
                    "to batch with, in microseconds")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="each request on its own (Triton's default "
+                   "scheduler), for comparison")
     p.add_argument("--threads", type=int, help="backend threads per instance (default: all cores / instances)")
     return p
 
@@ -145,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                              Tensor(name="is_anomalous", dtype=np.bool_, shape=(1,)),
                              Tensor(name="anomaly_map", dtype=np.float32, shape=(-1, -1)),
                              Tensor(name=ENGINE_INFO, dtype=np.bytes_, shape=(1,))],
-                    config=ModelConfig(max_batch_size=args.max_batch,
-                                       batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)))
+                    config=ModelConfig(max_batch_size=args.max_batch, batcher=None if args.no_dynamic_batching else
+                                       DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)))
                 first = engines[0]
                 print(f"serving {name}: {first.backend_name} {first.precision}, input {first.input_size[1]}x"
                       f"{first.input_size[0]}, threshold {first.threshold:.4f}, {args.instances} instance(s)",

@@ -50,8 +50,9 @@ class Server:
     def start(self, timeout: float = 120.0) -> "Server":
         cmd = [str(SERVE_PY), "-m", "engine.serve", *map(str, self.engines), "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *self.extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
-                                     start_new_session=True, env=SERVE_ENV)
+        with open(self.log, "w") as log:  # tritonserver's own log (stdout) and engine.serve's lines (stderr)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=SERVE_ENV)
         name = self.engines[0].stem
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -257,3 +258,18 @@ def test_a_server_killed_mid_stream_gives_error_results_then_recovers(served, tm
     errors = [i for i, r in enumerate(results) if r.error is not None]
     assert errors and errors[0] >= 10 and all(r.error.startswith("server") for r in results if r.error)
     assert results[-1].error is None and all(r.error is None for r in results[:10])
+
+
+def test_a_host_faster_than_the_server_drops_the_oldest_and_counts_them(served):
+    """A source with no pauses (a fast camera) and --policy drop-oldest: bounded queues, every frame accounted
+    for (scored or a counted drop), in order."""
+    import engine
+    from engine.remote import RemoteEngine
+    path, server = served
+    frame = np.full((240, 320, 3), 60, np.uint8)
+    stats = engine.StreamStats()
+    with RemoteEngine(f"grpc://127.0.0.1:{server.grpc}/{path.stem}") as remote:
+        results = list(engine.run(remote, [frame] * 300, policy="drop-oldest", queue_size=4, stats=stats))
+    assert [r.index for r in results] == list(range(300))
+    dropped = [r for r in results if r.error and r.error.startswith("dropped")]
+    assert stats.dropped == len(dropped) > 0 and stats.scored == 300 - len(dropped)
