@@ -29,7 +29,7 @@ from engine.format import read_engine
 from train.checkpoint import save_model
 from train.model import FastFlow, FlowConfig
 
-__all__ = ["CONFIGS", "ENGINES", "make_model", "build_engines", "count_flops", "gemm_rate"]
+__all__ = ["CONFIGS", "ENGINES", "make_model", "build_engines", "build_default_engine", "count_flops", "gemm_rate"]
 
 # name -> FlowConfig: lineflow's default, and the FastFlow paper's resnet18 setting (8 steps, hidden
 # ratio 1.0, 3x3/1x1 alternating, 256 px) with lineflow's default scales and scoring
@@ -38,6 +38,20 @@ CONFIGS = {
     "efficientnet_lite0": FlowConfig(backbone="efficientnet_lite0"),
     "resnet18 (paper)": FlowConfig(backbone="resnet18", input_size=256, flow_steps=8, hidden_ratio=1.0),
 }
+
+
+def build_default_engine(folder: Path, config: FlowConfig | None = None, name: str = "m.engine") -> Path:
+    """The default model (or `config`) with its real backbone weights and freshly initialised flow weights (speed
+    does not depend on their values), built for this CPU by `--backend auto --precision auto`: the engine a user
+    gets here, for the benchmarks that time engine.run, tiling and serving."""
+    from train.backbones import create_backbone
+    torch.manual_seed(0)
+    model = FastFlow(config or FlowConfig()).eval()
+    model.backbone = create_backbone(model.config.backbone)
+    meta = {"threshold": {"threshold": 1.0}}
+    save_model(folder / "model.pt", model, meta)
+    build_engine(model, meta, (folder / "model.pt").read_bytes(), folder / name, BuildConfig("auto", "auto"))
+    return folder / name
 
 
 def make_model(config: FlowConfig) -> FastFlow:

@@ -34,19 +34,8 @@ pytestmark = pytest.mark.skipif(not SERVE_PY.exists(), reason="no .venv-serve (m
 
 @pytest.fixture(scope="module")
 def default_engine(tmp_path_factory):
-    from engine.build import BuildConfig, build_engine
-    from train.backbones import create_backbone
-    from train.checkpoint import save_model
-    from train.model import FastFlow, FlowConfig
-    torch.manual_seed(0)
-    model = FastFlow(FlowConfig()).eval()
-    model.backbone = create_backbone(model.config.backbone)
-    d = tmp_path_factory.mktemp("serve")
-    meta = {"threshold": {"threshold": 1.0}}
-    save_model(d / "model.pt", model, meta)
-    path = d / "lineflow_default.engine"
-    build_engine(model, meta, (d / "model.pt").read_bytes(), path, BuildConfig("auto", "auto"))
-    return path
+    from benchmarks.stages import build_default_engine
+    return build_default_engine(tmp_path_factory.mktemp("serve"), name="lineflow_default.engine")
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

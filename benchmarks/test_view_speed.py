@@ -41,18 +41,8 @@ VIEWER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def default_engine(tmp_path_factory):
     import engine
-    from engine.build import BuildConfig, build_engine
-    from train.backbones import create_backbone
-    from train.checkpoint import save_model
-    from train.model import FastFlow, FlowConfig
-    torch.manual_seed(0)
-    model = FastFlow(FlowConfig()).eval()
-    model.backbone = create_backbone(model.config.backbone)
-    d = tmp_path_factory.mktemp("view")
-    meta = {"threshold": {"threshold": 1.0}}
-    save_model(d / "model.pt", model, meta)
-    build_engine(model, meta, (d / "model.pt").read_bytes(), d / "m.engine", BuildConfig("auto", "auto"))
-    eng = engine.load(d / "m.engine", torch.get_num_threads())
+    from benchmarks.stages import build_default_engine
+    eng = engine.load(build_default_engine(tmp_path_factory.mktemp("view")), torch.get_num_threads())
     yield eng
     eng.close()
 

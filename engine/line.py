@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from engine.common.errors import UserError
+from engine.common.net import resolve, url_port
 from engine.runtime import Result
 
 __all__ = ["MqttSink", "WebhookSink", "MqttTarget", "parse_mqtt_url", "camera_name", "result_message"]
@@ -61,14 +61,6 @@ def camera_name(source) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:64] or "camera"
 
 
-def _resolve(host: str, port: int, option: str) -> None:
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise UserError(f"{option}: cannot resolve host {host!r} ({e.strerror if hasattr(e, 'strerror') else e})") \
-            from None
-
-
 @dataclass(frozen=True)
 class MqttTarget:
     host: str
@@ -84,10 +76,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     parts = urlsplit(url)
     if parts.scheme not in MQTT_PORTS:
         raise UserError(f"--mqtt {url}: the URL must start with mqtt:// or mqtts://")
-    try:
-        port = parts.port or MQTT_PORTS[parts.scheme]
-    except ValueError:
-        raise UserError(f"--mqtt {url}: the port is not a number from 1 to 65535") from None
+    port = url_port(parts, MQTT_PORTS[parts.scheme], f"--mqtt {url}")
     if not parts.hostname:
         raise UserError(f"--mqtt {url}: no broker host (mqtt://HOST:PORT/PREFIX)")
     prefix = parts.path.strip("/")
@@ -118,7 +107,7 @@ class MqttSink:
             raise UserError("--mqtt-ca is for mqtts:// brokers (TLS)")
         if queue_limit < 1:
             raise UserError("--mqtt-queue must be at least 1")
-        _resolve(target.host, target.port, "--mqtt")
+        resolve(target.host, target.port, "--mqtt")
         import paho.mqtt.client as mqtt
         self.target, self.warn, self.stats, self.queue_limit = target, warn, stats, queue_limit
         self.address = f"{target.host}:{target.port}"
@@ -264,11 +253,8 @@ class WebhookSink:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UserError(f"--webhook {url}: the URL must be http:// or https:// with a host")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise UserError(f"--webhook {url}: the port is not a number from 1 to 65535") from None
-        _resolve(parts.hostname, port, "--webhook")
+        resolve(parts.hostname, url_port(parts, 443 if parts.scheme == "https" else 80, f"--webhook {url}"),
+                "--webhook")
         if timeout <= 0 or retries < 0 or queue_limit < 1:
             raise UserError("--webhook-timeout must be positive, retries >= 0, the queue at least 1")
         self.url, self.every_frame, self.timeout, self.retries, self.warn = url, every_frame, timeout, retries, warn

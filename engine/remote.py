@@ -20,7 +20,6 @@ error results at once. A frame the server refuses is an error result for that fr
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from urllib.parse import urlsplit
@@ -29,6 +28,7 @@ import numpy as np
 
 from engine import native
 from engine.common.errors import UserError, one_line
+from engine.common.net import resolve, url_port
 from engine.preprocess import to_rgb_float
 from engine.runtime import Result
 
@@ -44,18 +44,12 @@ def parse_server_url(url: str) -> tuple[str, str, int, str]:
     parts = urlsplit(url)
     if parts.scheme not in PORTS:
         raise UserError(f"--server {url}: the URL must be grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL")
-    try:
-        port = parts.port or PORTS[parts.scheme]
-    except ValueError:
-        raise UserError(f"--server {url}: the port is not a number from 1 to 65535") from None
+    port = url_port(parts, PORTS[parts.scheme], f"--server {url}")
     model = parts.path.strip("/")
     if not parts.hostname or not model or "/" in model:
         raise UserError(f"--server {url}: expected {parts.scheme}://HOST:PORT/MODEL (the model is the engine "
                         "file's stem)")
-    try:
-        socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise UserError(f"--server {url}: cannot resolve host {parts.hostname!r} ({e.strerror})") from None
+    resolve(parts.hostname, port, f"--server {url}")
     return parts.scheme, parts.hostname, port, model
 
 
