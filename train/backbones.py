@@ -31,10 +31,8 @@ class WeightsError(UserError):
 
 
 def _same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """TensorFlow 'SAME' padding: the Lite weights were trained with it (asymmetric on stride 2). The sizes are
-    Python ints, so an exported graph (built for one input size) pads by constants: its only dynamic dimension
-    is the batch (TensorRT's limits, engine/build/tensorrt_limits.py)."""
-    h, w = (int(n) for n in x.shape[-2:])
+    """TensorFlow 'SAME' padding: the Lite weights were trained with it (asymmetric on stride 2)."""
+    h, w = x.shape[-2:]
     pad_h = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
     pad_w = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
     if pad_h == 0 and pad_w == 0:
