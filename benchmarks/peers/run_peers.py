@@ -3,9 +3,15 @@
     benchmarks/peers/.venv-peers/bin/python benchmarks/peers/run_peers.py
 
 anomalib's FastflowModel (random weights) is timed in PyTorch eager and through its ONNX export in OpenVINO
-and ONNX Runtime; lineflow_side.py times lineflow in its own venv (a subprocess). fp32, 2 threads, batch 1
-and 8, random (B, 3, 256, 256) float32 inputs. The two sides take turns for ROUNDS rounds (so drift on the
-machine hits both); each row's number is the median of all its timed calls. Writes results.json, prints a table.
+and ONNX Runtime; lineflow_side.py times lineflow in its own venv (a subprocess). 2 threads, batch 1 and 8,
+random (B, 3, 256, 256) float32 inputs. The two sides take turns for ROUNDS rounds (so drift on the machine
+hits both); each row's number is the median of all its timed calls. Writes results.json, prints a table.
+
+anomalib's export runs two ways: as this benchmark first ran it (OpenVINO forced to f32, a dynamic batch
+dimension) and at its best here: OpenVINO's own default precision (bf16 on CPUs that have it), a static
+batch-1 graph with the latency hint for one frame and the throughput hint's streams for a batch (the
+batch's frames as parallel requests, as lineflow's OpenVINO backend runs them); ONNX Runtime with a static
+graph of the batch's size, and as before with a dynamic batch.
 """
 
 import json
@@ -45,33 +51,64 @@ def lineflow_side() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def anomalib_runners(onnx_path: Path) -> tuple[dict, dict]:
+def _export(model: torch.nn.Module, path: Path, batch: int | None) -> str:
+    torch.onnx.export(model, (torch.rand(batch or 2, 3, 256, 256),), str(path), opset_version=17, dynamo=False,
+                      input_names=["images"], output_names=["anomaly_map", "pred_score"],
+                      dynamic_axes=None if batch else {"images": {0: "batch"}})
+    return str(path)
+
+
+def anomalib_runners(folder: Path) -> tuple[dict, dict, str]:
+    """backend -> call(x) for anomalib's model: eager, and its export as before and at its best (module docstring);
+    the exports' max |map difference| from eager; the precision OpenVINO picks by default on this CPU."""
     torch.manual_seed(0)
     model = MapAndScore(FastflowModel(input_size=(256, 256), backbone="resnet18", pre_trained=False, flow_steps=8,
                                       conv3x3_only=False, hidden_ratio=1.0)).eval()
-    torch.onnx.export(model, (torch.rand(2, 3, 256, 256),), str(onnx_path), opset_version=17, dynamo=False,
-                      input_names=["images"], output_names=["anomaly_map", "pred_score"],
-                      dynamic_axes={"images": {0: "batch"}})
+    dynamic = _export(model, folder / "fastflow.onnx", None)
+    static = {b: _export(model, folder / f"fastflow-b{b}.onnx", b) for b in BATCHES}
 
     def eager(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():  # lineflow's FastFlow.forward runs under no_grad too
             return model(torch.from_numpy(x))
 
-    compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                              "INFERENCE_NUM_THREADS": THREADS,
-                                                              "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
+    core = ov.Core()
+    f32 = core.compile_model(dynamic, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": THREADS,
+                                              "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+    latency = core.compile_model(static[1], "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"})
+    one = latency.create_infer_request()
+    throughput = core.compile_model(static[1], "CPU", {"INFERENCE_NUM_THREADS": THREADS,
+                                                       "PERFORMANCE_HINT": "THROUGHPUT"})
+    queue = ov.AsyncInferQueue(throughput, throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    outputs: dict[int, list] = {}
+    queue.set_callback(lambda request, i: outputs.__setitem__(i, [np.array(t.data) for t in request.output_tensors]))
+
+    def openvino_best(x: np.ndarray) -> list[np.ndarray]:
+        if len(x) == 1:
+            return [np.array(v) for v in one.infer({0: x}).values()]
+        for i in range(len(x)):  # a batch as parallel batch-1 requests on the throughput streams
+            queue.start_async({0: x[i:i + 1]}, i)
+        queue.wait_all()
+        return [np.concatenate([outputs[i][k] for i in range(len(x))]) for k in range(2)]
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    ort_dynamic = ort.InferenceSession(dynamic, opts, providers=["CPUExecutionProvider"])
+    ort_static = {b: ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for b, p in static.items()}
     runners = {"torch eager": eager,
-               "openvino": lambda x: [np.array(v) for v in request.infer({0: x}).values()],
-               "onnxruntime": lambda x: session.run(None, {"images": x})}
-    # the exported graphs must compute what eager does (max |difference| of the anomaly maps)
-    xs = np.random.default_rng(1).random((2, 3, 256, 256), dtype=np.float32)
-    ref = eager(xs)[0].numpy()
-    checks = {b: float(np.abs(np.asarray(runners[b](xs)[0]) - ref).max()) for b in ("openvino", "onnxruntime")}
-    return runners, checks
+               "openvino f32, dynamic batch (as first run)": lambda x: [np.array(v) for v in
+                                                                       f32.infer({0: x}).values()],
+               "openvino default precision, static, streams": openvino_best,
+               "onnxruntime, dynamic batch (as first run)": lambda x: ort_dynamic.run(None, {"images": x}),
+               "onnxruntime, static": lambda x: ort_static[len(x)].run(None, {"images": x})}
+    # the exported graphs against eager (max |difference| of the anomaly maps; bf16 differs by its rounding)
+    checks = {}
+    for b in BATCHES:
+        xs = np.random.default_rng(b).random((b, 3, 256, 256), dtype=np.float32)
+        ref = eager(xs)[0].numpy()
+        for name, run in runners.items():
+            if name != "torch eager":
+                checks[f"{name}, batch {b}"] = float(np.abs(np.asarray(run(xs)[0]) - ref).max())
+    return runners, checks, str(latency.get_property("INFERENCE_PRECISION_HINT"))
 
 
 def table(rows: list[dict]) -> str:
@@ -89,7 +126,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     calls: dict[tuple, list[list[float]]] = {}  # (implementation, backend, batch) -> one list of call times per round
     with tempfile.TemporaryDirectory() as tmp:
-        runners, checks = anomalib_runners(Path(tmp) / "fastflow.onnx")
+        runners, checks, ov_precision = anomalib_runners(Path(tmp))
         for _ in range(ROUNDS):
             lineflow = lineflow_side()
             for r in lineflow["rows"]:
@@ -107,10 +144,24 @@ def main() -> None:
                      "calls_ms": flat})
     versions = {p: version(p) for p in ("anomalib", "torch", "torchvision", "timm", "openvino", "onnxruntime", "onnx")}
     results = {"versions": {"anomalib_side": versions, "lineflow_side": lineflow["versions"]}, "threads": THREADS,
-               "rounds": ROUNDS, "anomalib_export_max_map_diff": checks, "rows": rows}
+               "rounds": ROUNDS, "anomalib_export_max_map_diff": checks,
+               "openvino_default_precision_here": ov_precision, "cpu": lineflow.get("cpu"), "rows": rows}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"anomalib export check, max |map diff| against its eager model: {checks}")
+    print(f"OpenVINO's default inference precision on this CPU: {ov_precision}; CPU: {lineflow.get('cpu')}")
     print(table(rows))
+    def best(batch: int, impl_prefix: str, exclude: str) -> dict:
+        return min((r for r in rows if r["batch"] == batch and r["implementation"].startswith(impl_prefix)
+                    and exclude not in r["backend"]), key=lambda r: r["ms"])
+    for batch in BATCHES:
+        peer = best(batch, "anomalib", "torch eager")
+        same = best(batch, "lineflow", "default model")
+        default = [r for r in rows if r["batch"] == batch and "default model" in r["backend"]]
+        print(f"batch {batch}: anomalib at its best ({peer['backend']}) {peer['ms']:.1f} ms; lineflow resnet18 at "
+              f"its best ({same['backend']}) {same['ms']:.1f} ms: {peer['ms'] / same['ms']:.2f}x"
+              + (f"; lineflow's default model ({default[0]['backend']}) {default[0]['ms']:.1f} ms against anomalib's "
+                 f"default FastFlow (the resnet18 one) at its best: {peer['ms'] / default[0]['ms']:.2f}x"
+                 if default else ""))
 
 
 if __name__ == "__main__":
