@@ -32,9 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                         "fastest installed CPU backend, timed here")
     p.add_argument("--precision", default=d.precision, choices=BUILD_PRECISIONS,
                    help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16. Only precisions the "
-                        "hardware runs natively are built. auto: the first low precision that stays within tolerance "
-                        "of fp32 on the check images, else fp32: OpenVINO on a CPU with bf16 tries bf16 (with --calib "
-                        "only) then bf16-flow; the GPU paths try bf16; fp16 is built only when asked for")
+                        "hardware runs natively are built. auto: of the precisions that stay within tolerance of fp32 "
+                        "on the check images, the fastest, timed here: OpenVINO on a CPU with bf16 tries bf16 (with "
+                        "--calib only), bf16-flow and fp32; the GPU paths bf16 and fp32; fp16 only when asked for")
     p.add_argument("--batch", type=int, default=d.batch or 0, help="fixed batch size; 0 = any batch size")
     p.add_argument("--calib", metavar="DIR", default=d.calib, help="folder of good images for the accuracy checks "
                    "(default: random images, which check the arithmetic but not real-image precision)")

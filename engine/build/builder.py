@@ -140,8 +140,9 @@ def _precision_refusal(backend: str, precision: str) -> str:
 
 
 def _auto_candidates(backend: str, real_images: bool) -> list[str]:
-    """--precision auto: low precisions the hardware runs natively, fastest first, each kept only if it passes the
-    accuracy check; fp32 last. On CPUs without bf16 OpenVINO would run "bf16" in fp32: it is not tried there.
+    """--precision auto: the low precisions the hardware runs natively, then fp32; each must pass the accuracy check,
+    and of those that do the build keeps the fastest, timed on this machine. On CPUs without bf16 OpenVINO would
+    run "bf16" in fp32: it is not tried there.
 
     OpenVINO's all-bf16 needs real check images (--calib): a bf16 backbone moved MTD maps by up to 2.4 units
     and image AUROC from 0.9715 to 0.9503, while on random images it stayed near the tolerance (benchmarks/NOTES.md).
@@ -213,9 +214,11 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
     exported: dict[str, bytes] = {}
 
     def checked(name: str) -> tuple[str, dict[str, bytes], Backend]:
-        """The first of the backend's candidate precisions that passes the accuracy check."""
+        """The named precision, checked; for auto, the fastest of the candidates that pass the accuracy check (timed
+        here: bf16 is not faster on every CPU that runs it natively, benchmarks/peers/README.md)."""
         candidates = ([config.precision] if config.precision != "auto"
                       else _auto_candidates(name, config.calib is not None))
+        passed: list[tuple[str, dict[str, bytes], Backend]] = []
         for prec in candidates:
             sections = engine_sections(name, prec, model_bytes, graph, batch, exported)
             backend = load_backend(header(name, prec), sections)
@@ -227,7 +230,8 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
                   f"{'ok' if ok else 'outside tolerance'}")
             checks[f"{name}_{prec}_vs_reference"] = {**check, "tolerance": tol, "ok": ok}
             if ok:
-                return prec, sections, backend
+                passed.append((prec, sections, backend))
+                continue
             backend.close()
             if prec == "fp32" or config.precision != "auto":
                 advice = ("this is a lineflow bug, please report it" if prec == "fp32" else
@@ -237,7 +241,17 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
                                f"{check['max_score_diff']:.2e} (tolerance {tol['score']:g}); no engine written; "
                                f"{advice}")
             print(f"  {prec} is outside tolerance: trying {candidates[candidates.index(prec) + 1]}")
-        raise AssertionError("unreachable: fp32 is every backend's last candidate")
+        if len(passed) == 1:
+            return passed[0]
+        ms = {prec: _median_ms_per_frame(backend.infer, check_images, batch) for prec, _, backend in passed}
+        fastest = min(ms, key=ms.get)
+        print(f"{name} precisions within tolerance: " + ", ".join(f"{p} {t:.1f} ms/frame" for p, t in ms.items())
+              + f" (batch {batch or 1}, median of 5): keeps {fastest}")
+        checks[f"{name}_precision_timings_ms"] = ms
+        for prec, _, backend in passed:
+            if prec != fastest:
+                backend.close()
+        return next(option for option in passed if option[0] == fastest)
 
     names, fallbacks = _resolve_backend(config.backend, config.precision)
     if fallbacks:  # auto on a GPU: the first candidate that builds and passes its check
