@@ -29,6 +29,7 @@ setup(
         "onnx>=1.15",  # engine.build exports the inference graph
         "onnxruntime>=1.17",  # engine backend: CPU, everywhere
         "openvino>=2024.0",  # engine backend: CPU
+        "nncf>=3.0",  # engine.build --precision int8*: post-training quantization (build side only)
         "opencv-python-headless>=4.8",  # engine.run: cameras, video files, streams, overlay video
         "paho-mqtt>=2.0",  # engine.run --mqtt: verdicts to line controllers
         "starlette>=0.37",  # engine.run --view: the live view (an ASGI app on uvicorn)

@@ -14,14 +14,15 @@ from engine.common.geometry import as_hw
 
 __all__ = ["EngineHeader", "ScoringSpec", "TilingSpec",
            "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "MAPS_GRAPH_BACKENDS",
-           "STAGE_PRECISIONS",
+           "STAGE_PRECISIONS", "PART_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
            "required_sections"]
 
 BACKENDS = ("openvino", "onnxruntime", "tensorrt", "torch")
-PRECISIONS = ("fp32", "bf16", "bf16-flow", "fp16")
-# what each backend can run, fastest first (torch: bf16 and fp16 on CUDA only; the build checks the device)
-BACKEND_PRECISIONS = {"openvino": ("bf16", "bf16-flow", "fp16", "fp32"), "onnxruntime": ("fp32",),
+PRECISIONS = ("fp32", "bf16", "bf16-flow", "fp16", "int8", "int8-backbone")
+# what each backend can run, lowest precision first (torch: bf16 and fp16 on CUDA only; the build checks the device)
+BACKEND_PRECISIONS = {"openvino": ("int8", "int8-backbone", "bf16", "bf16-flow", "fp16", "fp32"),
+                      "onnxruntime": ("fp32",),
                       "tensorrt": ("bf16", "fp16", "fp32"), "torch": ("bf16", "fp16", "fp32")}
 # the CPU backends that `engine.build --backend auto` times against each other where no GPU is visible
 CPU_BACKENDS = ("openvino", "onnxruntime")
@@ -30,6 +31,14 @@ CPU_BACKENDS = ("openvino", "onnxruntime")
 MAPS_GRAPH_BACKENDS = ("openvino", "onnxruntime", "tensorrt")
 # precisions that run the graph as two stages, (backbone, flow), each in its own precision
 STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
+# what each part of the graph runs in, per precision (the engine header's checks repeat it for the one built);
+# int8: NNCF's quantize/dequantize pairs in the one ONNX graph around the convolutions of the int8 parts
+PART_PRECISIONS = {"fp32": {"stem": "fp32", "backbone": "fp32", "flow": "fp32"},
+                   "bf16": {"stem": "bf16", "backbone": "bf16", "flow": "bf16"},
+                   "bf16-flow": {"stem": "fp32", "backbone": "fp32", "flow": "bf16"},
+                   "fp16": {"stem": "fp16", "backbone": "fp16", "flow": "fp16"},
+                   "int8": {"stem": "fp32", "backbone": "int8", "flow": "int8"},
+                   "int8-backbone": {"stem": "fp32", "backbone": "int8", "flow": "fp32"}}
 
 SECTION_ONNX = "onnx"  # CPU backends: images -> per-scale NLL maps (fused natively after)
 SECTION_ONNX_BACKBONE = "onnx_backbone"  # two-stage precisions: images -> features

@@ -169,3 +169,16 @@ def test_evaluate_rereads_the_image_score_at_other_top_fractions(tiny_model, dem
         assert result["image_auroc_by_top"][str(top)] == evaluate(model.eval(), demo_dir, None)["image_auroc"]
     _assert_clean_failure(run("train.evaluate", str(tiny_model), "--data", str(demo_dir), "--image-score-top", "1",
                               check=False), "--image-score-top")
+
+
+def test_build_checks_on_the_training_images_by_default(tiny_model, demo_dir, tmp_path):
+    """Without --calib the build checks (and int8 calibrates) on the good images train.fit read, while they exist."""
+    from engine.build.__main__ import _training_images
+    from engine.format import read_engine
+    eng = tmp_path / "m.engine"
+    proc = run("engine.build", str(tiny_model), "-o", str(eng), "--backend", "onnxruntime", "--precision", "fp32")
+    train_good = demo_dir / "train" / "good"
+    assert f"check images: the model's training images in {train_good.resolve()}" in proc.stdout
+    assert str(train_good.resolve()) in read_engine(eng)[0].checks["check_images"]
+    assert _training_images({"data": {"root": str(tmp_path / "gone")}}) is None
+    assert _training_images({"data": "not a record"}) is None and _training_images({}) is None

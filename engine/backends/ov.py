@@ -14,7 +14,8 @@ from engine.native import NativeScoring
 
 __all__ = ["OpenVinoBackend", "OPENVINO_PRECISION"]
 
-OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # INFERENCE_PRECISION_HINT
+# INFERENCE_PRECISION_HINT; int8 graphs carry their int8 parts as quantize/dequantize pairs, the rest runs fp32
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32", "int8-backbone": "f32"}
 
 
 class OpenVinoBackend(Backend):

@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from engine.build.builder import BUILD_BACKENDS, BUILD_PRECISIONS, BuildConfig, build_engine
 from engine.common.errors import UserError, run_cli
 from engine.common.files import check_output
 from engine.common.geometry import format_size
+from engine.common.images import DataError
 from train.checkpoint import load_model_bytes
+from train.data import train_images
 
 __all__ = ["main"]
 
@@ -31,14 +34,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: TensorRT on an NVIDIA GPU (the CUDA path, torch, if the plan fails), else the "
                         "fastest installed CPU backend, timed here")
     p.add_argument("--precision", default=d.precision, choices=BUILD_PRECISIONS,
-                   help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16. Only precisions the "
-                        "hardware runs natively are built. auto: of the precisions that stay within tolerance of fp32 "
-                        "on the check images, the fastest, timed here: OpenVINO on a CPU with bf16 tries bf16 (with "
-                        "--calib only), bf16-flow and fp32; the GPU paths bf16 and fp32; fp16 only when asked for")
+                   help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16; int8: NNCF quantizes "
+                        "the backbone and flow convolutions (the stem stays fp32), int8-backbone the backbone only, "
+                        "with ranges from the check images. Only precisions the hardware runs natively are built. "
+                        "auto: of the precisions that stay within tolerance of fp32 on the check images, the fastest, "
+                        "timed here: OpenVINO tries int8, int8-backbone and bf16 (on real check images only), "
+                        "bf16-flow (on CPUs with bf16) and fp32; the GPU paths bf16 and fp32; fp16 only when asked for")
     p.add_argument("--batch", type=int, default=d.batch or 0, help="fixed batch size; 0 = any batch size")
     p.add_argument("--calib", metavar="DIR", default=d.calib, help="folder of good images for the accuracy checks "
-                   "(default: random images, which check the arithmetic but not real-image precision)")
+                   "and int8's ranges (default: the model's training images, if still where train.fit read them; "
+                   "else random images, which check the arithmetic but not real-image precision, and no int8)")
     return p
+
+
+def _training_images(meta: dict) -> str | None:
+    """The folder of good images the model was trained on, where train.fit recorded it, if it still holds images."""
+    root = meta.get("data", {}).get("root") if isinstance(meta.get("data"), dict) else None
+    if not isinstance(root, str):
+        return None
+    try:
+        return str(train_images(root)[0].parent)
+    except (DataError, OSError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{model_path}: no such file")
     model_bytes = model_path.read_bytes()  # read once: the engine carries exactly what was checked
     model, meta = load_model_bytes(io.BytesIO(model_bytes), str(model_path))
+    if config.calib is None:
+        config = replace(config, calib=_training_images(meta))
+        if config.calib:
+            print(f"check images: the model's training images in {config.calib} (--calib DIR to choose others)")
     t0 = time.perf_counter()
     header = build_engine(model, meta, model_bytes, out, config)
     print(f"wrote {out}: {header.backend} {header.precision}, {format_size(header.input_size)} px, "

@@ -30,12 +30,14 @@ from engine.header import (
     BACKENDS,
     CPU_BACKENDS,
     MAPS_GRAPH_BACKENDS,
+    PART_PRECISIONS,
     PRECISIONS,
     EngineHeader,
     TilingSpec,
 )
 from engine.preprocess import frames_to_input
-from train.model import FastFlow
+from train.model import FastFlow, FlowConfig
+from train.tiles import frame_tiles
 
 __all__ = ["BuildConfig", "build_engine", "BUILD_BACKENDS", "BUILD_PRECISIONS", "GRAPH_TOLERANCE",
            "LOW_PRECISION_TOLERANCE"]
@@ -64,8 +66,10 @@ class BuildConfig:
             raise ValueError(f"batch must be a positive batch size or None (any), not {self.batch!r}")
 
 
-def _calibration_images(calib: str | None, hw: tuple[int, int], limit: int = 32) -> tuple[np.ndarray, str]:
-    """Real images for the build's checks: --calib DIR, else random images (said so in the header)."""
+def _calibration_images(calib: str | None, model_config: FlowConfig, limit: int = 32) -> tuple[np.ndarray, str]:
+    """Real images for the build's checks (and int8's ranges): --calib DIR, as the engine's inputs (a tiled
+    model's tiles at its scale, spread over the frames), else random images (said so in the header)."""
+    hw = model_config.input_size
     if calib is None:
         rng = np.random.default_rng(0)
         return rng.random((4, 3, *hw), dtype=np.float32), "4 random images (no --calib given)"
@@ -76,7 +80,11 @@ def _calibration_images(calib: str | None, hw: tuple[int, int], limit: int = 32)
     if not paths:
         raise UserError(f"{folder}: no images found for --calib")
     paths = paths[:: max(1, len(paths) // limit)][:limit]
-    return frames_to_input([read_image(p) for p in paths], hw), f"{len(paths)} images from {folder}"
+    if not model_config.tile_scale:
+        return frames_to_input([read_image(p) for p in paths], hw), f"{len(paths)} images from {folder}"
+    tiles = torch.cat([frame_tiles(read_image(p), model_config)[0] for p in paths])
+    tiles = tiles[np.linspace(0, len(tiles) - 1, min(limit, len(tiles))).round().astype(int)]
+    return tiles.numpy(), f"{len(tiles)} tiles of {len(paths)} images from {folder}"
 
 
 def _compare(infer: Callable, ref_maps: np.ndarray, ref_scores: np.ndarray, images: np.ndarray,
@@ -109,7 +117,8 @@ def _openvino_capabilities() -> list[str]:
 
 
 # the CPU capability OpenVINO needs to run a precision natively; without it, it silently runs fp32
-_OPENVINO_NEEDS = {"bf16": "BF16", "bf16-flow": "BF16", "fp16": "FP16"}
+_OPENVINO_NEEDS = {"bf16": "BF16", "bf16-flow": "BF16", "fp16": "FP16", "int8": "INT8", "int8-backbone": "INT8"}
+INT8_PRECISIONS = ("int8", "int8-backbone")  # quantized on the check images: they must be real (--calib)
 
 
 def _gpu_visible() -> bool:
@@ -146,9 +155,13 @@ def _auto_candidates(backend: str, real_images: bool) -> list[str]:
 
     OpenVINO's all-bf16 needs real check images (--calib): a bf16 backbone moved MTD maps by up to 2.4 units
     and image AUROC from 0.9715 to 0.9503, while on random images it stayed near the tolerance (benchmarks/NOTES.md).
+    int8 takes its ranges from the check images, so it too is tried only on real ones, and only int8-backbone: an
+    int8 flow moved MTD maps by 0.39 units and rejected 89 % of good images (benchmarks/NOTES.md).
     """
     if backend == "openvino":
-        low = [p for p in ("bf16", "bf16-flow") if p in _precisions(backend) and (real_images or p != "bf16")]
+        needs_real = ("bf16", *INT8_PRECISIONS)
+        low = [p for p in ("int8-backbone", "bf16", "bf16-flow")
+               if p in _precisions(backend) and (real_images or p not in needs_real)]
         return [*low, "fp32"]
     return [p for p in _precisions(backend) if p != "fp32"][:1] + ["fp32"]
 
@@ -181,11 +194,14 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
                  config: BuildConfig = BuildConfig()) -> EngineHeader:
     """Build and write the engine; returns its header (what was chosen and checked, with numbers)."""
     hw, batch = model.config.input_size, config.batch
+    if config.precision in INT8_PRECISIONS and config.calib is None:
+        raise UserError(f"--precision {config.precision} takes its int8 ranges from real images: give --calib DIR "
+                        "(a folder of good images)")
     threshold = meta.get("threshold", {}).get("threshold")
     if threshold is None:
         raise UserError("model.pt has no decision threshold (train it with python -m train.fit)")
     graph = InferenceGraph(model).eval()
-    images, calib_desc = _calibration_images(config.calib, hw)
+    images, calib_desc = _calibration_images(config.calib, model.config)
     check_images = np.concatenate([images, np.random.default_rng(1).random((2, 3, *hw), dtype=np.float32)])
     with torch.no_grad():
         ref_maps, ref_scores = (t.numpy() for t in model(torch.from_numpy(check_images)))
@@ -220,7 +236,7 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
                       else _auto_candidates(name, config.calib is not None))
         passed: list[tuple[str, dict[str, bytes], Backend]] = []
         for prec in candidates:
-            sections = engine_sections(name, prec, model_bytes, graph, batch, exported)
+            sections = engine_sections(name, prec, model_bytes, graph, batch, exported, images)
             backend = load_backend(header(name, prec), sections)
             check = _compare(backend.infer, ref_maps, ref_scores, check_images, batch)
             tol = {"score": GRAPH_TOLERANCE, "map": GRAPH_TOLERANCE} if prec == "fp32" else LOW_PRECISION_TOLERANCE
@@ -279,6 +295,7 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
         backend.close()
     checks["ms_per_frame"], checks["ms_per_frame_batch"] = timings[chosen], batch or 1
     precision, sections, _ = options[chosen]
+    checks["part_precisions"] = PART_PRECISIONS[precision] if chosen in MAPS_GRAPH_BACKENDS else {"all": precision}
     result = header(chosen, precision)
     write_engine(out, result, sections)
     return result

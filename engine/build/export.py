@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 import onnx
 import torch
 
 from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph, ScaleMapsGraph
+from engine.build.quantize import KEEP_FP32, quantize_int8
 from engine.build.tensorrt_limits import tensorrt_graph_problems
 from engine.common.errors import UserError
 from engine.header import (
@@ -111,9 +113,10 @@ def tensorrt_plan(onnx: bytes, precision: str, batch: int | None, hw: tuple[int,
 
 
 def engine_sections(backend: str, precision: str, model_bytes: bytes, graph: InferenceGraph, batch: int | None,
-                    exported: dict[str, bytes]) -> dict[str, bytes]:
+                    exported: dict[str, bytes], check_images: np.ndarray | None = None) -> dict[str, bytes]:
     """The sections an engine of this backend and precision carries (engine.header.required_sections).
-    `exported`: ONNX parts already exported, by part; filled here, so a part is exported once per build."""
+    `exported`: ONNX parts already exported, by part; filled here, so a part is exported once per build.
+    `check_images`: real images (N, 3, H, W) that the int8 precisions take their ranges from."""
 
     def onnx(part: str) -> bytes:
         if part not in exported:
@@ -121,7 +124,8 @@ def engine_sections(backend: str, precision: str, model_bytes: bytes, graph: Inf
         return exported[part]
     make = {SECTION_MODEL: lambda: model_bytes,
             SECTION_TENSORRT_PLAN: lambda: tensorrt_plan(onnx("maps"), precision, batch, graph.size),
-            SECTION_ONNX: lambda: onnx("maps"),  # the graph ends at the per-scale maps
+            SECTION_ONNX: lambda: (quantize_int8(onnx("maps"), precision, check_images) if precision in KEEP_FP32
+                                   else onnx("maps")),  # the graph ends at the per-scale maps
             SECTION_ONNX_BACKBONE: lambda: onnx("backbone"),
             SECTION_ONNX_FLOW: lambda: onnx("flow")}
     assert precision not in STAGE_PRECISIONS or backend == "openvino", "two-stage precisions are OpenVINO's"
