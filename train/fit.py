@@ -42,7 +42,7 @@ __all__ = ["DEVICES", "LR_SCHEDULES", "TrainConfig", "fit", "calibrate_scales", 
 
 DEVICES = ("cpu", "cuda")  # where features and flow run (train.fit, train.evaluate)
 LR_SCHEDULES = ("constant", "cosine", "anneal")
-FEATURE_BATCH = 2  # tiles per backbone call while caching features: small batches stay in cache on CPUs
+FEATURE_BATCH = {"cpu": 2, "cuda": 16}  # tiles a backbone call while caching features (CPUs: small ones stay in cache)
 ANNEAL_FRACTION = 0.2  # "anneal": the share of the run, at its end, over which the learning rates decay
 
 
@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'AltUB' if model_cfg.altub else 'fixed N(0, I)'} base")
 
     t_start = time.perf_counter()
-    train_feats, _ = extract_features(model, fit_paths, FEATURE_BATCH, device, "features (train)")
-    hold_feats, hold_frames = extract_features(model, hold_paths, FEATURE_BATCH, device, "features (held-out)")
+    feature_batch = FEATURE_BATCH[device.type]
+    train_feats, _ = extract_features(model, fit_paths, feature_batch, device, "features (train)")
+    hold_feats, hold_frames = extract_features(model, hold_paths, feature_batch, device, "features (held-out)")
     t_features = time.perf_counter() - t_start
     print(f"features cached in {t_features:.1f} s ({len(train_feats[0])} training tiles, "
           f"{sum(f.numel() * 4 for f in train_feats) / 2**20:.0f} MiB)")
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     history, hold_scores = fit(model, train_feats, hold_feats, hold_frames, cfg, device, on_epoch)
     info = meta(cfg.epochs, hold_scores, history)
     if defect_paths:
-        defect_feats = extract_features(model, defect_paths, FEATURE_BATCH, device, "features (defects)")
+        defect_feats = extract_features(model, defect_paths, feature_batch, device, "features (defects)")
         defect_scores = score_cached(model, *defect_feats, device)[1]
         info["threshold"] = {**from_defects(hold_scores, defect_scores),
                              f"{cfg.threshold_rule}_threshold": info["threshold"]["threshold"]}

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                         "the backbone and flow convolutions (the stem stays fp32), int8-backbone the backbone only, "
                         "with ranges from the check images. Only precisions the hardware runs natively are built. "
                         "auto: of the precisions that stay within tolerance of fp32 on the check images, the fastest, "
-                        "timed here: OpenVINO tries int8, int8-backbone and bf16 (on real check images only), "
+                        "timed here: OpenVINO tries int8-backbone and bf16 (on real check images only), "
                         "bf16-flow (on CPUs with bf16) and fp32; the GPU paths bf16 and fp32; fp16 only when asked for")
     p.add_argument("--batch", type=int, default=d.batch or 0, help="fixed batch size; 0 = any batch size")
     p.add_argument("--calib", metavar="DIR", default=d.calib, help="folder of good images for the accuracy checks "
