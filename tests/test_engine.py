@@ -49,17 +49,35 @@ def perturbed_model(size=64, image_scales="coarse", map_scales="fine", seed=0) -
     return model
 
 
-@pytest.mark.parametrize("map_scales,image_scales", [("fine", "coarse"), ("fine", "coarsest"), ("all", "all"),
-                                                     ("all", "coarse")])
-def test_folded_graph_matches_reference(map_scales, image_scales):
+@pytest.mark.parametrize("map_scales,image_scales,gathers", [
+    ("fine", "coarse", False), ("fine", "coarsest", False), ("all", "all", False), ("all", "coarse", False),
+    ("fine", "coarse", True)])
+def test_folded_graph_matches_reference(map_scales, image_scales, gathers):
+    """The folded graph (its state as two blocks, or as one tensor with gathers) computes the model's maps."""
     model = perturbed_model(image_scales=image_scales, map_scales=map_scales)
     graph = InferenceGraph(model).eval()
+    for scale in graph.scales.values():
+        scale.gathers = gathers
     x = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         ref_map, ref_score = model(x)
         amap, score = graph(x)
     assert (amap - ref_map).abs().max() <= TOL
     assert (score - ref_score).abs().max() <= TOL
+
+
+def test_flow_exports_without_channel_gathers():
+    """The exported maps graph draws each step's halves by 1x1 convolutions: no Gather or Concat in the flow
+    (OpenVINO runs those as reference kernels with layout reorders around them), one Split a scale."""
+    import onnx
+
+    from engine.build.export import export_onnx
+    graph = InferenceGraph(perturbed_model()).eval()
+    nodes = onnx.load_from_string(export_onnx(graph, 1, "maps")).graph.node
+    flow = [n.op_type for n in nodes if n.name.startswith("/scales.")]
+    # per scale: step 1 reads the blocks as they are, steps 2-4 draw x1 and x2 by 4 convs; 3 convs a step
+    assert "Gather" not in flow and "Concat" not in flow and flow.count("Split") == 4
+    assert flow.count("Conv") == 4 * (3 * 4 + 4 * 3)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 160)])

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                    "engine.build: every test image then goes through the engine as engine.run scores a frame")
     p.add_argument("--data", required=True, help="MVTec-layout folder with test/ and ground_truth/")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON (a list when several models)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="frames per flow and scoring call (the backbone "
+                   "runs at its own per-device batch, train.fit FEATURE_BATCH)")
     p.add_argument("--protocol", default=PROTOCOLS[0], choices=PROTOCOLS,
                    help="pixel metrics at each mask's own resolution (mask), or at the model's input size with "
                    "the masks shrunk to it (input: lineflow's yardstick before rectangular inputs)")

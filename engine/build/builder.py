@@ -117,8 +117,11 @@ def _openvino_capabilities() -> list[str]:
 
 
 # the CPU capability OpenVINO needs to run a precision natively; without it, it silently runs fp32
-_OPENVINO_NEEDS = {"bf16": "BF16", "bf16-flow": "BF16", "fp16": "FP16", "int8": "INT8", "int8-backbone": "INT8"}
-INT8_PRECISIONS = ("int8", "int8-backbone")  # quantized on the check images: they must be real (--calib)
+# quantized on the check images: they must be real (--calib)
+INT8_PRECISIONS = tuple(p for p, parts in PART_PRECISIONS.items() if "int8" in parts.values())
+# the OpenVINO CPU capability (OPTIMIZATION_CAPABILITIES) each precision needs: that of its lowest part
+_OPENVINO_NEEDS = {p: next(q for q in ("int8", "fp16", "bf16", "fp32") if q in parts.values()).upper()
+                   for p, parts in PART_PRECISIONS.items()}
 
 
 def _gpu_visible() -> bool:

@@ -13,7 +13,9 @@ bookkeeping at build time; the global affine on y2 folds into the t-rows of the 
 and the log-scale of the coupling; the pending affine of x1 folds into the first conv (scale into
 its weights, shift into a constant bias map, exact at zero-padded borders); AltUB's mean and
 scale, the 0.5 / C and the per-scale normalisation fold into one (A * X + B)^2 sum. What remains per
-step is two channel gathers, two convolutions, one clamp and one multiply-add.
+step is two channel gathers, two convolutions, one clamp and one multiply-add. The exported graph keeps X
+as two blocks, [x1, y2] of the step before, and gathers each half from them by 1x1 convolutions with 0/1
+weights (FoldedStep.on_blocks); the CUDA kernels index the channels instead (engine/backends/cuda.py).
 
 The soft clamp's atan is a polynomial here (kernels.reference.poly_atan, the one the Triton kernels
 use): runtimes fuse its multiply-adds into the element-wise chain around it, where OpenVINO runs an
@@ -36,7 +38,8 @@ __all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "Fo
 
 
 class FoldedStep(nn.Module):
-    """One coupling step on the stored state: gathers, two convs, clamp, multiply-add."""
+    """One coupling step on the stored state: gathers, two convs, clamp, multiply-add (`forward`: X as one
+    tensor; `on_blocks`: X as two blocks, the form the graph exports)."""
 
     def __init__(self, step: CouplingStep, idx: torch.Tensor, a: torch.Tensor, c: torch.Tensor, hw: tuple[int, int]):
         super().__init__()
@@ -67,13 +70,45 @@ class FoldedStep(nn.Module):
         self.register_buffer("c2", c[c1:].view(1, -1, 1, 1).clone())
         self.c2_channels = c2
 
+    def coupled(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """y2 from the step's two halves as stored (x2 before its pending affine)."""
+        x2 = x2 * self.a2 + self.c2
+        hidden = F.relu(F.conv2d(x1, self.w1, None, padding=self.kernel // 2) + self.bias_map1)
+        c2, pad = self.c2_channels, self.kernel // 2
+        # s and t as two convolutions rather than one split in two: a channel split runs as a reference kernel
+        # in OpenVINO, with layout reorders around it (benchmarks/NOTES.md)
+        s = F.conv2d(hidden, self.w2[:c2], self.b2[:c2], padding=pad)
+        t = F.conv2d(hidden, self.w2[c2:], self.b2[c2:], padding=pad)
+        return x2 * (soft_clamp(s, self.clamp, atan=poly_atan) + self.g2).exp() + t
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = x.index_select(1, self.idx1)
-        x2 = x.index_select(1, self.idx2) * self.a2 + self.c2
-        hidden = F.relu(F.conv2d(x1, self.w1, None, padding=self.kernel // 2) + self.bias_map1)
-        s, t = F.conv2d(hidden, self.w2, self.b2, padding=self.kernel // 2).split(self.c2_channels, dim=1)
-        y2 = x2 * (soft_clamp(s, self.clamp, atan=poly_atan) + self.g2).exp() + t
-        return torch.cat([x1, y2], dim=1)
+        return torch.cat([x1, self.coupled(x1, x.index_select(1, self.idx2))], dim=1)
+
+    def make_selections(self, c1: int) -> None:
+        """For the state kept as two blocks [first c1 channels, the rest]: x1 and x2 as 1x1 convolutions of the
+        blocks with 0/1 weights (exact), unless they are the blocks themselves (the first step)."""
+        channels = c1 + self.c2_channels
+        self.direct = torch.equal(self.idx1, torch.arange(c1)) and torch.equal(self.idx2, torch.arange(c1, channels))
+        if self.direct:
+            return
+        for name, idx in (("sel1", self.idx1), ("sel2", self.idx2)):
+            onehot = torch.zeros(len(idx), channels)
+            onehot[torch.arange(len(idx)), idx] = 1.0
+            self.register_buffer(f"{name}_p", onehot[:, :c1, None, None].clone())
+            self.register_buffer(f"{name}_q", onehot[:, c1:, None, None].clone())
+
+    def on_blocks(self, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step on the state as two blocks: the blocks after it, [x1, y2]. OpenVINO runs Gather, Split and
+        Concat as reference kernels in plain layout, with reorders around them; 1x1 convolutions stay in its
+        blocked layout, for C^2 more multiply-adds a pixel and step: on an AVX2 CPU 1.07-1.47x on the maps graph
+        alone, 1-3 % end to end (benchmarks/NOTES.md)."""
+        if self.direct:
+            x1, x2 = p, q
+        else:
+            x1 = F.conv2d(p, self.sel1_p) + F.conv2d(q, self.sel1_q)
+            x2 = F.conv2d(p, self.sel2_p) + F.conv2d(q, self.sel2_q)
+        return x1, self.coupled(x1, x2)
 
 
 class FoldedScale(nn.Module):
@@ -107,12 +142,25 @@ class FoldedScale(nn.Module):
         self.register_buffer("beta", beta[order].view(1, -1, 1, 1).clone())
         self.offset = median / (q99 - median)
         self.norm_shape = (channels, *hw)  # fixed: the graph is built for one input size
+        # the state is kept as two blocks, [x1, y2] after each step, each step's halves drawn from them by
+        # 1x1 convolutions: no Gather, Split or Concat nodes in the exported graph (FoldedStep.on_blocks)
+        self.c1 = steps[0].c1
+        for step in self.steps:
+            step.make_selections(self.c1)
+        self.gathers = False  # True: the one-tensor form with channel gathers (the graph before; benchmarks compare)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(feat, self.norm_shape)
+        if self.gathers:
+            for step in self.steps:
+                x = step(x)
+            return (x * self.alpha + self.beta).pow(2).sum(dim=1, keepdim=True) - self.offset  # (B, 1, h, w)
+        p, q = x.split([self.c1, self.norm_shape[0] - self.c1], dim=1)
         for step in self.steps:
-            x = step(x)
-        return (x * self.alpha + self.beta).pow(2).sum(dim=1, keepdim=True) - self.offset  # (B, 1, h, w)
+            p, q = step.on_blocks(p, q)
+        c1 = self.c1
+        return ((p * self.alpha[:, :c1] + self.beta[:, :c1]).pow(2).sum(dim=1, keepdim=True)
+                + (q * self.alpha[:, c1:] + self.beta[:, c1:]).pow(2).sum(dim=1, keepdim=True) - self.offset)
 
 
 class InferenceGraph(nn.Module):
