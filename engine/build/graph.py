@@ -102,7 +102,7 @@ class FoldedStep(nn.Module):
         """The step on the state as two blocks: the blocks after it, [x1, y2]. OpenVINO runs Gather, Split and
         Concat as reference kernels in plain layout, with reorders around them; 1x1 convolutions stay in its
         blocked layout, for C^2 more multiply-adds a pixel and step: on an AVX2 CPU 1.07-1.47x on the maps graph
-        alone, 1-3 % end to end (benchmarks/NOTES.md)."""
+        alone, 1-7 % end to end (benchmarks/NOTES.md)."""
         if self.direct:
             x1, x2 = p, q
         else:
