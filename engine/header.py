@@ -14,7 +14,7 @@ from engine.common.geometry import as_hw
 
 __all__ = ["EngineHeader", "ScoringSpec", "TilingSpec",
            "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "MAPS_GRAPH_BACKENDS",
-           "STAGE_PRECISIONS", "PART_PRECISIONS",
+           "STAGE_PRECISIONS", "PART_PRECISIONS", "INT8_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
            "required_sections"]
 
@@ -39,6 +39,8 @@ PART_PRECISIONS = {"fp32": {"stem": "fp32", "backbone": "fp32", "flow": "fp32"},
                    "fp16": {"stem": "fp16", "backbone": "fp16", "flow": "fp16"},
                    "int8": {"stem": "fp32", "backbone": "int8", "flow": "int8"},
                    "int8-backbone": {"stem": "fp32", "backbone": "int8", "flow": "fp32"}}
+# precisions quantized on the check images (engine/build/quantize.py): they need real ones (--calib)
+INT8_PRECISIONS = tuple(p for p, parts in PART_PRECISIONS.items() if "int8" in parts.values())
 
 SECTION_ONNX = "onnx"  # CPU backends: images -> per-scale NLL maps (fused natively after)
 SECTION_ONNX_BACKBONE = "onnx_backbone"  # two-stage precisions: images -> features

@@ -28,7 +28,7 @@ from engine.format import read_engine
 from engine.preprocess import resize_map
 from train.checkpoint import checksum, load_model
 from train.data import Sample, evaluation_samples, read_mask
-from train.fit import DEVICES, FEATURE_BATCH, extract_features
+from train.fit import DEVICES, extract_features
 from train.metrics import PixelCurves, auroc
 from train.model import FastFlow, FlowConfig
 from train.threshold import compare_rules
@@ -47,7 +47,7 @@ def predict(model: FastFlow, paths: list[Path], batch_size: int, device: torch.d
 
     `features`: extract_features(model, paths, ...) already computed, to skip the backbone.
     """
-    feats, frames = features or extract_features(model, paths, FEATURE_BATCH[device.type], device, "features")
+    feats, frames = features or extract_features(model, paths, device, "features")
     maps, scores, by_top = [], [], {t: [] for t in tops}
     for amap, score, tops_scores, _ in score_frames(model, feats, frames, device, batch_size, tops):
         maps.append(amap)
@@ -104,7 +104,7 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
         key = (str(Path(data).resolve()), cfg.input_size, cfg.tile_scale, cfg.tile_overlap, cfg.feature_pool,
                checksum({"backbone": model.backbone.name}, model.backbone.state_dict()))
         if key not in feature_cache:
-            feature_cache[key] = extract_features(model, paths, FEATURE_BATCH[device.type], device, "features")
+            feature_cache[key] = extract_features(model, paths, device, "features")
         feats = feature_cache[key]
     maps, scores, by_top = predict(model, paths, batch_size, device, feats, tops)
     return _report(samples, maps, scores, time.perf_counter() - t0, threshold, protocol, holdout_scores, by_top)

@@ -73,10 +73,12 @@ def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[P
 
 
 @torch.no_grad()
-def extract_features(model: FastFlow, paths: list[Path], batch_size: int, device: torch.device,
+def extract_features(model: FastFlow, paths: list[Path], device: torch.device,
                      desc: str) -> tuple[list[torch.Tensor], list[FrameTiles]]:
     """Frozen backbone features of every tile of every image (an image resized whole is one tile), per
-    scale [(N_tiles, C, h, w)] on the CPU, and where each image's tiles lie (train/tiles.py), in order."""
+    scale [(N_tiles, C, h, w)] on the CPU, and where each image's tiles lie (train/tiles.py), in order;
+    the backbone runs FEATURE_BATCH[device.type] tiles a call."""
+    batch_size = FEATURE_BATCH[device.type]
     per_scale: list[list[torch.Tensor]] = []
     frames: list[FrameTiles] = []
     pending: list[torch.Tensor] = []
@@ -323,9 +325,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'AltUB' if model_cfg.altub else 'fixed N(0, I)'} base")
 
     t_start = time.perf_counter()
-    feature_batch = FEATURE_BATCH[device.type]
-    train_feats, _ = extract_features(model, fit_paths, feature_batch, device, "features (train)")
-    hold_feats, hold_frames = extract_features(model, hold_paths, feature_batch, device, "features (held-out)")
+    train_feats, _ = extract_features(model, fit_paths, device, "features (train)")
+    hold_feats, hold_frames = extract_features(model, hold_paths, device, "features (held-out)")
     t_features = time.perf_counter() - t_start
     print(f"features cached in {t_features:.1f} s ({len(train_feats[0])} training tiles, "
           f"{sum(f.numel() * 4 for f in train_feats) / 2**20:.0f} MiB)")
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     history, hold_scores = fit(model, train_feats, hold_feats, hold_frames, cfg, device, on_epoch)
     info = meta(cfg.epochs, hold_scores, history)
     if defect_paths:
-        defect_feats = extract_features(model, defect_paths, feature_batch, device, "features (defects)")
+        defect_feats = extract_features(model, defect_paths, device, "features (defects)")
         defect_scores = score_cached(model, *defect_feats, device)[1]
         info["threshold"] = {**from_defects(hold_scores, defect_scores),
                              f"{cfg.threshold_rule}_threshold": info["threshold"]["threshold"]}

@@ -23,7 +23,7 @@ from train.threshold import compare_rules  # noqa: E402
 model, meta = load_model(sys.argv[1])
 _, held_out = split_holdout(train_images(sys.argv[2]), 0.1, meta["train_config"]["seed"])
 cpu = torch.device("cpu")
-scores = score_cached(model, *extract_features(model, held_out, 16, cpu, "held-out"), cpu)[1]
+scores = score_cached(model, *extract_features(model, held_out, cpu, "held-out"), cpu)[1]
 images = json.load(open(sys.argv[3]))["images"]
 labels = np.array([i["type"] != "good" for i in images])
 test_scores = np.array([i["score"] for i in images])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from train.checkpoint import load_model  # noqa: E402
 from train.data import train_images  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
-from train.fit import FEATURE_BATCH, extract_features, score_cached, split_holdout  # noqa: E402
+from train.fit import extract_features, score_cached, split_holdout  # noqa: E402
 from train.model import FastFlow  # noqa: E402
 from train.threshold import compare_rules  # noqa: E402
 
@@ -36,7 +36,7 @@ torch.set_grad_enabled(False)
 cpu = torch.device("cpu")
 model, meta = load_model(args.model)
 train_paths, held_out = split_holdout(train_images(args.data), 0.1, meta["train_config"]["seed"])
-feats, _ = extract_features(model, train_paths, FEATURE_BATCH["cpu"], cpu, "train features")
+feats, _ = extract_features(model, train_paths, cpu, "train features")
 nlls = [[] for _ in feats]
 for i in range(0, len(feats[0]), 16):
     for acc, n in zip(nlls, model.pixel_nll(model.flow([f[i:i + 16] for f in feats])[0])):
@@ -65,7 +65,7 @@ class PositionNormalised(FastFlow):
         return out
 
 
-held_features = extract_features(model, held_out, FEATURE_BATCH["cpu"], cpu, "held-out")
+held_features = extract_features(model, held_out, cpu, "held-out")
 cache: dict = {}
 for mode in args.modes.split(","):
     m = PositionNormalised(model.config, model.backbone).eval()

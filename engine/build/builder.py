@@ -29,6 +29,7 @@ from engine.header import (
     BACKEND_PRECISIONS,
     BACKENDS,
     CPU_BACKENDS,
+    INT8_PRECISIONS,
     MAPS_GRAPH_BACKENDS,
     PART_PRECISIONS,
     PRECISIONS,
@@ -117,8 +118,6 @@ def _openvino_capabilities() -> list[str]:
 
 
 # the CPU capability OpenVINO needs to run a precision natively; without it, it silently runs fp32
-# quantized on the check images: they must be real (--calib)
-INT8_PRECISIONS = tuple(p for p, parts in PART_PRECISIONS.items() if "int8" in parts.values())
 # the OpenVINO CPU capability (OPTIMIZATION_CAPABILITIES) each precision needs: that of its lowest part
 _OPENVINO_NEEDS = {p: next(q for q in ("int8", "fp16", "bf16", "fp32") if q in parts.values()).upper()
                    for p, parts in PART_PRECISIONS.items()}

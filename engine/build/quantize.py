@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from engine.header import PART_PRECISIONS
+from engine.header import INT8_PRECISIONS
 
 __all__ = ["quantize_int8", "KEEP_FP32"]
 
@@ -21,7 +21,7 @@ __all__ = ["quantize_int8", "KEEP_FP32"]
 # and for "int8-backbone" the whole flow (its couplings exponentiate conv outputs: errors grow with depth)
 _STEM, _FLOW = r"/backbone/net/_conv_stem/.*", r"/scales\..*"
 KEEP_FP32 = {"int8": [_STEM], "int8-backbone": [_STEM, _FLOW]}
-assert set(KEEP_FP32) == {p for p, parts in PART_PRECISIONS.items() if "int8" in parts.values()}
+assert set(KEEP_FP32) == set(INT8_PRECISIONS)
 
 
 def quantize_int8(onnx_bytes: bytes, precision: str, images: np.ndarray) -> bytes:
