@@ -18,6 +18,7 @@ from test_engine import _rewrite, perturbed_model
 import engine
 from engine.build import BuildConfig, build_engine, export_onnx
 from engine.build.builder import LOW_PRECISION_TOLERANCE, _auto_candidates, _calibration_images, _openvino_capabilities
+from engine.build.export import ONNX_PARTS
 from engine.build.graph import InferenceGraph
 from engine.common.errors import UserError
 from engine.common.images import read_image
@@ -48,6 +49,21 @@ def test_split_graphs_equal_the_one_graph():
     assert len(maps) == len(ref) == len(graph.scales)
     for q, r in zip(maps, ref):
         assert np.abs(q - r).max() <= 1e-5 * max(1.0, np.abs(r).max())
+
+
+def test_exporting_leaves_the_model_as_it_was():
+    """torch.onnx.export restores the train/eval mode it found on the module it exports: the frozen backbone's
+    BatchNorms must stay in eval mode through every part (a second build in one process would read moved maps)."""
+    model = perturbed_model().eval()
+    graph = InferenceGraph(model).eval()
+    x = torch.from_numpy(np.random.default_rng(3).random((2, 3, 64, 64), dtype=np.float32))
+    with torch.no_grad():
+        before = model(x)[0]
+    for part in ONNX_PARTS:
+        export_onnx(graph, None, part)
+    assert not any(m.training for m in model.backbone.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], before)
 
 
 @pytest.fixture(scope="module")
