@@ -41,7 +41,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a precision this CPU lacks: its row is left out, and said so
                 print(f"lineflow {backend} {precision}: not built here ({e})", file=sys.stderr)
                 continue
-            runners[backend if precision == "fp32" else f"{backend} {precision}"] = load_backend(
+            runners[f"{backend} {precision}"] = load_backend(
                 *read_engine(out), THREADS).infer
         # default against default: lineflow's default model (efficientnet_lite2) as `engine.build` builds it
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: benchmarks.stages
