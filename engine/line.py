@@ -264,6 +264,7 @@ class WebhookSink:
         self.cond = threading.Condition()
         self.sent = self.failed = self.dropped = self.attempts = self.unsent = 0
         self.busy, self.closing, self.failing = False, False, False
+        self.abandoned = False  # close gave up on the POST in flight and counted it as not sent
         self.thread = threading.Thread(target=self._serve, name="lineflow-webhook", daemon=True)
         self.thread.start()
 
@@ -307,7 +308,9 @@ class WebhookSink:
             ok = self._post(body)
             with self.cond:
                 self.busy = False
-                if ok:
+                if self.abandoned:  # close already counted it, and has reported
+                    self.abandoned = False
+                elif ok:
                     self.sent += 1
                     self.failing = False
                 else:
@@ -332,6 +335,6 @@ class WebhookSink:
                 self.cond.wait(0.05)
             self.unsent += len(self.queue) + self.busy  # given up: the thread ends after its current POST
             self.queue.clear()
-            self.busy = False
+            self.abandoned, self.busy = self.busy, False
         self.thread.join(0.1)
         (self.warn if self.undelivered else lambda s: print(s, file=sys.stderr))(self.summary())

@@ -323,6 +323,24 @@ def test_webhook_posts_each_anomalous_frame_and_retries(line, receiver, tmp_path
     assert f"{len(anomalous)} delivered, 0 failed" in proc.stderr
 
 
+def test_a_post_given_up_at_close_is_counted_once(receiver):
+    """close() stops waiting for a slow POST and counts it as not sent; when the POST ends later, it is not
+    counted again as delivered."""
+    from engine.line import WebhookSink
+    from engine.runtime import Result
+    handler, url = receiver
+    handler.delay = 0.5
+    sink = WebhookSink(url, every_frame=True, warn=lambda s: None)
+    sink.write(Result(0.5, False, None))
+    deadline = time.monotonic() + 5
+    while not sink.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sink.close(timeout=0.05)
+    sink.thread.join(5)
+    assert not sink.thread.is_alive() and len(handler.bodies) == 1  # the POST did arrive, after close gave up
+    assert (sink.sent, sink.failed, sink.unsent) == (0, 0, 1)
+
+
 def test_a_slow_webhook_never_stalls_the_run(line, receiver, tmp_path):
     """Each POST takes 0.3 s and every frame is posted: 60 frames would take 18 s in line; the run does not wait
     for them (bounded queue of 5: the oldest dropped, counted), and stderr says what was not delivered."""

@@ -96,18 +96,19 @@ def extract_features(model: FastFlow, paths: list[Path], device: torch.device,
     # channels-last runs the depthwise backbone 2-3x faster on CPUs (batch 2 at 544x224: 90 ms a tile
     # against 270 ms at batch 16 channels-first, benchmarks/NOTES.md); the features are the same to 1e-4
     model.backbone.to(memory_format=torch.channels_last)
-
-    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
-        for path in paths:
-            tiles, where = frame_tiles(read_image(path), model.config)
-            frames.append(where)
-            pending.append(tiles)
-            if sum(len(t) for t in pending) >= batch_size:
+    try:
+        with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
+            for path in paths:
+                tiles, where = frame_tiles(read_image(path), model.config)
+                frames.append(where)
+                pending.append(tiles)
+                if sum(len(t) for t in pending) >= batch_size:
+                    flush()
+                bar.update(1)
+            if pending:
                 flush()
-            bar.update(1)
-        if pending:
-            flush()
-    model.backbone.to(memory_format=torch.contiguous_format)
+    finally:  # a bad image raises mid-way: the model the caller holds goes back to its usual layout all the same
+        model.backbone.to(memory_format=torch.contiguous_format)
     return [torch.cat(acc) for acc in per_scale], frames
 
 
