@@ -122,18 +122,3 @@ def test_anneal_schedule_holds_then_decays_over_the_last_fifth():
     with pytest.raises(ValueError, match="lr_schedule"):
         schedule_factor("linear", 0, total)
 
-
-def test_feature_extraction_restores_the_layout_when_an_image_fails(tmp_path):
-    """extract_features runs the backbone channels-last; a bad image mid-way leaves it channels-first again."""
-    from PIL import Image
-
-    from engine.common.errors import UserError
-    from train.fit import extract_features
-
-    model = FastFlow(FlowConfig(input_size=64, flow_steps=2)).eval()
-    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
-    Image.new("RGB", (64, 64), (120, 60, 30)).save(good)
-    bad.write_bytes(b"not an image")
-    with pytest.raises(UserError):
-        extract_features(model, [good, bad], torch.device("cpu"), "features")
-    assert all(p.is_contiguous() for p in model.backbone.parameters())

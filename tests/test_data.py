@@ -91,3 +91,19 @@ def test_test_samples_need_masks_and_both_classes(demo_dir, tmp_path):
     _save(bad / "test" / "good" / "002.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(DataError, match="001.png: no ground-truth mask"):
         evaluation_samples(bad)
+
+
+def test_feature_extraction_restores_the_layout_when_an_image_fails(tmp_path):
+    """extract_features runs the backbone channels-last; a bad image mid-way leaves it channels-first again."""
+    import torch
+
+    from train.fit import extract_features
+    from train.model import FastFlow, FlowConfig
+
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=2)).eval()
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (64, 64), (120, 60, 30)).save(good)
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png"):
+        extract_features(model, [good, bad], torch.device("cpu"), "features")
+    assert all(p.is_contiguous() for p in model.backbone.parameters())
