@@ -100,6 +100,7 @@ class LiveView:
         self.scores: deque = deque(maxlen=SCORES_KEPT)
         self.anomalies: deque = deque(maxlen=ANOMALIES_KEPT)
         self.jpeg_cache: tuple[int, bytes] | None = None
+        self.last_encode = 0.0  # time.monotonic() of the last JPEG encoding (at most max_fps a second)
         self.anomaly_cache: dict[int, bytes] = {}
         self.served = 0
         self._start()
@@ -185,12 +186,12 @@ class LiveView:
                     return Response(status_code=204)
                 seq, result = latest
                 if self.jpeg_cache is None or self.jpeg_cache[0] != seq:
-                    wait = self.period - (time.monotonic() - getattr(self, "_last_encode", 0.0))
+                    wait = self.period - (time.monotonic() - self.last_encode)
                     if wait > 0:
                         await asyncio.sleep(wait)
                     seq, result = self.latest
                     self.jpeg_cache = (seq, await asyncio.to_thread(self._overlay_jpeg, result))
-                    self._last_encode = time.monotonic()
+                    self.last_encode = time.monotonic()
                     self.served += 1
                 seq, data = self.jpeg_cache
             return Response(data, media_type="image/jpeg", headers={"X-Seq": str(seq), "Cache-Control": "no-store"})
