@@ -17,7 +17,15 @@ from test_engine import _rewrite, perturbed_model
 
 import engine
 from engine.build import BuildConfig, build_engine, export_onnx
-from engine.build.builder import LOW_PRECISION_TOLERANCE, _auto_candidates, _calibration_images, _openvino_capabilities
+from engine.build.builder import (
+    LOW_PRECISION_TOLERANCE,
+    PRECISION_MARGIN,
+    _auto_candidates,
+    _calibration_images,
+    _keep_precision,
+    _ms_per_frame,
+    _openvino_capabilities,
+)
 from engine.build.export import ONNX_PARTS
 from engine.build.graph import InferenceGraph
 from engine.common.errors import UserError
@@ -172,6 +180,23 @@ def test_auto_tries_int8_only_with_real_check_images():
     with_calib, without = _auto_candidates("openvino", True), _auto_candidates("openvino", False)
     assert "int8-backbone" in with_calib and not {"int8", "int8-backbone"} & set(without)
     assert "int8" not in with_calib  # an int8 flow is asked for by name only (its maps move too far)
+
+
+def test_auto_keeps_a_lower_precision_only_when_it_pays():
+    """Timed level, the more precise engine is kept; a lower precision must be PRECISION_MARGIN faster."""
+    level = {"bf16-flow": 18.0, "fp32": 18.0 * (1 + PRECISION_MARGIN / 2)}
+    faster = {"bf16-flow": 15.0, "fp32": 15.0 * (1 + 2 * PRECISION_MARGIN)}
+    assert _keep_precision(level) == "fp32" and _keep_precision(faster) == "bf16-flow"
+    assert _keep_precision({"int8-backbone": 14.0, "bf16-flow": 14.2, "fp32": 20.0}) == "bf16-flow"
+    assert _keep_precision({"int8-backbone": 20.0, "fp32": 14.0}) == "fp32"
+
+
+def test_candidates_are_timed_in_turns():
+    """Round after round, each candidate once a round: a drift of the machine's speed falls on all alike."""
+    calls: list[str] = []
+    ms = _ms_per_frame({k: (lambda x, k=k: calls.append(k)) for k in ("a", "b")}, np.zeros((1, 3, 8, 8)), None,
+                       rounds=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3 and set(ms) == {"a", "b"}
 
 
 def test_int8_without_real_images_is_refused(tmp_path):
