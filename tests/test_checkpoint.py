@@ -79,3 +79,17 @@ def test_config_with_a_missing_key_is_refused(model_file):
     torch.save(payload, path)
     with pytest.raises(ModelFileError, match="missing keys.*feature_pool"):
         load_model(path)
+
+
+def test_model_file_before_pool_scales_loads_with_every_scale_averaged(model_file):
+    """model.pt of before per-scale pooling was trained on every scale averaged: it loads as that, not as today's
+    default (which averages only the coarse scales)."""
+    from train.checkpoint import checksum
+
+    path, _ = model_file
+    payload = torch.load(path, weights_only=True)
+    assert payload["meta"]["config"].pop("pool_scales") == "coarse"
+    payload["checksum"] = checksum(payload["meta"], payload["state_dict"])
+    torch.save(payload, path)
+    model, _ = load_model(path)
+    assert model.config.pool_scales == "all" and all(model.pooled_scales())

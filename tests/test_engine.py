@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,21 @@ def test_folded_graph_matches_reference(map_scales, image_scales, gathers):
         amap, score = graph(x)
     assert (amap - ref_map).abs().max() <= TOL
     assert (score - ref_score).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("pool_scales", ["coarse", "all"])
+def test_features_are_averaged_at_the_scales_the_model_says(pool_scales):
+    """Strides 4 and 8 as the backbone gives them unless every scale is averaged; the folded graph the same."""
+    model = perturbed_model()
+    model.config = replace(model.config, pool_scales=pool_scales)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        raw, feats = model.backbone(x), model.features(x)
+        ref_map, ref_score = model(x)
+        amap, score = InferenceGraph(model).eval()(x)
+    fine_as_is = [torch.equal(f, r) for f, r in zip(feats, raw)]
+    assert fine_as_is == ([True, True, False, False] if pool_scales == "coarse" else [False] * 4)
+    assert (amap - ref_map).abs().max() <= TOL and (score - ref_score).abs().max() <= TOL
 
 
 def test_flow_exports_without_channel_gathers():

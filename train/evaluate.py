@@ -102,7 +102,7 @@ def evaluate(model: FastFlow, data: str | Path, threshold: float | None, batch_s
         # the cached features depend on the backbone's weights, the input geometry and the feature average
         cfg = model.config
         key = (str(Path(data).resolve()), cfg.input_size, cfg.tile_scale, cfg.tile_overlap, cfg.feature_pool,
-               checksum({"backbone": model.backbone.name}, model.backbone.state_dict()))
+               cfg.pool_scales, checksum({"backbone": model.backbone.name}, model.backbone.state_dict()))
         if key not in feature_cache:
             feature_cache[key] = extract_features(model, paths, device, "features")
         feats = feature_cache[key]

@@ -32,7 +32,7 @@ from engine.common.images import images_in, open_image, read_image
 from train.backbones import BACKBONES, create_backbone
 from train.checkpoint import save_model
 from train.data import train_images
-from train.model import FUSIONS, IMAGE_SCALES, MAP_SCALES, FastFlow, FlowConfig
+from train.model import FUSIONS, IMAGE_SCALES, MAP_SCALES, POOL_SCALES, FastFlow, FlowConfig
 from train.threshold import THRESHOLD_RULES, from_defects, from_good
 from train.tiles import FrameTiles, frame_tiles, score_frames
 
@@ -247,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(cosine) or over its last fifth (anneal)")
     p.add_argument("--feature-pool", type=int, default=m.feature_pool, metavar="K",
                    help="average backbone features over K x K neighbours before the flow; 1 = off")
+    p.add_argument("--pool-scales", default=m.pool_scales, choices=POOL_SCALES,
+                   help="the scales whose features are averaged: the coarse ones (strides 16, 32; small defects stay "
+                   "sharp at 4 and 8) or all")
     p.add_argument("--blur-sigma", type=float, default=m.blur_sigma, help="anomaly-map smoothing; 0 = off")
     p.add_argument("--fusion", default=m.fusion, choices=FUSIONS,
                    help="combine scales in units of held-out good pixels, or as FastFlow's mean probability")
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                                hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
                                fusion=args.fusion, image_score_top=args.image_score_top, image_scales=args.image_scales,
                                map_scales=args.map_scales, clamp=args.clamp,
-                               feature_pool=args.feature_pool)
+                               feature_pool=args.feature_pool, pool_scales=args.pool_scales)
     except ValueError as e:
         raise UserError(f"invalid option: {e}") from None
     fit_paths, hold_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)

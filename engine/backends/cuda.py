@@ -87,7 +87,7 @@ class KernelGraph(nn.Module):
         if precision not in RUN_DTYPES:
             raise ValueError(f"precision must be one of {sorted(RUN_DTYPES)}, not {precision!r}")
         self.precision, dtype = precision, RUN_DTYPES[precision]
-        self.backbone, self.pool, self.size = graph.backbone, graph.pool, tuple(graph.size)  # (H, W)
+        self.backbone, self.pool, self.pooled, self.size = graph.backbone, graph.pool, graph.pooled, tuple(graph.size)
         self.keys = [int(k) for k in graph.scales]
         self.scales = nn.ModuleList(_PackedScale(graph.scales[str(k)], graph.size, graph.sigma, dtype)
                                     for k in self.keys)
@@ -101,7 +101,7 @@ class KernelGraph(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=RUN_DTYPES[self.precision], enabled=low):
             feats = self.backbone(images)
-        return pool_features([feats[k].float() for k in self.keys], self.pool)
+        return pool_features([feats[k].float() for k in self.keys], self.pool, self.pooled)
 
     def maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(anomaly map, the map the image score reads) (B, H, W): one tensor twice when they read the same scales."""

@@ -180,12 +180,13 @@ class InferenceGraph(nn.Module):
         strides = self.backbone.strides
         self.scales = nn.ModuleDict(
             {str(s): FoldedScale(model, s, (self.size[0] // strides[s], self.size[1] // strides[s])) for s in used})
+        self.pooled = [model.pooled_scales()[s] for s in used]  # which used scales' features are averaged
         self.top_k = top_k_count(cfg.image_score_top, self.size[0] * self.size[1])
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The used scales' backbone features, neighbourhood-averaged: what the flows read."""
+        """The used scales' backbone features, neighbourhood-averaged where the model says: what the flows read."""
         feats = self.backbone(images)
-        return pool_features([feats[int(key)] for key in self.scales], self.pool)
+        return pool_features([feats[int(key)] for key in self.scales], self.pool, self.pooled)
 
     def scale_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each used scale's NLL map (B, 1, h_s, w_s), in the order of self.scales."""
