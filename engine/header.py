@@ -94,12 +94,12 @@ def _hw(name: str, v) -> tuple[int, int]:
 class ScoringSpec:
     """The fusion after the per-scale NLL maps, for engines whose graph ends there (CPU backends: native code).
 
-    map = blur(sum_s map_weights[s] * upsample(q_s)); the image score = mean of the top_k pixels of the
+    map = sum_s map_weights[s] * blur_s(upsample(q_s)); the image score = mean of the top_k pixels of the
     same fusion with image_weights. A scale's weight is 0 where that map does not read it.
     """
 
     size: tuple[int, int]  # the model's input (height, width): maps are this size
-    sigma: float  # Gaussian blur of the map, input pixels
+    sigma: tuple[float, ...]  # each scale's Gaussian blur, input pixels (one number: the same for every scale)
     top_k: int
     shapes: tuple[tuple[int, int], ...]  # each scale's map (height, width)
     map_weights: tuple[float, ...]
@@ -107,8 +107,6 @@ class ScoringSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "size", _hw("scoring.size", self.size))
-        if _number("scoring.sigma", self.sigma) < 0:
-            raise ValueError("scoring.sigma must be >= 0")
         _int("scoring.top_k", self.top_k)
         n_pixels = self.size[0] * self.size[1]
         if not 1 <= self.top_k <= n_pixels:
@@ -121,9 +119,14 @@ class ScoringSpec:
             raise ValueError("scoring needs 1 to 4 scales, with a map and an image weight each")
         for w in (*self.map_weights, *self.image_weights):
             _number("scoring weights", w)
+        sigma = self.sigma if isinstance(self.sigma, (tuple, list)) else (self.sigma,) * n  # format <= 5: one number
+        if len(sigma) != n or any(_number("scoring.sigma", v) < 0 for v in sigma):
+            raise ValueError(f"scoring.sigma must be {n} numbers >= 0 (one a scale), not {self.sigma!r}")
+        object.__setattr__(self, "sigma", tuple(float(v) for v in sigma))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "size": list(self.size), "shapes": [list(s) for s in self.shapes]}
+        return {**asdict(self), "size": list(self.size), "shapes": [list(s) for s in self.shapes],
+                "sigma": list(self.sigma)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ScoringSpec:

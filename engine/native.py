@@ -102,7 +102,7 @@ class NativeScoring:
     def __init__(self, spec: ScoringSpec):
         self.size, self.top_k = spec.size, spec.top_k  # size: (H, W) of the maps
         self.map_weights, self.image_weights = list(spec.map_weights), list(spec.image_weights)
-        self.bands = [scale_bands(shape, self.size, spec.sigma) for shape in spec.shapes]
+        self.bands = [scale_bands(shape, self.size, sigma) for shape, sigma in zip(spec.shapes, spec.sigma)]
         self.two = self.map_weights != self.image_weights
 
     def _run(self, qmaps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

@@ -94,8 +94,8 @@ def _capture(frames: Iterator[Frame], q: queue.Queue, policy: str, max_fps: floa
                             pass
             elif not _put(q, frame, stop):
                 return
-            if period:
-                next_at += period
+            if period:  # a schedule, but never catching up: after a stall (a full queue) no burst of frames
+                next_at = max(next_at + period, time.perf_counter())
                 stop.wait(max(0.0, next_at - time.perf_counter()))
         _put(q, _END, stop)
     except BaseException as e:  # noqa: BLE001 - handed to the caller's thread

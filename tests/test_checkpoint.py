@@ -81,6 +81,21 @@ def test_config_with_a_missing_key_is_refused(model_file):
         load_model(path)
 
 
+def test_model_file_before_blur_mode_loads_with_one_sigma_for_every_scale(model_file):
+    """model.pt of before per-scale blur had one blur for the whole map: it loads as that ("fixed"), not as
+    today's default (half a cell at each scale)."""
+    from train.checkpoint import checksum
+
+    path, _ = model_file
+    payload = torch.load(path, weights_only=True)
+    assert payload["meta"]["config"].pop("blur_mode") == "stride"
+    payload["meta"]["config"]["blur_sigma"] = 4.0
+    payload["checksum"] = checksum(payload["meta"], payload["state_dict"])
+    torch.save(payload, path)
+    model, _ = load_model(path)
+    assert model.config.blur_mode == "fixed" and model.scale_sigmas() == [4.0] * 4
+
+
 def test_model_file_before_pool_scales_loads_with_every_scale_averaged(model_file):
     """model.pt of before per-scale pooling was trained on every scale averaged: it loads as that, not as today's
     default (which averages only the coarse scales)."""

@@ -30,7 +30,7 @@ from train.checkpoint import load_model
 from train.data import evaluation_samples, to_model_input
 from train.fit import main as fit_main
 from train.metrics import auroc
-from train.model import FastFlow, FlowConfig
+from train.model import FastFlow, FlowConfig, gaussian_blur
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -80,6 +80,29 @@ def test_features_are_averaged_at_the_scales_the_model_says(pool_scales):
     fine_as_is = [torch.equal(f, r) for f, r in zip(feats, raw)]
     assert fine_as_is == ([True, True, False, False] if pool_scales == "coarse" else [False] * 4)
     assert (amap - ref_map).abs().max() <= TOL and (score - ref_score).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("blur_mode", ["stride", "fixed"])
+def test_each_scale_is_blurred_as_the_model_says(blur_mode):
+    """Half a cell at each scale ("stride", sigmas 2, 4, 8, 16 px) or one sigma ("fixed"); the folded graph and
+    the engine header's scoring the same."""
+    model = perturbed_model()
+    model.config = replace(model.config, blur_mode=blur_mode)
+    sigmas = model.scale_sigmas()
+    assert sigmas == ([2.0, 4.0, 8.0, 16.0] if blur_mode == "stride" else [2.0] * 4)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref_map, ref_score = model(x)
+        graph = InferenceGraph(model).eval()
+        amap, score = graph(x)
+        zs, _ = model.flow(model.features(x))
+        nlls = model.pixel_nll(zs)
+    by_hand = sum(gaussian_blur(F.interpolate(((nlls[s] - m) / (q - m))[:, None], size=(64, 64), mode="bilinear",
+                                              align_corners=False)[:, 0], sigmas[s])
+                  for s, (m, q) in zip(model.map_scale_indices(), model.scale_stats[:3].tolist())) / 3
+    assert (ref_map - by_hand).abs().max() <= TOL
+    assert (amap - ref_map).abs().max() <= TOL and (score - ref_score).abs().max() <= TOL
+    assert graph.scoring_spec().sigma == tuple(sigmas)
 
 
 def test_flow_exports_without_channel_gathers():

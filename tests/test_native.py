@@ -99,8 +99,10 @@ def test_preprocess_real_frames():
 def torch_fusion(qmaps, map_w, img_w, hw, sigma, top_k):
     ups = [F.interpolate(torch.from_numpy(q)[:, None].double(), size=hw, mode="bilinear",
                          align_corners=False)[:, 0] for q in qmaps]
-    amap = gaussian_blur(sum(w * u for w, u in zip(map_w, ups)), sigma)
-    smap = gaussian_blur(sum(w * u for w, u in zip(img_w, ups)), sigma)
+    sigmas = sigma if isinstance(sigma, list) else [sigma] * len(qmaps)  # one a scale, or one for all
+    blurred = [gaussian_blur(u, s) for u, s in zip(ups, sigmas)]
+    amap = sum(w * b for w, b in zip(map_w, blurred))
+    smap = sum(w * b for w, b in zip(img_w, blurred))
     flat = smap.flatten(1)
     score = flat.amax(1) if top_k == 1 else flat.topk(top_k, dim=1).values.mean(1)
     return amap.numpy(), score.numpy()
@@ -118,6 +120,12 @@ def torch_fusion(qmaps, map_w, img_w, hw, sigma, top_k):
     (2, (160, 384), [(40, 96), (20, 48), (10, 24), (5, 12)], [1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0.5, 0.5], 4.0, 614),
     (3, (37, 101), [(9, 25), (5, 13), (1, 3)], [0.5, 0.5, 0], [0, 0, 1.0], 0.0, 10),
     (2, (12, 40), [(3, 10), (1, 5)], [1.0, 0.0], [0.5, 0.5], 4.0, 4),
+    # a sigma a scale (half a cell: the default), square and BSD's 544x224; one scale unblurred
+    (2, (256, 256), [(64, 64), (32, 32), (16, 16), (8, 8)], [1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0.5, 0.5],
+     [2.0, 4.0, 8.0, 16.0], 655),
+    (1, (224, 544), [(56, 136), (28, 68), (14, 34), (7, 17)], [1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0.5, 0.5],
+     [2.0, 4.0, 8.0, 16.0], 12186),
+    (2, (40, 40), [(7, 7), (3, 3)], [1.0, 0.0], [0.5, 0.5], [0.0, 3.0], 4),
 ])
 def test_postprocess_matches_reference(batch, size, shapes, map_w, img_w, sigma, top_k):
     rng = np.random.default_rng(size[0] * 1000 + size[1])

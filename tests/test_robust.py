@@ -12,6 +12,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -399,6 +400,31 @@ def test_block_policy_drops_nothing_when_the_source_is_faster(two_engines):
     stats = StreamStats()
     results = list(run(two_engines[0], iter(frames), policy="block", queue_size=1, stats=stats))
     assert len(results) == 40 and stats.dropped == 0 and all(r.error is None for r in results)
+
+
+def test_max_fps_never_bursts_to_catch_up_after_a_stall(two_engines):
+    """--max-fps reads no faster than it says, also after the inference stalled (its first call here) and the
+    queue was full: the reads it missed are not made up for by a burst."""
+    from engine.stream import run
+    engine, period, reads = two_engines[0], 1 / 20, []
+
+    class StallingOnce:
+        calls = 0
+
+        def score(self, frames, bgr=False, with_maps=True):
+            StallingOnce.calls += 1
+            if StallingOnce.calls == 1:
+                time.sleep(1.0)
+            return engine.score(frames, bgr, with_maps)
+
+    def source():
+        for i in range(30):
+            reads.append(time.perf_counter())
+            yield np.full((40, 50, 3), i, np.uint8)
+
+    assert len(list(run(StallingOnce(), source(), policy="block", queue_size=1, max_fps=1 / period))) == 30
+    gaps = np.diff(reads)
+    assert gaps.min() >= 0.5 * period, np.round(gaps, 3)  # before the fix: ~20 reads back to back after the stall
 
 
 def test_engine_for_a_backend_missing_here_says_what_to_do(tmp_path):

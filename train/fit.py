@@ -32,7 +32,7 @@ from engine.common.images import images_in, open_image, read_image
 from train.backbones import BACKBONES, create_backbone
 from train.checkpoint import save_model
 from train.data import train_images
-from train.model import FUSIONS, IMAGE_SCALES, MAP_SCALES, POOL_SCALES, FastFlow, FlowConfig
+from train.model import BLUR_MODES, FUSIONS, IMAGE_SCALES, MAP_SCALES, POOL_SCALES, FastFlow, FlowConfig
 from train.threshold import THRESHOLD_RULES, from_defects, from_good
 from train.tiles import FrameTiles, frame_tiles, score_frames
 
@@ -250,7 +250,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-scales", default=m.pool_scales, choices=POOL_SCALES,
                    help="the scales whose features are averaged: the coarse ones (strides 16, 32; small defects stay "
                    "sharp at 4 and 8) or all")
-    p.add_argument("--blur-sigma", type=float, default=m.blur_sigma, help="anomaly-map smoothing; 0 = off")
+    p.add_argument("--blur-sigma", type=float, default=m.blur_sigma, metavar="PX",
+                   help="anomaly-map smoothing of the stride-4 map, in input pixels; 0 = off")
+    p.add_argument("--blur-mode", default=m.blur_mode, choices=BLUR_MODES,
+                   help="each scale's map blurred by half its cell (stride: --blur-sigma x stride / 4) or all by "
+                   "--blur-sigma (fixed)")
     p.add_argument("--fusion", default=m.fusion, choices=FUSIONS,
                    help="combine scales in units of held-out good pixels, or as FastFlow's mean probability")
     p.add_argument("--image-score-top", type=float, default=m.image_score_top, metavar="FRACTION",
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                                hidden_ratio=args.hidden_ratio, altub=not args.no_altub, blur_sigma=args.blur_sigma,
                                fusion=args.fusion, image_score_top=args.image_score_top, image_scales=args.image_scales,
                                map_scales=args.map_scales, clamp=args.clamp,
-                               feature_pool=args.feature_pool, pool_scales=args.pool_scales)
+                               feature_pool=args.feature_pool, pool_scales=args.pool_scales,
+                               blur_mode=args.blur_mode)
     except ValueError as e:
         raise UserError(f"invalid option: {e}") from None
     fit_paths, hold_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)

@@ -3,9 +3,9 @@
     image -> frozen backbone -> 4 feature maps (strides 4, 8, 16, 32)
           -> per scale: normalise -> N affine coupling steps -> z
           -> log-likelihood of z under N(mu_c, sigma_c^2) (learned per channel: AltUB)
-          -> per-pixel NLL per scale, in units of held-out good pixels -> upsample, mean over the
-             fine scales (strides 4, 8, 16), blur -> anomaly map; image score = mean of the top 10 %
-             of the same kind of map made from the coarse scales (strides 16 and 32)
+          -> per-pixel NLL per scale, in units of held-out good pixels -> upsample, blur by half a
+             cell, mean over the fine scales (strides 4, 8, 16) -> anomaly map; image score = mean of
+             the top 10 % of the same kind of map made from the coarse scales (strides 16 and 32)
 
 Training minimises the exact negative log-likelihood (with log|det J|); the anomaly map uses only
 the base log-likelihood of z, as FastFlow does.
@@ -25,8 +25,8 @@ from engine.common.maths import gaussian_taps, top_k_count
 from train.backbones import Backbone, create_backbone
 
 __all__ = ["FlowConfig", "FastFlow", "CouplingStep", "FeatureNorm", "GaussianBase", "soft_clamp",
-           "SOFT_CLAMP_FACTOR", "gaussian_blur", "pool_features", "top_k_mean", "FUSIONS", "MAP_SCALES",
-           "IMAGE_SCALES", "POOL_SCALES"]
+           "SOFT_CLAMP_FACTOR", "gaussian_blur", "fuse_maps", "pool_features", "top_k_mean", "FUSIONS",
+           "MAP_SCALES", "IMAGE_SCALES", "POOL_SCALES", "BLUR_MODES"]
 
 
 SOFT_CLAMP_FACTOR = 0.636  # ~2/pi, as FastFlow's reference code writes it; the kernels get it as a parameter
@@ -134,6 +134,14 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x
 
 
+def fuse_maps(maps: list[torch.Tensor], sigmas: list[float]) -> torch.Tensor:
+    """The mean of (B, H, W) maps, each blurred by its own sigma (input pixels); one blur of the mean when the
+    sigmas are equal (the same sum: the blur is linear)."""
+    if len(set(sigmas)) == 1:
+        return gaussian_blur(torch.stack(maps).mean(dim=0), sigmas[0])
+    return torch.stack([gaussian_blur(m, sigma) for m, sigma in zip(maps, sigmas, strict=True)]).mean(dim=0)
+
+
 def pool_features(feats: list[torch.Tensor], k: int, pooled: list[bool] | None = None) -> list[torch.Tensor]:
     """Each (B, C, h, w) map averaged over k x k neighbours (stride 1, borders over the pixels inside); k = 1: as is.
     `pooled`: which maps are averaged (default all).
@@ -157,14 +165,17 @@ FUSIONS = ("normalised", "probability")
 IMAGE_SCALES = ("coarse", "coarsest", "all")
 MAP_SCALES = ("fine", "all")
 POOL_SCALES = ("coarse", "all")
+BLUR_MODES = ("stride", "fixed")
 
 
 _TILING_KEYS = ("tile_scale", "tile_overlap")
 _POOL_SCALES_BEFORE = "all"  # model.pt before pool_scales: every scale was averaged
+_BLUR_MODE_BEFORE = "fixed"  # model.pt before blur_mode: every scale's map blurred by blur_sigma
 _NUMBER = (int, float)
 # (field, type, lowest, highest): what a FlowConfig may hold, checked before a model is built from it
 _FIELD_LIMITS = (("backbone", str, None, None), ("fusion", str, None, None), ("map_scales", str, None, None),
-                 ("image_scales", str, None, None), ("pool_scales", str, None, None), ("altub", bool, None, None),
+                 ("image_scales", str, None, None), ("pool_scales", str, None, None), ("blur_mode", str, None, None),
+                 ("altub", bool, None, None),
                  ("flow_steps", int, 1, 64), ("feature_pool", int, 1, 15), ("hidden_ratio", _NUMBER, 0.01, 16),
                  ("clamp", _NUMBER, 0.01, 100), ("blur_sigma", _NUMBER, 0, 64), ("tile_scale", _NUMBER, 0, 16),
                  ("tile_overlap", _NUMBER, 0, 0.75), ("image_score_top", _NUMBER, 0, 1))
@@ -184,7 +195,8 @@ class FlowConfig:
     altub: bool = True
     feature_pool: int = 3  # k x k neighbourhood average of backbone features before the flow; 1 = off
     pool_scales: str = "coarse"  # the scales averaged: "coarse" (strides 16 + 32; 4 and 8 as they are) or "all"
-    blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
+    blur_sigma: float = 2.0  # Gaussian smoothing of the stride-4 map, in input pixels; 0 = off
+    blur_mode: str = "stride"  # "stride": each scale's sigma grows with its stride (half a cell); "fixed": blur_sigma
     fusion: str = "normalised"  # how scales are combined: "normalised" or "probability" (FastFlow's)
     image_score_top: float = 0.1  # image score = mean of this fraction of the map's highest pixels; 0 = max
     map_scales: str = "fine"  # the scales the anomaly map fuses: "fine" (strides 4, 8, 16) or "all" four
@@ -199,6 +211,8 @@ class FlowConfig:
             d = {**d, **{k: getattr(cls, k) for k in _TILING_KEYS}}
         if "pool_scales" not in d:  # model.pt before per-scale pooling: its flows were trained on every scale averaged
             d = {**d, "pool_scales": _POOL_SCALES_BEFORE}
+        if "blur_mode" not in d:  # model.pt before per-scale blur: one sigma for the whole map
+            d = {**d, "blur_mode": _BLUR_MODE_BEFORE}
         known = {f.name for f in fields(cls)}
         unknown, missing = set(d) - known, known - set(d)
         if unknown or missing:  # a default filled in here could silently change what the weights mean
@@ -230,6 +244,8 @@ class FlowConfig:
             raise ValueError("image_score_top must be in [0, 1)")
         if self.pool_scales not in POOL_SCALES:
             raise ValueError(f"pool_scales must be one of {POOL_SCALES}, not {self.pool_scales!r}")
+        if self.blur_mode not in BLUR_MODES:
+            raise ValueError(f"blur_mode must be one of {BLUR_MODES}, not {self.blur_mode!r}")
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
             raise ValueError("feature_pool must be an odd number >= 1")
 
@@ -292,7 +308,8 @@ class FastFlow(nn.Module):
 
     def anomaly_map(self, zs: list[torch.Tensor], size: tuple[int, int],
                     scales: list[int] | None = None) -> torch.Tensor:
-        """z per scale -> (B, H, W) map, higher = more anomalous; upsampled bilinearly, then blurred.
+        """z per scale -> (B, H, W) map, higher = more anomalous; each scale upsampled bilinearly and blurred
+        (scale_sigmas), then averaged.
 
         fusion "normalised" (default): each scale's pixel NLL in units of held-out good pixels,
         (nll - median) / (q99 - median), averaged over scales: 0 is a typical good pixel, 1 the 99th
@@ -303,15 +320,27 @@ class FastFlow(nn.Module):
         return self._fuse(self.pixel_nll(zs), scales, size)
 
     def _fuse(self, nlls: list[torch.Tensor], scales: list[int], size: tuple[int, int]) -> torch.Tensor:
-        fused = 0.0
+        maps = []
         for s in scales:
             nll, (median, q99) = nlls[s], self.scale_stats[s]
             per_scale = (nll - median) / (q99 - median) if self.config.fusion == "normalised" else -torch.exp(-nll)
-            fused = fused + F.interpolate(per_scale[:, None], size=size, mode="bilinear", align_corners=False)
-        fused = fused[:, 0] / len(scales)  # (B, H, W)
-        if self.config.fusion == "probability":
-            fused = 1.0 + fused
-        return gaussian_blur(fused, self.config.blur_sigma)
+            maps.append(F.interpolate(per_scale[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
+        sigmas = self.scale_sigmas()
+        fused = fuse_maps(maps, [sigmas[s] for s in scales])  # (B, H, W)
+        return 1.0 + fused if self.config.fusion == "probability" else fused
+
+    def scale_sigmas(self) -> list[float]:
+        """Each scale's map blur in input pixels: blur_sigma at stride 4, growing with the stride ("stride").
+
+        Half a cell at every scale: a stride-16 map blurred by 2 px keeps its 16-px cells' blocky edges,
+        and a stride-4 map blurred by 4 px spreads a pit of one or two cells. Against one sigma of 4 px for
+        all scales, half a cell lifted AUPRO on MTD from 0.878 to 0.890 and on BSD from 0.812 to 0.827 at
+        pixel AUROC +0.001 and level (docs/results.md, round 11). "fixed": blur_sigma at every scale.
+        """
+        strides, sigma = self.backbone.strides, self.config.blur_sigma
+        if self.config.blur_mode == "fixed":
+            return [float(sigma)] * len(strides)
+        return [float(sigma * st / strides[0]) for st in strides]
 
     def pooled_scales(self) -> list[bool]:
         """Which scales' features are neighbourhood-averaged: "coarse" = strides 16 and 32, "all".

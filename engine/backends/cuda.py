@@ -89,7 +89,7 @@ class KernelGraph(nn.Module):
         self.precision, dtype = precision, RUN_DTYPES[precision]
         self.backbone, self.pool, self.pooled, self.size = graph.backbone, graph.pool, graph.pooled, tuple(graph.size)
         self.keys = [int(k) for k in graph.scales]
-        self.scales = nn.ModuleList(_PackedScale(graph.scales[str(k)], graph.size, graph.sigma, dtype)
+        self.scales = nn.ModuleList(_PackedScale(graph.scales[str(k)], graph.size, graph.sigmas[k], dtype)
                                     for k in self.keys)
         spec = graph.scoring_spec()  # the same fusion weights the CPU engines' native scoring uses
         self.map_weights, self.image_weights, self.top_k = spec.map_weights, spec.image_weights, spec.top_k

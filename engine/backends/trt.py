@@ -39,10 +39,9 @@ class DeviceScoring:
         import torch
         self.torch, self.top_k = torch, spec.top_k
         self.map_weights, self.image_weights = spec.map_weights, spec.image_weights
-        self.resize = [(torch.tensor(resize_blur_matrix(h, spec.size[0], spec.sigma), dtype=torch.float32,
-                                     device=device),
-                        torch.tensor(resize_blur_matrix(w, spec.size[1], spec.sigma).T, dtype=torch.float32,
-                                     device=device)) for h, w in spec.shapes]
+        self.resize = [(torch.tensor(resize_blur_matrix(h, spec.size[0], sigma), dtype=torch.float32, device=device),
+                        torch.tensor(resize_blur_matrix(w, spec.size[1], sigma).T, dtype=torch.float32, device=device))
+                       for (h, w), sigma in zip(spec.shapes, spec.sigma)]
 
     def maps(self, qmaps: list) -> tuple:
         def fuse(weights):

@@ -32,7 +32,7 @@ from engine.common.errors import UserError
 from engine.common.maths import top_k_count
 from engine.header import ScoringSpec
 from kernels.reference import poly_atan
-from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, gaussian_blur, pool_features, soft_clamp, top_k_mean
+from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, fuse_maps, pool_features, soft_clamp, top_k_mean
 
 __all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "FoldedStep", "FoldedScale"]
 
@@ -173,7 +173,7 @@ class InferenceGraph(nn.Module):
             raise UserError(f"this model fuses its scales as {cfg.fusion!r} (train.fit --fusion), which only "
                             "train.evaluate scores; engines implement 'normalised', the default: retrain without "
                             "--fusion to build an engine")
-        self.size, self.sigma = cfg.input_size, cfg.blur_sigma
+        self.size, self.sigmas = cfg.input_size, model.scale_sigmas()  # sigmas: every scale's, by scale index
         self.backbone, self.pool = model.backbone, cfg.feature_pool
         self.map_scales, self.image_scales = model.map_scale_indices(), model.image_scale_indices()
         used = sorted(set(self.map_scales) | set(self.image_scales))  # a scale neither map reads is not computed
@@ -199,14 +199,14 @@ class InferenceGraph(nn.Module):
     def scoring_spec(self) -> ScoringSpec:
         """What the fusion after scale_maps needs (engine.native.NativeScoring, the CUDA path's scoring kernel)."""
         keys = [int(k) for k in self.scales]
-        return ScoringSpec(size=self.size, sigma=float(self.sigma), top_k=self.top_k,
+        return ScoringSpec(size=self.size, sigma=tuple(self.sigmas[k] for k in keys), top_k=self.top_k,
                            shapes=tuple(scale.norm_shape[1:] for scale in self.scales.values()),
                            map_weights=tuple(1 / len(self.map_scales) if k in self.map_scales else 0.0 for k in keys),
                            image_weights=tuple(1 / len(self.image_scales) if k in self.image_scales else 0.0
                                                for k in keys))
 
     def _fused(self, maps: dict[int, torch.Tensor], scales: list[int]) -> torch.Tensor:
-        return gaussian_blur(torch.cat([maps[s] for s in scales], dim=1).mean(dim=1), self.sigma)
+        return fuse_maps([maps[s][:, 0] for s in scales], [self.sigmas[s] for s in scales])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.per_scale(images)
