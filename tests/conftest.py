@@ -28,3 +28,20 @@ class CodePickle:
 
     def __reduce__(self):
         return (open, (self.target, "w"))
+
+
+def conv_gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The map blur written out as a convolution (gaussian_taps, reflect padding): the tests' reference for the
+    blur matrices that train.model.gaussian_blur and every engine apply."""
+    import torch.nn.functional as F
+
+    from engine.common.maths import gaussian_taps
+    for dim, n in ((-1, x.shape[-1]), (-2, x.shape[-2])):
+        taps = gaussian_taps(sigma, n)
+        if taps is None:
+            continue
+        k = torch.from_numpy(taps).to(x)
+        radius = (k.numel() - 1) // 2
+        pad, shape = ((radius, radius, 0, 0), (1, 1, 1, -1)) if dim == -1 else ((0, 0, radius, radius), (1, 1, -1, 1))
+        x = F.conv2d(F.pad(x[:, None], pad, mode="reflect"), k.view(shape))[:, 0]
+    return x

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MTD
+from conftest import MTD, conv_gaussian_blur
 
 import engine
 from engine.backends import available_backends
@@ -30,7 +30,7 @@ from train.checkpoint import load_model
 from train.data import evaluation_samples, to_model_input
 from train.fit import main as fit_main
 from train.metrics import auroc
-from train.model import FastFlow, FlowConfig, gaussian_blur
+from train.model import FastFlow, FlowConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -97,7 +97,7 @@ def test_each_scale_is_blurred_as_the_model_says(blur_mode):
         amap, score = graph(x)
         zs, _ = model.flow(model.features(x))
         nlls = model.pixel_nll(zs)
-    by_hand = sum(gaussian_blur(F.interpolate(((nlls[s] - m) / (q - m))[:, None], size=(64, 64), mode="bilinear",
+    by_hand = sum(conv_gaussian_blur(F.interpolate(((nlls[s] - m) / (q - m))[:, None], size=(64, 64), mode="bilinear",
                                               align_corners=False)[:, 0], sigmas[s])
                   for s, (m, q) in zip(model.map_scale_indices(), model.scale_stats[:3].tolist())) / 3
     assert (ref_map - by_hand).abs().max() <= TOL

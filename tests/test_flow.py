@@ -82,6 +82,16 @@ def test_gaussian_blur_preserves_constants_and_mass():
     assert abs(y.sum().item() - 1.0) < 1e-5 and y[0, 20, 20] == y.max()
 
 
+@pytest.mark.parametrize("hw,sigma", [((40, 40), 2.5), ((64, 160), 4.0), ((12, 300), 16.0), ((5, 7), 0.3)])
+def test_gaussian_blur_is_the_convolution(hw, sigma):
+    """The blur as matrices equals it as a convolution, also where the axis truncates the taps (16 px on 12)."""
+    from conftest import conv_gaussian_blur
+    x = torch.randn(2, *hw, dtype=torch.float64)
+    assert torch.allclose(gaussian_blur(x, sigma), conv_gaussian_blur(x, sigma), atol=1e-12)
+    x32 = x.float()
+    assert (gaussian_blur(x32, sigma) - conv_gaussian_blur(x32, sigma)).abs().max() <= 1e-5
+
+
 def test_anomaly_map_higher_where_z_is_unlikely():
     model = FastFlow(FlowConfig(input_size=64, flow_steps=2, blur_sigma=0))
     zs = [torch.zeros(1, c, 64 // s, 64 // s) for c, s in zip(model.backbone.channels, model.backbone.strides)]

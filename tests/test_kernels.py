@@ -79,11 +79,11 @@ def test_conv_coupling_kernel(shape, dtype):
 
 
 def test_resize_blur_matrix_is_upsample_then_blur():
-    from train.model import gaussian_blur
+    from conftest import conv_gaussian_blur
     q = torch.randn(2, 7, 7, dtype=torch.float64)
     r = torch.tensor(resize_blur_matrix(7, 40, 2.5))
     up = torch.nn.functional.interpolate(q[:, None], size=(40, 40), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(r @ q @ r.T, gaussian_blur(up, 2.5), atol=1e-6)  # R's upsample weights are float32
+    assert torch.allclose(r @ q @ r.T, conv_gaussian_blur(up, 2.5), atol=1e-6)  # R's upsample weights are float32
 
 
 @pytest.mark.parametrize("batch,size,shapes,channels,map_w,img_w", [

@@ -213,13 +213,17 @@ def test_closing_an_engine_stops_its_backend_threads(lean_engines):
 
 
 def test_shared_maths_agree_with_the_reference_model():
-    """The blur the reference model applies (a convolution) is the blur matrix the engine and kernels use."""
+    """The blur written out as a convolution is the blur matrix that the reference model, the engine and the kernels
+    use."""
+    from conftest import conv_gaussian_blur
+
     from engine.common.maths import blur_matrix, resize_blur_matrix
     from train.model import gaussian_blur
     x = torch.randn(2, 40, 40, dtype=torch.float64)
     b = torch.from_numpy(blur_matrix(40, 2.5))
-    assert torch.allclose(b @ x @ b.T, gaussian_blur(x, 2.5), atol=1e-12)
+    assert torch.allclose(b @ x @ b.T, conv_gaussian_blur(x, 2.5), atol=1e-12)
+    assert torch.allclose(gaussian_blur(x, 2.5), conv_gaussian_blur(x, 2.5), atol=1e-12)
     q = torch.randn(2, 10, 10, dtype=torch.float64)
     up = torch.nn.functional.interpolate(q[:, None], size=(40, 40), mode="bilinear", align_corners=False)[:, 0]
     r = torch.tensor(resize_blur_matrix(10, 40, 2.5))
-    assert torch.allclose(r @ q @ r.T, gaussian_blur(up, 2.5), atol=1e-6)
+    assert torch.allclose(r @ q @ r.T, conv_gaussian_blur(up, 2.5), atol=1e-6)

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MTD
+from conftest import MTD, conv_gaussian_blur
 
 from engine import _native, native
 from engine.common.maths import blur_matrix
 from engine.header import ScoringSpec
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
 from train.data import to_model_input
-from train.model import gaussian_blur
 
 BSD_GOOD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsd" / "train" / "good"
 FRAMES = [((480, 640, 3), np.uint8), ((37, 101), np.uint8), ((33, 70, 1), np.uint16), ((120, 90, 4), np.uint8),
@@ -100,7 +99,7 @@ def torch_fusion(qmaps, map_w, img_w, hw, sigma, top_k):
     ups = [F.interpolate(torch.from_numpy(q)[:, None].double(), size=hw, mode="bilinear",
                          align_corners=False)[:, 0] for q in qmaps]
     sigmas = sigma if isinstance(sigma, list) else [sigma] * len(qmaps)  # one a scale, or one for all
-    blurred = [gaussian_blur(u, s) for u, s in zip(ups, sigmas)]
+    blurred = [conv_gaussian_blur(u, s) for u, s in zip(ups, sigmas)]
     amap = sum(w * b for w, b in zip(map_w, blurred))
     smap = sum(w * b for w, b in zip(img_w, blurred))
     flat = smap.flatten(1)
@@ -153,7 +152,7 @@ def test_resize_maps_matches_reference(hw, src):
 def test_blur_matrix_is_gaussian_blur():
     x = torch.randn(2, 50, 50, dtype=torch.float64)
     b = torch.from_numpy(blur_matrix(50, 3.0))
-    assert torch.allclose(b @ x @ b.T, gaussian_blur(x, 3.0), atol=1e-12)
+    assert torch.allclose(b @ x @ b.T, conv_gaussian_blur(x, 3.0), atol=1e-12)
 
 
 def test_pool_uses_the_machine_and_threads_agree():
