@@ -2,10 +2,10 @@
 
 Both sinks take `write(result)` from the loop that reads engine.run's results and return at once: an
 MQTT message goes into paho's own outgoing store (QoS 1: kept until the broker acknowledges it, resent
-in order after a reconnect), a webhook POST into a bounded queue served by its own thread. Past the
-bound new messages are dropped and counted, never silently. A broker or receiver that is absent or
-goes away is not an error of the run: it is a warning, the messages wait (bounded), and `close()` says
-how many were delivered, waited, were dropped or never arrived.
+after a reconnect; those written before the first connection wait in the sink, in order), a webhook POST
+into a bounded queue served by its own thread. Past the bound new messages are dropped and counted, never
+silently. A broker or receiver that is absent or goes away is not an error of the run: it is a warning, the
+messages wait (bounded), and `close()` says how many were delivered, waited, were dropped or never arrived.
 
 MQTT topics, under the URL's prefix (a line) and a camera name:
     PREFIX/CAMERA/result      one JSON message per frame: the JSONL result's keys plus latency_ms (QoS 1)
@@ -131,11 +131,17 @@ class MqttSink:
         self.unacked: set[int] = set()  # the frames' messages not yet acknowledged
         self.early: dict[int, float] = {}  # acks of ids not (yet) known: status messages, or a race with write
         self.connected, self.ever_connected, self.outage_reported, self.closed = False, False, False, False
+        # results written before the first connection wait here, in order: paho sends what is published between
+        # CONNECT and CONNACK before what it queued earlier (paho-mqtt issue 910), so they go out only once
+        # connected, from our threads, under publish_lock (never taken on paho's thread)
+        self.backlog: deque = deque()
+        self.publish_lock = threading.Lock()
+        self.wake = threading.Event()  # the first connection: the heartbeat thread sends the backlog
         self.client.on_connect, self.client.on_disconnect = self._on_connect, self._on_disconnect
         self.client.on_publish, self.client.on_connect_fail = self._on_publish, self._on_connect_fail
         self.client.connect_async(target.host, target.port, keepalive=10)
         self.client.loop_start()
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # before the thread that reads it
         self.heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), name="lineflow-mqtt-heartbeat",
                                           daemon=True)
         self.heartbeat.start()
@@ -148,10 +154,12 @@ class MqttSink:
         with self.lock:
             self.connected = True
             waiting = self._settle()
+            again, self.ever_connected = self.ever_connected, True
+        self.wake.set()
         client.publish(self.status_topic, "online", qos=1, retain=True)
-        if self.ever_connected or self.outage_reported:
+        if again or self.outage_reported:
             self.warn(f"mqtt: connected to {self.address}; delivering {waiting} waiting messages")
-        self.ever_connected, self.outage_reported = True, False
+        self.outage_reported = False
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         with self.lock:
@@ -183,10 +191,33 @@ class MqttSink:
                 self.acked += 1
             elif now - self.early[mid] > 1.0:  # a status or heartbeat message's: not a frame's
                 del self.early[mid]
-        return len(self.unacked)
+        return len(self.unacked) + len(self.backlog)
+
+    def _send_backlog(self) -> None:
+        """Publish what waited for the first connection, in order (call under publish_lock, once connected)."""
+        while True:
+            with self.lock:
+                if not self.backlog:
+                    return
+                payload = self.backlog[0]
+            info = self.client.publish(self.topic, payload, qos=1)
+            with self.lock:
+                self.backlog.popleft()
+                self.unacked.add(info.mid)
 
     def _beat(self, period: float) -> None:
-        while not self.stop.wait(period):
+        next_beat = time.monotonic() + period
+        while not self.stop.is_set():
+            self.wake.wait(max(0.0, next_beat - time.monotonic()))
+            if self.stop.is_set():
+                return
+            if self.wake.is_set():
+                self.wake.clear()
+                with self.publish_lock:
+                    self._send_backlog()
+            if time.monotonic() < next_beat:
+                continue
+            next_beat += period
             if self.connected and self.stats is not None:
                 s = self.stats
                 beat = {"time": time.time(), "frames_per_s": round(s.fps(), 2), "frames": s.frames,
@@ -207,9 +238,14 @@ class MqttSink:
                 return
             self.published += 1
             self.waited += not self.connected
-        info = self.client.publish(self.topic, payload, qos=1)  # paho keeps it until PUBACK, resent after reconnects
-        with self.lock:
-            self.unacked.add(info.mid)
+            if not self.ever_connected:
+                self.backlog.append(payload)
+                return
+        with self.publish_lock:
+            self._send_backlog()  # what waited for the first connection goes first
+            info = self.client.publish(self.topic, payload, qos=1)  # kept by paho until PUBACK, resent after reconnects
+            with self.lock:
+                self.unacked.add(info.mid)
 
     @property
     def undelivered(self) -> int:
@@ -228,7 +264,14 @@ class MqttSink:
         if self.closed:
             return
         self.stop.set()
+        self.wake.set()
+        self.heartbeat.join()
         deadline = time.monotonic() + timeout
+        while self.backlog and not self.ever_connected and time.monotonic() < deadline:
+            time.sleep(0.05)  # the broker may still answer within the timeout
+        if self.ever_connected:
+            with self.publish_lock:
+                self._send_backlog()
         while self.pending and time.monotonic() < deadline:  # a broker away may be back within the timeout
             time.sleep(0.05)
         self.closed = True

@@ -167,10 +167,16 @@ def test_disk_full_while_writing_the_overlay_video(tiny, small_disk):
 
 # -------------------------------------------------------------------------------------------- signals
 
+def _interruptible() -> None:
+    """A shell's background job (pytest started with `&`) passes SIGINT on as ignored, and Python then keeps
+    ignoring Ctrl-C, as such a job should: the run under test gets the default back, as a terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _mid_run(tiny, tmp_path, extra=()):
     out = tmp_path / "r.jsonl"
     proc = _python("-m", "engine.run", str(tiny["engine"]), "--source", str(tiny["frames"]), "--out", str(out),
-                   "--max-fps", "40", "--quiet", *extra)
+                   "--max-fps", "40", "--quiet", *extra, preexec_fn=_interruptible)
     _wait_lines(out, 5, proc)
     return proc, out
 

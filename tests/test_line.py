@@ -353,3 +353,55 @@ def test_a_slow_webhook_never_stalls_the_run(line, receiver, tmp_path):
     assert took < 6, proc.stderr  # the frames themselves: inference never waited on the receiver
     dropped = int(proc.stderr.split(" dropped (queue full)")[0].rsplit(", ", 1)[-1])
     assert dropped > 0 and "messages not delivered" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_results_written_before_the_first_connection_go_out_first_and_in_order(monkeypatch):
+    """paho-mqtt sends what is published between CONNECT and CONNACK ahead of what it queued before (its issue
+    910: frames 1, 0, 2, ... at the subscriber). The sink hands paho nothing before the first connection and
+    then the waiting results in order, ahead of those written while it connects (a fake paho client here)."""
+    import paho.mqtt.client as mqtt
+
+    from engine.line import MqttSink
+    from engine.runtime import Result
+    handed: list[int] = []
+
+    class FakeClient:
+        def __init__(self, *a, **k):
+            self.mid, self.connected = 0, False
+
+        def publish(self, topic, payload, qos=0, retain=False):
+            if topic.endswith("/result"):
+                assert self.connected, "a result was handed to paho before the broker's CONNACK"
+                handed.append(json.loads(payload)["index"])
+                time.sleep(0.001)  # the writer and the heartbeat thread interleave here if they can
+            self.mid += 1
+            return type("Info", (), {"mid": self.mid, "wait_for_publish": lambda self, timeout=None: None})()
+
+        def __getattr__(self, name):  # username_pw_set, will_set, connect_async, loop_start, disconnect...
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(mqtt, "Client", FakeClient)
+    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=lambda s: None)
+    written = 0
+
+    def write_next():
+        nonlocal written
+        sink.write(Result(0.5, False, None, index=written))
+        written += 1
+
+    def connack():
+        sink.client.connected = True
+        sink._on_connect(sink.client, None, None, type("Code", (), {"is_failure": False})())
+
+    for _ in range(20):
+        write_next()
+    assert handed == [] and sink.pending == 20
+    timer = threading.Timer(0.01, connack)
+    timer.start()
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:  # before, while and after it connects
+        write_next()
+        time.sleep(0.0005)
+    timer.join()
+    sink.close(timeout=0.5)
+    assert written > 40 and handed == list(range(written))

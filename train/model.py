@@ -134,7 +134,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     two matrix products, whose cost does not grow with sigma, where a 1-channel convolution with 4 sigma of
     taps each side does (at sigma 16 px: 129 taps).
     """
-    h, w = x.shape[-2:]
+    h, w = int(x.shape[-2]), int(x.shape[-1])  # ints also when an export traces the shapes
     if gaussian_taps(sigma, h) is None and gaussian_taps(sigma, w) is None:
         return x
     return _blur_rows(h, sigma).to(x) @ x @ _blur_rows(w, sigma).to(x).T
