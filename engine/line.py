@@ -141,7 +141,7 @@ class MqttSink:
         self.client.on_publish, self.client.on_connect_fail = self._on_publish, self._on_connect_fail
         self.client.connect_async(target.host, target.port, keepalive=10)
         self.client.loop_start()
-        self.stop = threading.Event()  # before the thread that reads it
+        self.stop = threading.Event()
         self.heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), name="lineflow-mqtt-heartbeat",
                                           daemon=True)
         self.heartbeat.start()
