@@ -119,7 +119,7 @@ def kernel_rows(graph: InferenceGraph, kg: KernelGraph, batch: int, ceil: dict, 
                 q = (z * pk.alpha_beta[:c].view(1, -1, 1, 1) + pk.alpha_beta[c:].view(1, -1, 1, 1)).pow(2).sum(
                     dim=1, keepdim=True) - pk.offset
                 maps[int(key)] = F.interpolate(q, size=(256, 256), mode="bilinear", align_corners=False)
-            return graph._fused(maps, graph.map_scales), graph._fused(maps, graph.image_scales)
+            return graph.fuse(maps)
         t_score_eager = median_ms(eager_score)
         rows.append({"model": name, "batch": batch, "scale": "all", "step": "scoring", "score_ms": t_score,
                      "score_floor_ms": s_floor, "score_bound": s_lim, "eager_score_ms": t_score_eager,

@@ -119,8 +119,7 @@ def test_scoring_stage(benchmark, setup, impl):
         def torch_scoring(qs):
             maps = {int(k): F.interpolate(q[:, None], size=(256, 256), mode="bilinear", align_corners=False)
                     for k, q in zip(graph.scales, qs)}
-            amap = graph._fused(maps, graph.map_scales)
-            smap = amap if graph.image_scales == graph.map_scales else graph._fused(maps, graph.image_scales)
+            amap, smap = graph.fuse(maps)
             return amap, smap.flatten(1).topk(graph.top_k, dim=1).values.mean(1)
         with torch.no_grad():
             benchmark.pedantic(torch_scoring, args=(qmaps,), rounds=ROUNDS * 3, warmup_rounds=1)

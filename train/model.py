@@ -140,12 +140,19 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return _blur_rows(h, sigma).to(x) @ x @ _blur_rows(w, sigma).to(x).T
 
 
-def fuse_maps(maps: list[torch.Tensor], sigmas: list[float]) -> torch.Tensor:
-    """The mean of (B, H, W) maps, each blurred by its own sigma (input pixels); one blur of the mean when the
-    sigmas are equal (the same sum: the blur is linear)."""
-    if len(set(sigmas)) == 1:
-        return gaussian_blur(torch.stack(maps).mean(dim=0), sigmas[0])
-    return torch.stack([gaussian_blur(m, sigma) for m, sigma in zip(maps, sigmas, strict=True)]).mean(dim=0)
+def fuse_maps(maps: dict[int, torch.Tensor], sigmas: list[float],
+              scale_sets: list[list[int]]) -> list[torch.Tensor]:
+    """Per set of scales, the mean of their (B, H, W) maps, each blurred by its scale's sigma (input pixels).
+
+    A scale that several sets read (stride 16: the map and the image score) is blurred once; with one sigma
+    for every scale, each set's mean is blurred once instead (the same sum: the blur is linear).
+    """
+    used = sorted({s for scales in scale_sets for s in scales})
+    if len({sigmas[s] for s in used}) == 1:
+        return [gaussian_blur(torch.stack([maps[s] for s in scales]).mean(dim=0), sigmas[used[0]])
+                for scales in scale_sets]
+    blurred = {s: gaussian_blur(maps[s], sigmas[s]) for s in used}
+    return [torch.stack([blurred[s] for s in scales]).mean(dim=0) for scales in scale_sets]
 
 
 def pool_features(feats: list[torch.Tensor], k: int, pooled: list[bool] | None = None) -> list[torch.Tensor]:
@@ -323,17 +330,18 @@ class FastFlow(nn.Module):
         1 - mean over scales of exp(-nll), in [0, 1). `scales`: which scales to fuse (default: `map_scales`).
         """
         scales = self.map_scale_indices() if scales is None else scales
-        return self._fuse(self.pixel_nll(zs), scales, size)
+        return self._fuse(self.pixel_nll(zs), [scales], size)[0]
 
-    def _fuse(self, nlls: list[torch.Tensor], scales: list[int], size: tuple[int, int]) -> torch.Tensor:
-        maps = []
-        for s in scales:
+    def _fuse(self, nlls: list[torch.Tensor], scale_sets: list[list[int]],
+              size: tuple[int, int]) -> list[torch.Tensor]:
+        """One (B, H, W) map per set of scales (fuse_maps); each scale normalised and upsampled once."""
+        maps = {}
+        for s in sorted({s for scales in scale_sets for s in scales}):
             nll, (median, q99) = nlls[s], self.scale_stats[s]
             per_scale = (nll - median) / (q99 - median) if self.config.fusion == "normalised" else -torch.exp(-nll)
-            maps.append(F.interpolate(per_scale[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
-        sigmas = self.scale_sigmas()
-        fused = fuse_maps(maps, [sigmas[s] for s in scales])  # (B, H, W)
-        return 1.0 + fused if self.config.fusion == "probability" else fused
+            maps[s] = F.interpolate(per_scale[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        fused = fuse_maps(maps, self.scale_sigmas(), scale_sets)
+        return [1.0 + f for f in fused] if self.config.fusion == "probability" else fused
 
     def scale_sigmas(self) -> list[float]:
         """Each scale's map blur in input pixels: blur_sigma at stride 4, growing with the stride ("stride").
@@ -393,8 +401,11 @@ class FastFlow(nn.Module):
         """z per scale -> the anomaly map (B, H, W) from `map_scales` and the map the image score reads."""
         nlls = self.pixel_nll(zs)  # once for both maps
         map_scales, image_scales = self.map_scale_indices(), self.image_scale_indices()
-        amap = self._fuse(nlls, map_scales, size)
-        return amap, amap if image_scales == map_scales else self._fuse(nlls, image_scales, size)
+        if image_scales == map_scales:
+            amap = self._fuse(nlls, [map_scales], size)[0]
+            return amap, amap
+        amap, score_map = self._fuse(nlls, [map_scales, image_scales], size)
+        return amap, score_map
 
     def score(self, zs: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """z per scale -> anomaly maps (B, H, W) from `map_scales`, image scores (B,) from `image_scales`."""

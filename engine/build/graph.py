@@ -205,13 +205,15 @@ class InferenceGraph(nn.Module):
                            image_weights=tuple(1 / len(self.image_scales) if k in self.image_scales else 0.0
                                                for k in keys))
 
-    def _fused(self, maps: dict[int, torch.Tensor], scales: list[int]) -> torch.Tensor:
-        return fuse_maps([maps[s][:, 0] for s in scales], [self.sigmas[s] for s in scales])
+    def fuse(self, maps: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upsampled per-scale maps {scale: (B, 1, H, W)} -> the anomaly map and the map the image score reads."""
+        same = self.image_scales == self.map_scales
+        fused = fuse_maps({s: m[:, 0] for s, m in maps.items()}, self.sigmas,
+                          [self.map_scales] if same else [self.map_scales, self.image_scales])
+        return fused[0], fused[-1]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.per_scale(images)
-        amap = self._fused(maps, self.map_scales)
-        score_map = amap if self.image_scales == self.map_scales else self._fused(maps, self.image_scales)
+        amap, score_map = self.fuse(self.per_scale(images))
         return amap, top_k_mean(score_map, self.top_k)
 
 
