@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _close(sink, hold: float | None) -> None:
-    if hasattr(sink, "server"):  # the live view: serving on for review where asked
+    if getattr(sink, "holds_on_close", False):  # the live view: serving on for review where asked
         sink.close(hold=hold)
     else:
         sink.close()

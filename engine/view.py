@@ -82,6 +82,8 @@ def _bind(host: str, port: int) -> socket.socket:
 class LiveView:
     """Serve the run at http://HOST:PORT/; `write` every result, `close` at the end (`hold` keeps serving)."""
 
+    holds_on_close = True  # engine.run passes its --view-hold to close(); the other sinks close at once
+
     def __init__(self, address: str = "127.0.0.1:8080", threshold: float = 1.0, token: str | None = None,
                  stats=None, title: str = "lineflow", max_fps: float = VIEW_FPS):
         host, port = parse_view_address(address)

@@ -94,6 +94,25 @@ def test_the_view_serves_stats_and_frames_without_a_browser(viewed_run):
     assert proc.returncode == 0
 
 
+def test_the_page_stays_up_for_the_hold_after_the_last_frame(line):  # noqa: F811
+    port = free_port()
+    proc = cli(line["engine"], "--source", line["frames"], "--quiet", "--max-fps", "30", "--view",
+               f"127.0.0.1:{port}", "--view-hold", "4", wait=False)
+    _wait_up(port, proc)
+    url, deadline = f"http://127.0.0.1:{port}/stats.json", time.monotonic() + 60
+    while True:  # until every frame is scored: the run is over, only the hold keeps the page up
+        stats = json.loads(_get(url)[1])
+        if stats["passed"] + stats["failed"] == line["n"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stats["passed"] + stats["failed"] == line["n"]
+    time.sleep(1.5)
+    assert proc.poll() is None, "the run did not hold the page"
+    assert _get(url)[0] == 200
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "still serving" in stderr and "for 4 s" in stderr
+
+
 def test_a_token_is_asked_for_on_every_request(line):  # noqa: F811
     port, token = free_port(), "s3cret-token-0123456789"
     proc = cli(line["engine"], "--source", line["frames"], "--quiet", "--max-fps", "20", "--view", f"127.0.0.1:{port}",
