@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from train.checkpoint import load_model  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
-from train.model import FastFlow, gaussian_blur  # noqa: E402
+from train.model import FastFlow  # noqa: E402
 
 
 def per_image_median(x: torch.Tensor) -> torch.Tensor:
@@ -68,17 +68,16 @@ def main() -> None:
     over = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     m = FastFlow(replace(model.config, **over), model.backbone).eval()
     m.load_state_dict(model.state_dict())
-    model_fuse, sigmas, map_scales = m._fuse, m.scale_sigmas(), m.map_scale_indices()
+    model_fuse, map_scales = m._fuse, m.map_scale_indices()
 
     def scale_maps(nlls: list[torch.Tensor], size: tuple[int, int], centred: bool) -> torch.Tensor:
-        out = []
-        for s in map_scales:
-            median, q99 = m.scale_stats[s]
-            per = (nlls[s] - median) / (q99 - median)
-            per = per - per_image_median(per) if centred else per
-            up = F.interpolate(per[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            out.append(gaussian_blur(up, sigmas[s]))
-        return torch.stack(out)
+        """Each map scale alone through the model's own fusion (normalised, upsampled, blurred): (S, B, H, W).
+        `centred`: each image's median NLL moved to the held-out median first, i.e. its normalised map's median
+        to 0 (the normalisation is affine)."""
+        if centred:
+            nlls = [n - n.flatten(1).median(dim=1).values[:, None, None] + m.scale_stats[s][0]
+                    for s, n in enumerate(nlls)]
+        return torch.stack(model_fuse(nlls, [[s] for s in map_scales], size))
 
     cache: dict = {}
     for name, fuse in FUSIONS.items():
