@@ -21,7 +21,7 @@ from engine import native
 from engine.common.maths import blur_matrix, resize_matrix
 from engine.header import ScoringSpec
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
-from train.model import gaussian_blur
+from train.maps import gaussian_blur
 
 SIZES = {"640x480": (480, 640), "1920x1080": (1080, 1920)}
 BATCHES = [1, 8]

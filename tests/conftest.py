@@ -32,7 +32,7 @@ class CodePickle:
 
 def conv_gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """The map blur written out as a convolution (gaussian_taps, reflect padding): the tests' reference for the
-    blur matrices that train.model.gaussian_blur and every engine apply."""
+    blur matrices that train.maps.gaussian_blur and every engine apply."""
     import torch.nn.functional as F
 
     from engine.common.maths import gaussian_taps

@@ -218,7 +218,7 @@ def test_shared_maths_agree_with_the_reference_model():
     from conftest import conv_gaussian_blur
 
     from engine.common.maths import blur_matrix, resize_blur_matrix
-    from train.model import gaussian_blur
+    from train.maps import gaussian_blur
     x = torch.randn(2, 40, 40, dtype=torch.float64)
     b = torch.from_numpy(blur_matrix(40, 2.5))
     assert torch.allclose(b @ x @ b.T, conv_gaussian_blur(x, 2.5), atol=1e-12)

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.common.geometry import as_hw, check_hw
-from engine.common.maths import blur_matrix, gaussian_taps, top_k_count
+from engine.common.maths import top_k_count
 from train.backbones import Backbone, create_backbone
+from train.maps import fuse_maps, top_k_mean
 
-__all__ = ["FlowConfig", "FastFlow", "CouplingStep", "FeatureNorm", "GaussianBase", "soft_clamp",
-           "SOFT_CLAMP_FACTOR", "gaussian_blur", "fuse_maps", "pool_features", "top_k_mean", "FUSIONS",
-           "MAP_SCALES", "IMAGE_SCALES", "POOL_SCALES", "BLUR_MODES"]
+__all__ = ["FlowConfig", "FastFlow", "CouplingStep", "PermuteChannels", "FeatureNorm", "GaussianBase", "soft_clamp",
+           "SOFT_CLAMP_FACTOR", "pool_features", "FUSIONS", "MAP_SCALES", "IMAGE_SCALES", "POOL_SCALES", "BLUR_MODES"]
 
 
 SOFT_CLAMP_FACTOR = 0.636  # ~2/pi, as FastFlow's reference code writes it; the kernels get it as a parameter
@@ -61,6 +60,21 @@ class FeatureNorm(nn.Module):
         return y, logdet.expand(x.shape[0])
 
 
+class PermuteChannels(torch.autograd.Function):
+    """x[:, perm] with the inverse gather as its backward. torch's own backward of an index is an accumulating
+    index_put_, which took ~17 % of a CPU training step (benchmarks/NOTES.md); a permutation needs no sums."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv_perm)
+        return x[:, perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inv_perm,) = ctx.saved_tensors
+        return grad[:, inv_perm], None, None
+
+
 class CouplingStep(nn.Module):
     """One FastFlow step (FrEIA's AllInOneBlock shape): affine coupling, global affine, fixed permutation.
 
@@ -92,7 +106,7 @@ class CouplingStep(nn.Module):
         s, t = self._scale_shift(x1)
         y = torch.cat([x1, x2 * s.exp() + t], dim=1)
         g = self.global_log_scale.view(1, -1, 1, 1)
-        y = (y * g.exp() + self.global_bias.view(1, -1, 1, 1))[:, self.perm]
+        y = PermuteChannels.apply(y * g.exp() + self.global_bias.view(1, -1, 1, 1), self.perm, self.inv_perm)
         logdet = s.sum(dim=(1, 2, 3)) + self.global_log_scale.sum() * x.shape[2] * x.shape[3]
         return y, logdet
 
@@ -122,39 +136,6 @@ class GaussianBase(nn.Module):
         return per_dim.sum(dim=(1, 2, 3))
 
 
-@lru_cache(maxsize=32)
-def _blur_rows(size: int, sigma: float) -> torch.Tensor:
-    return torch.from_numpy(blur_matrix(size, sigma))
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps: engine.common.maths.gaussian_taps per axis, reflect padding.
-
-    Applied as the (H, H) and (W, W) blur matrices (blur_matrix, which the engines fold into their resize):
-    two matrix products, whose cost does not grow with sigma, where a 1-channel convolution with 4 sigma of
-    taps each side does (at sigma 16 px: 129 taps).
-    """
-    h, w = int(x.shape[-2]), int(x.shape[-1])  # ints also when an export traces the shapes
-    if gaussian_taps(sigma, h) is None and gaussian_taps(sigma, w) is None:
-        return x
-    return _blur_rows(h, sigma).to(x) @ x @ _blur_rows(w, sigma).to(x).T
-
-
-def fuse_maps(maps: dict[int, torch.Tensor], sigmas: list[float],
-              scale_sets: list[list[int]]) -> list[torch.Tensor]:
-    """Per set of scales, the mean of their (B, H, W) maps, each blurred by its scale's sigma (input pixels).
-
-    A scale that several sets read (stride 16: the map and the image score) is blurred once; with one sigma
-    for every scale, each set's mean is blurred once instead (the same sum: the blur is linear).
-    """
-    used = sorted({s for scales in scale_sets for s in scales})
-    if len({sigmas[s] for s in used}) == 1:
-        return [gaussian_blur(torch.stack([maps[s] for s in scales]).mean(dim=0), sigmas[used[0]])
-                for scales in scale_sets]
-    blurred = {s: gaussian_blur(maps[s], sigmas[s]) for s in used}
-    return [torch.stack([blurred[s] for s in scales]).mean(dim=0) for scales in scale_sets]
-
-
 def pool_features(feats: list[torch.Tensor], k: int, pooled: list[bool] | None = None) -> list[torch.Tensor]:
     """Each (B, C, h, w) map averaged over k x k neighbours (stride 1, borders over the pixels inside); k = 1: as is.
     `pooled`: which maps are averaged (default all).
@@ -166,12 +147,6 @@ def pool_features(feats: list[torch.Tensor], k: int, pooled: list[bool] | None =
     pooled = [True] * len(feats) if pooled is None else pooled
     return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) if k > 1 and p else f
             for f, p in zip(feats, pooled, strict=True)]
-
-
-def top_k_mean(score_map: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, H, W) -> (B,): the mean of each map's k highest pixels (the max when k = 1)."""
-    flat = score_map.flatten(1)
-    return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)
 
 
 FUSIONS = ("normalised", "probability")

@@ -19,7 +19,8 @@ import torch
 from engine.common.geometry import blend_weights, stitch, tile_grid
 from engine.common.maths import top_k_count
 from train.data import to_model_input
-from train.model import FlowConfig, top_k_mean
+from train.maps import top_k_mean
+from train.model import FlowConfig
 
 __all__ = ["FrameTiles", "frame_tiles", "stitch_frame", "score_frames"]
 

@@ -20,7 +20,8 @@ from engine.build.graph import InferenceGraph
 from engine.common.maths import resize_blur_matrix
 from kernels.coupling import conv_coupling, conv_relu, pack_conv_weight
 from kernels.scoring import score_maps
-from train.model import pool_features, top_k_mean
+from train.maps import top_k_mean
+from train.model import pool_features
 
 __all__ = ["KernelGraph", "CudaGraphRunner", "RUN_DTYPES"]
 

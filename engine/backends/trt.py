@@ -50,7 +50,7 @@ class DeviceScoring:
         return amap, amap if self.image_weights == self.map_weights else fuse(self.image_weights)
 
     def scores(self, score_map) -> object:
-        """The mean of each map's top_k pixels (train.model.top_k_mean)."""
+        """The mean of each map's top_k pixels (train.maps.top_k_mean)."""
         return self.torch.topk(score_map.flatten(1), self.top_k, dim=1).values.mean(dim=1)
 
 

@@ -32,7 +32,8 @@ from engine.common.errors import UserError
 from engine.common.maths import top_k_count
 from engine.header import ScoringSpec
 from kernels.reference import poly_atan
-from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, fuse_maps, pool_features, soft_clamp, top_k_mean
+from train.maps import fuse_maps, top_k_mean
+from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, pool_features, soft_clamp
 
 __all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "FoldedStep", "FoldedScale"]
 
