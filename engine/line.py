@@ -2,7 +2,7 @@
 
 Both sinks take `write(result)` from the loop that reads engine.run's results and return at once: an
 MQTT message goes into paho's own outgoing store (QoS 1: kept until the broker acknowledges it, resent
-after a reconnect; those written before the first connection wait in the sink, in order), a webhook POST
+after a reconnect; those written while no connection is up wait in the sink, in order), a webhook POST
 into a bounded queue served by its own thread. Past the bound new messages are dropped and counted, never
 silently. A broker or receiver that is absent or goes away is not an error of the run: it is a warning, the
 messages wait (bounded), and `close()` says how many were delivered, waited, were dropped or never arrived.
@@ -131,12 +131,15 @@ class MqttSink:
         self.unacked: set[int] = set()  # the frames' messages not yet acknowledged
         self.early: dict[int, float] = {}  # acks of ids not (yet) known: status messages, or a race with write
         self.connected, self.ever_connected, self.outage_reported, self.closed = False, False, False, False
-        # results written before the first connection wait here, in order: paho sends what is published between
-        # CONNECT and CONNACK before what it queued earlier (paho-mqtt issue 910), so they go out only once
-        # connected, from our threads, under publish_lock (never taken on paho's thread)
+        # results written while no connection is up wait here, in order (`holding`, from the start and from each
+        # disconnect): paho sends what is published between CONNECT and CONNACK before what it queued earlier
+        # (paho-mqtt issue 910), and after a reconnect it resends what it held only once on_connect has returned,
+        # so what waited goes out once connected and every message handed to paho before is acknowledged, from
+        # our threads, under publish_lock (never taken on paho's thread)
         self.backlog: deque = deque()
+        self.holding, self.outages = True, 0
         self.publish_lock = threading.Lock()
-        self.wake = threading.Event()  # the first connection: the heartbeat thread sends the backlog
+        self.wake = threading.Event()  # a connection or an acknowledgement while holding: release the backlog
         self.client.on_connect, self.client.on_disconnect = self._on_connect, self._on_disconnect
         self.client.on_publish, self.client.on_connect_fail = self._on_publish, self._on_connect_fail
         self.client.connect_async(target.host, target.port, keepalive=10)
@@ -163,7 +166,8 @@ class MqttSink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         with self.lock:
-            self.connected = False
+            self.connected, self.holding = False, True
+            self.outages += 1
         if not self.closed:
             self._outage(f"lost the broker at {self.address} ({reason_code})")
 
@@ -177,6 +181,8 @@ class MqttSink:
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         self.acks.append((mid, time.monotonic()))
+        if self.holding:  # read without the lock (see self.acks): at worst one wake too many
+            self.wake.set()
 
     def _settle(self) -> int:
         """Match the queued acknowledgements to the frames' messages (call under self.lock); the number waiting."""
@@ -193,11 +199,20 @@ class MqttSink:
                 del self.early[mid]
         return len(self.unacked) + len(self.backlog)
 
-    def _send_backlog(self) -> None:
-        """Publish what waited for the first connection, in order (call under publish_lock, once connected)."""
+    def _release_backlog(self) -> None:
+        """Publish what waited, in order, and stop holding (call under publish_lock): only once connected and every
+        message handed to paho earlier is acknowledged, which paho's own resend after a reconnect comes before."""
+        with self.lock:
+            self._settle()
+            if not self.holding or not self.connected or self.unacked:
+                return
+            outages = self.outages
         while True:
             with self.lock:
+                if self.outages != outages:  # lost again: paho holds what went out, the rest waits here
+                    return
                 if not self.backlog:
+                    self.holding = False
                     return
                 payload = self.backlog[0]
             info = self.client.publish(self.topic, payload, qos=1)
@@ -214,7 +229,7 @@ class MqttSink:
             if self.wake.is_set():
                 self.wake.clear()
                 with self.publish_lock:
-                    self._send_backlog()
+                    self._release_backlog()
             if time.monotonic() < next_beat:
                 continue
             next_beat += period
@@ -238,11 +253,14 @@ class MqttSink:
                 return
             self.published += 1
             self.waited += not self.connected
-            if not self.ever_connected:
+            if self.holding:
                 self.backlog.append(payload)
                 return
         with self.publish_lock:
-            self._send_backlog()  # what waited for the first connection goes first
+            with self.lock:
+                if self.holding:  # a disconnect since: wait behind what paho holds
+                    self.backlog.append(payload)
+                    return
             info = self.client.publish(self.topic, payload, qos=1)  # kept by paho until PUBACK, resent after reconnects
             with self.lock:
                 self.unacked.add(info.mid)
@@ -267,12 +285,9 @@ class MqttSink:
         self.wake.set()
         self.heartbeat.join()
         deadline = time.monotonic() + timeout
-        while self.backlog and not self.ever_connected and time.monotonic() < deadline:
-            time.sleep(0.05)  # the broker may still answer within the timeout
-        if self.ever_connected:
-            with self.publish_lock:
-                self._send_backlog()
         while self.pending and time.monotonic() < deadline:  # a broker away may be back within the timeout
+            with self.publish_lock:
+                self._release_backlog()
             time.sleep(0.05)
         self.closed = True
         if self.connected:

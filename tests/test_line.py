@@ -405,3 +405,90 @@ def test_results_written_before_the_first_connection_go_out_first_and_in_order(m
     timer.join()
     sink.close(timeout=0.5)
     assert written > 40 and handed == list(range(written))
+
+
+def test_results_written_around_a_reconnect_wait_behind_what_paho_resends(monkeypatch):
+    """After a reconnect paho calls on_connect first and resends what it held (unacknowledged) after it returns
+    (paho-mqtt 2.x, Client._handle_connack): a result written in that gap, or during the outage, would reach the
+    broker ahead of older ones. The sink holds them until every earlier message is acknowledged. A fake paho
+    client with that order: what reaches the broker, what is lost with a broken connection, what it resends."""
+    import paho.mqtt.client as mqtt
+
+    from engine.line import MqttSink
+    from engine.runtime import Result
+    ok = type("Code", (), {"is_failure": False})()
+
+    class FakeClient:
+        def __init__(self, *a, **k):
+            self.mid, self.up, self.lock = 0, False, threading.Lock()
+            self.payloads: dict[int, str] = {}
+            self.store: dict[int, None] = {}  # unacknowledged QoS-1 results, in the order published
+            self.wire: list[int] = []  # sent on the connection, not yet at the broker
+            self.arrived: list[int] = []  # frame indices, in the order the broker got them (QoS 1: maybe twice)
+
+        def publish(self, topic, payload, qos=0, retain=False):
+            with self.lock:
+                self.mid += 1
+                if topic.endswith("/result"):
+                    self.payloads[self.mid], self.store[self.mid] = payload, None
+                    if self.up:
+                        self.wire.append(self.mid)
+                return type("Info", (), {"mid": self.mid, "wait_for_publish": lambda self, timeout=None: None})()
+
+        def deliver(self):
+            """The broker receives what is on the wire and acknowledges it."""
+            with self.lock:
+                mids, self.wire = self.wire, []
+                for mid in mids:
+                    self.arrived.append(json.loads(self.payloads[mid])["index"])
+                    self.store.pop(mid, None)
+            for mid in mids:
+                self.on_publish(self, None, mid, ok, None)
+
+        def drop(self):
+            with self.lock:
+                self.up, self.wire = False, []  # what was on the wire is lost with the connection
+            self.on_disconnect(self, None, None, "connection lost", None)
+
+        def connack(self, between=lambda: None):
+            self.up = True
+            self.on_connect(self, None, None, ok, None)
+            between()  # another thread's write, in the moments before paho resends
+            with self.lock:
+                self.wire.extend(self.store)
+
+        def __getattr__(self, name):  # username_pw_set, will_set, connect_async, loop_start, disconnect...
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(mqtt, "Client", FakeClient)
+    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=lambda s: None)
+    fake: FakeClient = sink.client
+    written = 0
+
+    def write_next():
+        nonlocal written
+        sink.write(Result(0.5, False, None, index=written))
+        written += 1
+
+    def delivered(n: int) -> bool:
+        deadline = time.monotonic() + 5
+        while len(set(fake.arrived)) < n and time.monotonic() < deadline:
+            fake.deliver()
+            time.sleep(0.01)
+        return len(set(fake.arrived)) >= n
+
+    fake.connack()
+    for _ in range(3):
+        write_next()
+    assert delivered(3)
+    write_next()  # 3: on the wire when the connection breaks
+    fake.drop()
+    write_next()  # 4, 5: during the outage
+    write_next()
+    fake.connack(between=write_next)  # 6: between on_connect and paho's resend
+    write_next()  # 7: connected, 3 not yet acknowledged
+    assert delivered(8)
+    write_next()
+    assert delivered(9)
+    sink.close(timeout=0.5)
+    assert list(dict.fromkeys(fake.arrived)) == list(range(9)), fake.arrived  # in order of first arrival
