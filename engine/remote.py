@@ -37,6 +37,12 @@ __all__ = ["RemoteEngine", "parse_server_url", "ENGINE_INFO"]
 ENGINE_INFO = "engine_info"  # engine.serve's output: the engine's facts as JSON (what a client needs to know)
 PORTS = {"grpc": 8001, "http": 8000}
 BACKOFF_S = (0.5, 5.0)
+# tritonclient's status of a server that answered: it refused the request (Triton's own input checks: HTTP 400,
+# gRPC INVALID_ARGUMENT), or failed on it (the model raised: 500, INTERNAL). Either way that request fails alone;
+# anything else (no status: a socket error or timeout; 502-504, UNAVAILABLE, a deadline) is an outage, backed off.
+REFUSED_STATUSES = frozenset({"400", "StatusCode.INVALID_ARGUMENT"})
+FAILED_STATUSES = frozenset({"500", "StatusCode.INTERNAL"})
+FAILURE_WORDS = {"refused": "refused the frame", "failed": "failed on the frame", "away": "error"}
 
 
 def parse_server_url(url: str) -> tuple[str, str, int, str]:
@@ -58,6 +64,13 @@ def _rgb_uint8(frame: np.ndarray, bgr: bool) -> np.ndarray:
     if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and 0 not in a.shape:
         return np.ascontiguousarray(a[:, :, ::-1] if bgr else a)
     return np.ascontiguousarray((to_rgb_float(a, bgr) * 255).round().astype(np.uint8))
+
+
+def server_failure(e: BaseException) -> str:
+    """What a tritonclient error says: "refused" (the request), "failed" (the server, on this request) or "away"."""
+    status = getattr(e, "status", None)
+    status = str(status()) if callable(status) else ""
+    return "refused" if status in REFUSED_STATUSES else "failed" if status in FAILED_STATUSES else "away"
 
 
 class RemoteEngine:
@@ -147,15 +160,14 @@ class RemoteEngine:
                 out = self._call(batch, outputs)
             except Exception as e:  # noqa: BLE001 - tritonclient raises its own and socket errors alike
                 reason = one_line(e, 200)
-                refused = "expects" in reason or "must be UINT8" in reason or " 400" in reason
-                if not refused:
+                failure = server_failure(e)
+                if failure == "away":
                     with self.lock:  # the server is away: back off before trying again
                         self.failures += 1
                         self.down_until = time.monotonic() + self.backoff
                         self.backoff = min(self.backoff * 2, BACKOFF_S[1])
                 for i in idx:
-                    results[i] = Result(None, None, error=f"server {'refused the frame' if refused else 'error'}: "
-                                                          f"{reason}")
+                    results[i] = Result(None, None, error=f"server {FAILURE_WORDS[failure]}: {reason}")
                 continue
             with self.lock:
                 self.backoff, self.down_until = BACKOFF_S[0], 0.0

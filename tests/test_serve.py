@@ -152,13 +152,27 @@ def test_health_readiness_and_metrics_are_tritons(served):
 
 
 def test_a_refused_request_fails_alone_and_serving_goes_on(served):
+    """Bad requests over HTTP and gRPC fail alone, and engine.remote reads them by tritonclient's status as
+    refused or failed on the server, not as an outage to back off from; a server that is not there is away."""
+    from engine.remote import server_failure
     path, server = served
     client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.http}")
-    for bad in (np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 0, 8, 3), np.uint8)):
-        inp = tritonclient_http.InferInput("frames", list(bad.shape), "FP32" if bad.dtype == np.float32 else "UINT8")
-        inp.set_data_from_numpy(bad)
-        with pytest.raises(Exception, match="expects 'UINT8'|H, W > 0|Failed to process"):
-            client.infer(path.stem, [inp])
+    grpc_client = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    for module, c in ((tritonclient_http, client), (tritonclient_grpc, grpc_client)):
+        for bad in (np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 0, 8, 3), np.uint8)):
+            inp = module.InferInput("frames", list(bad.shape), "FP32" if bad.dtype == np.float32 else "UINT8")
+            inp.set_data_from_numpy(bad)
+            with pytest.raises(Exception, match="expects 'UINT8'|H, W > 0|Failed to process") as refused:
+                c.infer(path.stem, [inp])
+            want = "refused" if bad.dtype == np.float32 else "failed"  # Triton's type check; PyTriton's copy
+            assert server_failure(refused.value) == want, (module.__name__, refused.value.status())
+    port, frame = free_ports(1)[0], np.zeros((1, 8, 8, 3), np.uint8)
+    for module in (tritonclient_http, tritonclient_grpc):
+        inp = module.InferInput("frames", list(frame.shape), "UINT8")
+        inp.set_data_from_numpy(frame)
+        with pytest.raises(Exception) as outage:
+            module.InferenceServerClient(f"127.0.0.1:{port}").infer(path.stem, [inp])
+        assert server_failure(outage.value) == "away", (module.__name__, outage.value)
     good = np.full((1, 32, 32, 3), 128, np.uint8)
     inp = tritonclient_http.InferInput("frames", list(good.shape), "UINT8")
     inp.set_data_from_numpy(good)
