@@ -1,4 +1,5 @@
-"""Robustness: fuzzed image files, frames and engine files; untrusted files; one engine from many threads.
+"""Robustness: fuzzed image files, frames and engine files; untrusted files; one engine from many threads;
+a remote server's errors.
 
 Each fuzz test draws FUZZ_EXAMPLES inputs (10,000 by default; LINEFLOW_FUZZ_EXAMPLES overrides) and
 accepts exactly two outcomes: a valid result, or the one exception type that carries a clear message
@@ -8,6 +9,7 @@ Any other exception, a crash or a non-finite output fails the test.
 
 import hashlib
 import io
+import json
 import os
 import struct
 import tempfile
@@ -433,3 +435,42 @@ def test_engine_for_a_backend_missing_here_says_what_to_do(tmp_path):
     write_engine(path, replace(HEADER, backend="tensorrt"), {"tensorrt_plan": b"plan"})
     with pytest.raises(EngineFileError, match="built for tensorrt, which is not installed here.*rebuild with"):
         engine.load(path)
+
+
+def test_a_remote_server_error_fails_its_frames_and_only_no_answer_backs_off():
+    """engine.remote without a server (its `_call` replaced): a request the server refused (400) or failed on
+    (INTERNAL) gives error results for its frames and the next frame is sent at once; an error with no status
+    (no answer) is an outage: the frames after it are not sent until the backoff has passed."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install -e .[dev])")
+    from tritonclient.utils import InferenceServerException
+
+    from engine.remote import ENGINE_INFO, RemoteEngine
+
+    class ScriptedRemote(RemoteEngine):
+        def __init__(self, answers):
+            self.answers, self.calls = answers, 0
+            super().__init__("grpc://127.0.0.1:1/m")
+
+        def _call(self, batch, outputs):
+            if outputs == [ENGINE_INFO]:
+                info = {"threshold": 0.5, "input_size": [32, 32], "backend": "fake", "precision": "fp32"}
+                return {ENGINE_INFO: np.array([[json.dumps(info).encode()]], dtype=object)}
+            self.calls += 1
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return {"score": np.full((len(batch), 1), answer, np.float32),
+                    "is_anomalous": np.full((len(batch), 1), answer > 0.5)}
+
+    frame = np.zeros((32, 32, 3), np.uint8)
+    remote = ScriptedRemote([InferenceServerException("bad input", status="400"),
+                             InferenceServerException("model raised", status="StatusCode.INTERNAL"),
+                             0.25, ConnectionRefusedError("no answer"), 0.75])
+    got = [remote.score([frame], with_maps=False)[0] for _ in range(4)]
+    assert got[0].error.startswith("server refused the frame") and got[1].error.startswith("server failed on")
+    assert got[2].error is None and got[2].score == 0.25
+    assert got[3].error.startswith("server error") and remote.calls == 4
+    waiting = remote.score([frame], with_maps=False)[0]  # within the backoff: not sent
+    assert waiting.error.startswith("server unavailable") and remote.calls == 4
+    remote.down_until = 0.0  # the backoff over
+    assert remote.score([frame], with_maps=False)[0].score == 0.75 and remote.calls == 5
