@@ -38,10 +38,11 @@ ENGINE_INFO = "engine_info"  # engine.serve's output: the engine's facts as JSON
 PORTS = {"grpc": 8001, "http": 8000}
 BACKOFF_S = (0.5, 5.0)
 # tritonclient's status of a server that answered: it refused the request (Triton's own input checks: HTTP 400,
-# gRPC INVALID_ARGUMENT), or failed on it (the model raised: 500, INTERNAL). Either way that request fails alone;
-# anything else (no status: a socket error or timeout; 502-504, UNAVAILABLE, a deadline) is an outage, backed off.
-REFUSED_STATUSES = frozenset({"400", "StatusCode.INVALID_ARGUMENT"})
-FAILED_STATUSES = frozenset({"500", "StatusCode.INTERNAL"})
+# gRPC INVALID_ARGUMENT), or failed on it (the model's Python side raised: 500, INTERNAL). Either way that request
+# fails alone; any other status, or none (a socket error or timeout; 502-504, UNAVAILABLE, a deadline), is
+# "away": an outage, backed off.
+ANSWERED_STATUSES = {"400": "refused", "StatusCode.INVALID_ARGUMENT": "refused",
+                     "500": "failed", "StatusCode.INTERNAL": "failed"}
 FAILURE_WORDS = {"refused": "refused the frame", "failed": "failed on the frame", "away": "error"}
 
 
@@ -69,8 +70,7 @@ def _rgb_uint8(frame: np.ndarray, bgr: bool) -> np.ndarray:
 def server_failure(e: BaseException) -> str:
     """What a tritonclient error says: "refused" (the request), "failed" (the server, on this request) or "away"."""
     status = getattr(e, "status", None)
-    status = str(status()) if callable(status) else ""
-    return "refused" if status in REFUSED_STATUSES else "failed" if status in FAILED_STATUSES else "away"
+    return ANSWERED_STATUSES.get(str(status()) if callable(status) else "", "away")
 
 
 class RemoteEngine:

@@ -466,6 +466,7 @@ def test_a_remote_server_error_fails_its_frames_and_only_no_answer_backs_off():
     remote = ScriptedRemote([InferenceServerException("bad input", status="400"),
                              InferenceServerException("model raised", status="StatusCode.INTERNAL"),
                              0.25, ConnectionRefusedError("no answer"), 0.75])
+    remote.backoff = 60.0  # the first backoff cannot run out between two calls of this test, however slow the machine
     got = [remote.score([frame], with_maps=False)[0] for _ in range(4)]
     assert got[0].error.startswith("server refused the frame") and got[1].error.startswith("server failed on")
     assert got[2].error is None and got[2].score == 0.25
