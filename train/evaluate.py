@@ -32,7 +32,7 @@ from train.fit import DEVICES, extract_features
 from train.metrics import PixelCurves, auroc
 from train.model import FastFlow, FlowConfig
 from train.threshold import compare_rules
-from train.tiles import FrameTiles, score_frames
+from train.tiles import FrameTiles, flow_frames, score_frames
 
 __all__ = ["PROTOCOLS", "predict", "pixel_curves", "evaluate", "evaluate_engine", "main"]
 
@@ -49,7 +49,7 @@ def predict(model: FastFlow, paths: list[Path], batch_size: int, device: torch.d
     """
     feats, frames = features or extract_features(model, paths, device, "features")
     maps, scores, by_top = [], [], {t: [] for t in tops}
-    for amap, score, tops_scores, _ in score_frames(model, feats, frames, device, batch_size, tops):
+    for amap, score, tops_scores, _ in score_frames(model, flow_frames(model, feats, frames, device, batch_size), tops):
         maps.append(amap)
         scores.append(score)
         for t in tops:

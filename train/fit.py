@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from train.checkpoint import save_model
 from train.data import train_images
 from train.model import BLUR_MODES, FUSIONS, IMAGE_SCALES, MAP_SCALES, POOL_SCALES, FastFlow, FlowConfig
 from train.threshold import THRESHOLD_RULES, from_defects, from_good
-from train.tiles import FrameTiles, frame_tiles, score_frames
+from train.tiles import FrameTiles, flow_frames, frame_tiles, score_frames
 
 __all__ = ["DEVICES", "LR_SCHEDULES", "TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimisers",
            "extract_features", "split_holdout", "main"]
@@ -113,11 +114,11 @@ def extract_features(model: FastFlow, paths: list[Path], device: torch.device,
 
 
 @torch.no_grad()
-def calibrate_scales(model: FastFlow, feats: list[torch.Tensor], device: torch.device, batch_size: int = 32) -> None:
-    """Set each scale's median and 99th percentile of pixel NLL over held-out good images (map units)."""
+def calibrate_scales(model: FastFlow, zs_batches: Iterable[list[torch.Tensor]]) -> None:
+    """Set each scale's median and 99th percentile of pixel NLL over held-out good images (map units), from the
+    flow's output on them (batches of per-scale z)."""
     per_scale = None
-    for i in range(0, len(feats[0]), batch_size):
-        zs, _ = model.flow([f[i:i + batch_size].to(device) for f in feats])
+    for zs in zs_batches:
         nlls = [n.flatten().cpu().numpy() for n in model.pixel_nll(zs)]
         per_scale = [[n] for n in nlls] if per_scale is None else [a + [n] for a, n in zip(per_scale, nlls)]
     stats = []
@@ -127,10 +128,10 @@ def calibrate_scales(model: FastFlow, feats: list[torch.Tensor], device: torch.d
     model.scale_stats.copy_(torch.tensor(stats, dtype=model.scale_stats.dtype))
 
 
-def score_cached(model: FastFlow, feats: list[torch.Tensor], frames: list[FrameTiles], device: torch.device,
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: NLL per dimension (its tiles' mean) and image score, from cached features."""
-    rows = [(nll, score) for _, score, _, nll in score_frames(model, feats, frames, device, batch_size)]
+def score_cached(model: FastFlow, flowed) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: NLL per dimension (its tiles' mean) and image score, from the flow's output on cached features
+    (train.tiles.flow_frames)."""
+    rows = [(nll, score) for _, score, _, nll in score_frames(model, flowed)]
     return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
 
 
@@ -203,8 +204,9 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
                 losses.append(loss)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         model.eval()
-        calibrate_scales(model, hold_feats, device)
-        hold_nll, hold_scores = score_cached(model, hold_feats, hold_frames, device)
+        flowed = list(flow_frames(model, hold_feats, hold_frames, device))  # one flow pass: units, then scores
+        calibrate_scales(model, (zs for _, zs, _ in flowed))
+        hold_nll, hold_scores = score_cached(model, flowed)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "holdout_nll": float(hold_nll.mean()),
                "holdout_score_median": float(np.median(hold_scores)), "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     info = meta(cfg.epochs, hold_scores, history)
     if defect_paths:
         defect_feats = extract_features(model, defect_paths, device, "features (defects)")
-        defect_scores = score_cached(model, *defect_feats, device)[1]
+        defect_scores = score_cached(model, flow_frames(model, *defect_feats, device))[1]
         info["threshold"] = {**from_defects(hold_scores, defect_scores),
                              f"{cfg.threshold_rule}_threshold": info["threshold"]["threshold"]}
     if not math.isfinite(info["threshold"]["threshold"]):

@@ -22,7 +22,7 @@ from train.data import to_model_input
 from train.maps import top_k_mean
 from train.model import FlowConfig
 
-__all__ = ["FrameTiles", "frame_tiles", "stitch_frame", "score_frames"]
+__all__ = ["FrameTiles", "frame_tiles", "stitch_frame", "flow_frames", "score_frames"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ def stitch_frame(amaps: torch.Tensor, score_maps: torch.Tensor, where: FrameTile
 
 
 @torch.no_grad()
-def score_frames(model, feats: list[torch.Tensor], frames: list[FrameTiles], device: torch.device,
-                 batch_size: int = 32, tops: tuple[float, ...] = ()):
-    """Cached features of frames' tiles (in order) -> per frame: (stitched anomaly map, image score,
-    {top fraction: image score} for `tops`, mean NLL per dimension of its tiles). A generator: one frame's
-    maps in memory at a time (plus a batch of tiles)."""
+def flow_frames(model, feats: list[torch.Tensor], frames: list[FrameTiles], device: torch.device,
+                batch_size: int = 32):
+    """Cached features of frames' tiles (in order) -> the flow's output in batches of whole frames: (those frames,
+    zs, log-det), at most `batch_size` tiles a batch (a frame with more tiles alone). A generator; kept as a list,
+    one flow pass serves more than one reading (train.fit calibrates the map's units and scores from one)."""
     first = 0
     i = 0
     while i < len(frames):
@@ -69,10 +69,21 @@ def score_frames(model, feats: list[torch.Tensor], frames: list[FrameTiles], dev
             n += len(frames[j].starts)
             j += 1
         zs, logdet = model.flow([f[first:first + n].to(device) for f in feats])
+        yield frames[i:j], zs, logdet
+        first += n
+        i = j
+
+
+@torch.no_grad()
+def score_frames(model, flowed, tops: tuple[float, ...] = ()):
+    """The flow's output of frames' tiles (flow_frames) -> per frame: (stitched anomaly map, image score,
+    {top fraction: image score} for `tops`, mean NLL per dimension of its tiles). A generator: one frame's
+    maps in memory at a time (plus a batch of tiles)."""
+    for batch_frames, zs, logdet in flowed:
         nll = model.nll_per_dim(zs, logdet).cpu()
         amaps, score_maps = model.score_maps(zs, model.config.input_size)
         t = 0
-        for where in frames[i:j]:
+        for where in batch_frames:
             k = len(where.starts)
             a, s = amaps[t:t + k], score_maps[t:t + k]
             amap, score = stitch_frame(a, a if score_maps is amaps else s, where, model.config)
@@ -82,5 +93,3 @@ def score_frames(model, feats: list[torch.Tensor], frames: list[FrameTiles], dev
                 by_top = {top: float(model.image_score(torch.from_numpy(smap)[None], top)[0]) for top in tops}
             yield amap, score, by_top, float(nll[t:t + k].mean())
             t += k
-        first += n
-        i = j

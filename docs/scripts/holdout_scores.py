@@ -19,11 +19,12 @@ from train.checkpoint import load_model  # noqa: E402
 from train.data import train_images  # noqa: E402
 from train.fit import extract_features, score_cached, split_holdout  # noqa: E402
 from train.threshold import compare_rules  # noqa: E402
+from train.tiles import flow_frames  # noqa: E402
 
 model, meta = load_model(sys.argv[1])
 _, held_out = split_holdout(train_images(sys.argv[2]), 0.1, meta["train_config"]["seed"])
 cpu = torch.device("cpu")
-scores = score_cached(model, *extract_features(model, held_out, cpu, "held-out"), cpu)[1]
+scores = score_cached(model, flow_frames(model, *extract_features(model, held_out, cpu, "held-out"), cpu))[1]
 images = json.load(open(sys.argv[3]))["images"]
 labels = np.array([i["type"] != "good" for i in images])
 test_scores = np.array([i["score"] for i in images])

@@ -26,6 +26,7 @@ from train.evaluate import evaluate  # noqa: E402
 from train.fit import extract_features, score_cached, split_holdout  # noqa: E402
 from train.model import FastFlow  # noqa: E402
 from train.threshold import compare_rules  # noqa: E402
+from train.tiles import flow_frames  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("model")
@@ -74,7 +75,7 @@ for mode in args.modes.split(","):
     r = evaluate(m, args.data, None, feature_cache=cache)
     labels = np.array([i["type"] != "good" for i in r["images"]])
     scores = np.array([i["score"] for i in r["images"]])
-    rules = compare_rules(score_cached(m, *held_features, cpu)[1], scores, labels)
+    rules = compare_rules(score_cached(m, flow_frames(m, *held_features, cpu))[1], scores, labels)
     print(f"{mode}: image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}, AUPRO {r['aupro']:.4f}; "
           + ", ".join(f"{k} {v['defects_caught']:.1%} / {v['good_rejected']:.1%}" for k, v in rules.items()),
           flush=True)
