@@ -13,7 +13,7 @@ from test_cli import run
 from engine.common.geometry import choose_input_size, format_size, parse_size
 from train.metrics import PixelCurves, aupro, auroc
 from train.model import FastFlow, FlowConfig
-from train.threshold import from_defects, from_good
+from train.threshold import best_thresholds, from_defects, from_good
 
 
 @pytest.mark.parametrize("text,hw", [("512x192", (192, 512)), ("256", (256, 256)), (" 96X64 ", (64, 96))])
@@ -92,6 +92,25 @@ def test_threshold_from_defects_separates_them_from_good():
     assert t["threshold"] == pytest.approx(1.6) and t["defects_caught"] == 1 and t["good_rejected"] == 0
 
 
+def test_best_thresholds_catch_the_most_defects_within_each_rejection_budget():
+    good = np.arange(100) / 100  # 0.00 ... 0.99
+    scores = np.concatenate([good, [0.985, 0.975, 0.5, 2.0]])
+    labels = np.array([0] * 100 + [1] * 4)
+    best = best_thresholds(scores, labels, (0.0, 0.01, 0.02))
+    assert best["0"] == {"threshold": 0.99, "good_rejected": 0.0, "defects_caught": 0.25}
+    assert best["0.01"]["defects_caught"] == 0.5 and best["0.01"]["good_rejected"] == 0.01
+    assert best["0.02"]["defects_caught"] == 0.75 and best["0.02"]["good_rejected"] == 0.02
+    rng = np.random.default_rng(1)  # against every threshold tried by brute force, on overlapping classes
+    scores, labels = np.concatenate([rng.normal(0, 1, 135), rng.normal(2, 1, 325)]), np.array([0] * 135 + [1] * 325)
+    for budget, got in best_thresholds(scores, labels).items():
+        cuts = np.concatenate([[-np.inf], scores])  # with `score > t`, these reach every (rejected, caught) pair
+        rejected = (scores[labels == 0][None] > cuts[:, None]).mean(1)
+        caught = (scores[labels == 1][None] > cuts[:, None]).mean(1)
+        within = rejected <= float(budget)
+        assert got["good_rejected"] <= float(budget) and got["defects_caught"] == caught[within].max()
+    assert best_thresholds(np.ones(3), np.zeros(3)) == {}  # no defects: nothing to report
+
+
 @pytest.fixture(scope="module")
 def strips(tmp_path_factory):
     """Long frames (160x64, a few at 200x80) in MVTec layout: stripes with bright spots as defects."""
@@ -141,6 +160,7 @@ def test_long_frames_fit_evaluate_build_and_run_at_their_shape(strips, strip_mod
         results[protocol] = json.loads(out.read_text())
         assert results[protocol]["protocol"] == protocol
         assert {"defects_caught", "good_rejected"} <= set(results[protocol]["at_threshold"])
+        assert set(results[protocol]["best_thresholds"]) == {"0.01", "0.02", "0.05"}
     # the maps are the same; only where the masks are compared moves the pixel metrics (frames are 64x160
     # and so is the input: the two protocols must agree here)
     assert results["mask"]["image_auroc"] == results["input"]["image_auroc"]

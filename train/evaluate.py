@@ -31,7 +31,7 @@ from train.data import Sample, evaluation_samples, read_mask
 from train.fit import DEVICES, extract_features
 from train.metrics import PixelCurves, auroc
 from train.model import FastFlow, FlowConfig
-from train.threshold import compare_rules
+from train.threshold import best_thresholds, compare_rules
 from train.tiles import FrameTiles, flow_frames, score_frames
 
 __all__ = ["PROTOCOLS", "predict", "pixel_curves", "evaluate", "evaluate_engine", "main"]
@@ -160,6 +160,7 @@ def _report(samples: list[Sample], maps: list[np.ndarray], scores: np.ndarray, s
         result["per_type"][t] = _metrics(labels[sel], scores[sel], curves, ["good", t])
     if holdout_scores is not None:
         result["threshold_rules"] = compare_rules(np.asarray(holdout_scores), scores, labels)
+    result["best_thresholds"] = best_thresholds(scores, labels)
     if threshold is not None:
         flagged = scores > threshold
         result["at_threshold"] = {"threshold": threshold,
@@ -183,6 +184,9 @@ def _print_table(result: dict) -> None:
     if "threshold_rules" in result:
         print("threshold rules on the held-out good scores (caught / good rejected): " + ", ".join(
             f"{k} {v['defects_caught']:.1%} / {v['good_rejected']:.1%}" for k, v in result["threshold_rules"].items()))
+    if result.get("best_thresholds"):
+        print("the best any threshold does here (read off the labels), good rejected at most -> caught: " + ", ".join(
+            f"{float(k):.0%} -> {v['defects_caught']:.1%}" for k, v in result["best_thresholds"].items()))
     if "at_threshold" in result:
         a = result["at_threshold"]
         print(f"at threshold {a['threshold']:.4f}: {a['defects_caught']:.1%} of defective images caught, "

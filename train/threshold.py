@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["THRESHOLD_RULES", "THRESHOLD_SPREADS", "THRESHOLD_QUANTILE", "from_good", "from_defects", "compare_rules"]
+__all__ = ["THRESHOLD_RULES", "THRESHOLD_SPREADS", "THRESHOLD_QUANTILE", "REJECTION_BUDGETS", "from_good",
+           "from_defects", "compare_rules", "best_thresholds"]
 
 THRESHOLD_RULES = ("robust", "quantile")
 THRESHOLD_SPREADS = 4.0  # "robust": median + this many robust standard deviations of held-out good scores
 THRESHOLD_QUANTILE = 0.99  # "quantile": this quantile of held-out good scores (lineflow's rule before)
 MAD_TO_STD = 1.4826  # the median absolute deviation of a normal distribution, in standard deviations
+REJECTION_BUDGETS = (0.01, 0.02, 0.05)  # shares of good images rejected at which train.evaluate reports the best catch
 
 
 def _summary(scores: np.ndarray) -> dict:
@@ -75,3 +77,21 @@ def compare_rules(holdout: np.ndarray, scores: np.ndarray, labels: np.ndarray) -
         out[name] = {"threshold": rule["threshold"], "defects_caught": float(flagged[labels == 1].mean()),
                      "good_rejected": float(flagged[labels == 0].mean())}
     return out
+
+
+def best_thresholds(scores: np.ndarray, labels: np.ndarray, budgets=REJECTION_BUDGETS) -> dict[str, dict]:
+    """The most defects any threshold catches on a labelled set while rejecting at most each budget's share of its
+    good images: whether a miss at the stored threshold is the rule's (a better threshold exists) or the model's
+    (none does). Read off the labels: for reporting, never for setting a model's threshold."""
+    good, defects = scores[labels == 0], scores[labels == 1]
+    if not len(good) or not len(defects):
+        return {}
+    out = {}
+    for budget in budgets:
+        # an image fails when its score is above the threshold: the lowest good score that keeps the
+        # rejected share within the budget catches the most defects
+        cut = next(t for t in np.sort(good) if (good > t).mean() <= budget)
+        out[f"{budget:g}"] = {"threshold": float(cut), "good_rejected": float((good > cut).mean()),
+                              "defects_caught": float((defects > cut).mean())}
+    return out
+
