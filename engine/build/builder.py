@@ -132,8 +132,8 @@ def _openvino_capabilities() -> list[str]:
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-# the CPU capability OpenVINO needs to run a precision natively; without it, it silently runs fp32
-# the OpenVINO CPU capability (OPTIMIZATION_CAPABILITIES) each precision needs: that of its lowest part
+# the OpenVINO CPU capability (OPTIMIZATION_CAPABILITIES) each precision needs, that of its lowest part: without
+# it OpenVINO silently runs fp32
 _OPENVINO_NEEDS = {p: next(q for q in ("int8", "fp16", "bf16", "fp32") if q in parts.values()).upper()
                    for p, parts in PART_PRECISIONS.items()}
 
