@@ -185,8 +185,9 @@ def _print_table(result: dict) -> None:
         print("threshold rules on the held-out good scores (caught / good rejected): " + ", ".join(
             f"{k} {v['defects_caught']:.1%} / {v['good_rejected']:.1%}" for k, v in result["threshold_rules"].items()))
     if result.get("best_thresholds"):
-        print("the best any threshold does here (read off the labels), good rejected at most -> caught: " + ", ".join(
-            f"{float(k):.0%} -> {v['defects_caught']:.1%}" for k, v in result["best_thresholds"].items()))
+        print("the best any threshold does on this test set (read off its labels): " + ", ".join(
+            f"{v['defects_caught']:.1%} caught with at most {float(k):.0%} of good rejected"
+            for k, v in result["best_thresholds"].items()))
     if "at_threshold" in result:
         a = result["at_threshold"]
         print(f"at threshold {a['threshold']:.4f}: {a['defects_caught']:.1%} of defective images caught, "
