@@ -67,6 +67,7 @@ def test_base_gradients_do_not_accumulate_across_flow_turns():
     train_step(model, feats, 1, flow_opt, base_opt, cfg)  # base's turn
     for got, want in zip(captured, expected):
         assert torch.allclose(got, want, atol=1e-6)
+    assert all(p.grad is None for p in model.flow_parameters())  # the flow's backward was not run on the base's turn
 
 
 def test_calibrated_scales_put_held_out_pixels_in_common_units():

@@ -28,8 +28,8 @@ def test_parse_size_refuses_what_the_model_cannot_take(text):
 
 
 def test_default_size_keeps_the_images_aspect_and_scale_within_the_budget():
-    assert choose_input_size([(460, 1130)] * 5 + [(645, 1540)]) == (224, 544)  # BSD strips: 2.43 for 2.46
-    assert choose_input_size([(1000, 1000)]) == (352, 352)
+    assert choose_input_size([(460, 1130)] * 5 + [(645, 1540)]) == (256, 640)  # BSD strips: 2.5 for 2.46
+    assert choose_input_size([(1000, 1000)]) == (416, 416)
     assert choose_input_size([(64, 160)] * 3) == (64, 160)  # small images keep their scale (not enlarged)
     # portrait and landscape tiles mixed (MTD: aspect 0.44-2.33): the square of before, not their median aspect
     assert choose_input_size([(300, 900), (900, 300), (500, 500), (400, 600), (600, 400)]) == (256, 256)

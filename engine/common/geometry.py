@@ -1,7 +1,7 @@
 """Input geometry: the model's input shape, written WxH for people and (height, width) everywhere in code.
 
 Frames are resized whole to the model's input (no crop, no padding), so the input's aspect ratio is the
-one the training images have: a 1130x460 strip goes to 544x224, not to a 256x256 square that would
+one the training images have: a 1130x460 strip goes to 640x256, not to a 256x256 square that would
 stretch its texture 2.5x one way against the other. `choose_input_size` picks that shape from the
 training images alone (no labels). numpy and the standard library only: the run side imports this.
 """
@@ -21,7 +21,7 @@ __all__ = ["SIDE_MULTIPLE", "MIN_SIDE", "MAX_SIDE", "PIXEL_BUDGET", "AREA_FILL",
 SIDE_MULTIPLE = 32  # features are taken down to stride 32
 MIN_SIDE = 64
 MAX_SIDE = 4096  # an input side; frames larger than the input at its scale are cut in tiles
-PIXEL_BUDGET = 2 * 256 * 256  # the default input's area at most (a BSD fit stays within 30 min on 2 cores)
+PIXEL_BUDGET = 3 * 256 * 256  # the default input's area at most: BSD's default fit ~25 min on 2 cores (results.md, 15)
 AREA_FILL = 0.75  # the default input uses at least this share of its pixel limit
 MIXED_ASPECTS = 2.0  # images whose aspect ratios spread wider (95th / 5th percentile) get a square input...
 MIXED_BUDGET = 256 * 256  # ... of at most this many pixels (measured on MTD, docs/results.md round 7)
