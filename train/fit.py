@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from engine.common.errors import RunError, UserError, run_cli
 from engine.common.files import check_output
-from engine.common.geometry import choose_input_size, format_size, parse_size
+from engine.common.geometry import PIXEL_BUDGET, choose_input_size, format_size, parse_size
 from engine.common.images import images_in, open_image, read_image
 from train.backbones import BACKBONES, create_backbone
 from train.checkpoint import save_model
@@ -232,7 +232,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ImageNet checkpoint (torchvision/timm) for resnet18 / wide_resnet50_2")
     p.add_argument("--input-size", default="auto", metavar="WxH",
                    help="the model's input, WIDTHxHEIGHT (each a multiple of 32; N means N x N) that every image is "
-                   "resized to; auto: the training images' median aspect ratio and scale within 3 x 256 x 256 pixels")
+                   "resized to; auto: the training images' median aspect ratio and scale within "
+                   f"{PIXEL_BUDGET:,} pixels (images of widely mixed aspect: a square)")
     p.add_argument("--tile-scale", type=float, default=m.tile_scale, metavar="S",
                    help="0: each image is resized whole to the input; S > 0: images are resized by S (1 = their own "
                    "pixels) and cut into overlapping tiles of the input's size, in training and at run time alike")
