@@ -117,9 +117,9 @@ def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 
 
 
 def main() -> None:
-    from engine.build.builder import _openvino_capabilities
+    from engine.build.builder import openvino_capabilities
     # bf16 only where the CPU has it: elsewhere torch emulates the bf16 GEMM, minutes for one product
-    precisions = ("fp32", "bf16") if "BF16" in _openvino_capabilities() else ("fp32",)
+    precisions = ("fp32", "bf16") if "BF16" in openvino_capabilities() else ("fp32",)
     rates = {p: gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     print(f"GEMM 2048^3, {torch.get_num_threads()} threads: "
           + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in rates.items())

@@ -431,7 +431,7 @@ def test_low_precision_the_cpu_lacks_is_refused_not_mislabelled(tiny, tmp_path, 
     from engine.build import BuildConfig, build_engine, builder
     from engine.common.errors import UserError
     from train.checkpoint import load_model
-    monkeypatch.setattr(builder, "_openvino_capabilities", lambda: ["FP32", "INT8"])  # an AVX2-only CPU
+    monkeypatch.setattr(builder, "openvino_capabilities", lambda: ["FP32", "INT8"])  # an AVX2-only CPU
     model, meta = load_model(tiny["model"])
     for precision in ("fp16", "bf16", "bf16-flow"):
         with pytest.raises(UserError, match=f"--precision {precision}: this CPU has no native"):

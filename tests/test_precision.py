@@ -24,7 +24,7 @@ from engine.build.builder import (
     _calibration_images,
     _keep_precision,
     _ms_per_frame,
-    _openvino_capabilities,
+    openvino_capabilities,
 )
 from engine.build.export import ONNX_PARTS
 from engine.build.graph import InferenceGraph
@@ -78,7 +78,7 @@ def test_exporting_leaves_the_model_as_it_was():
 def bf16_flow_engine(tmp_path_factory):
     if not HAS_OPENVINO:
         pytest.skip("openvino is not installed: bf16-flow is an OpenVINO precision")
-    caps = _openvino_capabilities()
+    caps = openvino_capabilities()
     if "BF16" not in caps:
         pytest.skip(f"this CPU has no native BF16 (OpenVINO reports {', '.join(caps)}): the build refuses bf16-flow")
     model = perturbed_model()

@@ -275,7 +275,8 @@ def _parser() -> argparse.ArgumentParser:
                    "standard deviations (robust), or their 99%% quantile (quantile)")
     p.add_argument("--threshold-defects", metavar="DIR",
                    help="a folder of a few defect images (not the test set): the threshold then best separates "
-                   "them from the held-out good images")
+                   "them from the held-out good images (most caught minus good rejected: it catches more and rejects "
+                   "more good images than the default rule)")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out split, initialisation and batch order")
     p.add_argument("--device", default=DEVICES[0], choices=DEVICES, help="where features and flow run")
     p.add_argument("--epoch-checkpoints", metavar="DIR",

@@ -41,7 +41,7 @@ from train.model import FastFlow, FlowConfig
 from train.tiles import frame_tiles
 
 __all__ = ["BuildConfig", "build_engine", "BUILD_BACKENDS", "BUILD_PRECISIONS", "GRAPH_TOLERANCE",
-           "LOW_PRECISION_TOLERANCE"]
+           "LOW_PRECISION_TOLERANCE", "openvino_capabilities"]
 
 GRAPH_TOLERANCE = 1e-4  # max |map difference|, folded graph or fp32 engine vs the reference (relative above 1)
 LOW_PRECISION_TOLERANCE = {"score": 0.02, "map": 0.1}  # bf16/fp16 vs fp32, in map units (1 = q99 of good pixels)
@@ -127,7 +127,8 @@ def _keep_precision(ms: dict[str, float]) -> str:
     return [p for p, t in ms.items() if t <= fastest * (1 + PRECISION_MARGIN)][-1]
 
 
-def _openvino_capabilities() -> list[str]:
+def openvino_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin runs natively here (OPTIMIZATION_CAPABILITIES: FP32, BF16, INT8, ...)."""
     import openvino as ov
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
@@ -149,7 +150,7 @@ def _precisions(backend: str) -> list[str]:
     if backend == "torch" and not torch.cuda.is_available():
         return ["fp32"]  # the PyTorch reference on the CPU
     if backend == "openvino":
-        caps = _openvino_capabilities()
+        caps = openvino_capabilities()
         return [p for p in BACKEND_PRECISIONS[backend] if _OPENVINO_NEEDS.get(p, "FP32") in caps]
     return list(BACKEND_PRECISIONS[backend])
 
@@ -158,7 +159,7 @@ def _precision_refusal(backend: str, precision: str) -> str:
     """Why `precision` cannot be built for `backend` here, in one line."""
     if backend == "openvino" and precision in _OPENVINO_NEEDS:
         return (f"--precision {precision}: this CPU has no native {_OPENVINO_NEEDS[precision]} (OpenVINO reports "
-                f"{', '.join(_openvino_capabilities())}), so OpenVINO would run fp32 under a {precision} label; "
+                f"{', '.join(openvino_capabilities())}), so OpenVINO would run fp32 under a {precision} label; "
                 f"choose from {', '.join(_precisions(backend))}, or auto")
     if backend == "torch" and not torch.cuda.is_available():
         return f"--precision {precision}: the torch backend on a CPU is the fp32 reference; use fp32"
