@@ -23,7 +23,7 @@ from train.data import evaluation_samples, train_images  # noqa: E402
 from train.evaluate import predict  # noqa: E402
 from train.fit import TrainConfig, extract_features, split_holdout  # noqa: E402
 from train.metrics import auroc  # noqa: E402
-from train.threshold import MAD_TO_STD, best_thresholds  # noqa: E402
+from train.threshold import best_thresholds, from_good  # noqa: E402
 
 TOPS = (0.01, 0.03, 0.1, 0.3)
 torch.set_grad_enabled(False)
@@ -55,13 +55,12 @@ for name, (test, hold) in variants.items():
         rejected, caught = [], []
         for _ in range(1000):
             d = rng.permutation(len(pooled))
-            h = pooled[d[:n]]
-            t = np.median(h) + k * MAD_TO_STD * np.median(np.abs(h - np.median(h)))
+            t = from_good(pooled[d[:n]], "robust", spreads=k)["threshold"]
             rejected.append((pooled[d[n:]] > t).mean())
             caught.append((bad > t).mean())
         rejected, caught = np.array(rejected), np.array(caught)
         odds[k] = (rejected.mean(), caught.mean(), np.mean((rejected <= 0.02) & (caught >= 0.8)))
-    t = np.median(hold) + 4 * MAD_TO_STD * np.median(np.abs(hold - np.median(hold)))
+    t = from_good(hold)["threshold"]  # the stored rule
     k_best = max(odds, key=lambda k: odds[k][2])
     print(f"| {name} | {auroc(labels, test):.4f} | {best_thresholds(test, labels)['0.02']['defects_caught']:.1%} | "
           f"{(bad > t).mean():.1%} / {(good > t).mean():.1%} | {odds[4][0]:.1%} | {odds[4][1]:.1%} | "

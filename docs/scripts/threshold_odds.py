@@ -21,12 +21,11 @@ from scipy.stats.mstats import hdquantiles
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from train.checkpoint import load_model  # noqa: E402
-from train.threshold import MAD_TO_STD, from_defects  # noqa: E402
+from train.threshold import from_defects, from_good  # noqa: E402
 
 
 def robust(s: np.ndarray, k: float) -> float:
-    m = np.median(s)
-    return float(m + k * MAD_TO_STD * np.median(np.abs(s - m)))
+    return from_good(s, "robust", spreads=k)["threshold"]
 
 
 def upper_spread(s: np.ndarray, p: float) -> float:
