@@ -40,17 +40,18 @@ CONFIGS = {
 }
 
 
-def build_default_engine(folder: Path, config: FlowConfig | None = None, name: str = "m.engine") -> Path:
+def build_default_engine(folder: Path, config: FlowConfig | None = None, name: str = "m.engine",
+                         precision: str = "auto") -> Path:
     """The default model (or `config`) with its real backbone weights and freshly initialised flow weights (speed
-    does not depend on their values), built for this CPU by `--backend auto --precision auto`: the engine a user
-    gets here, for the benchmarks that time engine.run, tiling and serving."""
+    does not depend on their values), built for this CPU by `--backend auto --precision auto` (or the precision
+    named): the engine a user gets here, for the benchmarks that time engine.run, tiling and serving."""
     from train.backbones import create_backbone
     torch.manual_seed(0)
     model = FastFlow(config or FlowConfig()).eval()
     model.backbone = create_backbone(model.config.backbone)
     meta = {"threshold": {"threshold": 1.0}}
     save_model(folder / "model.pt", model, meta)
-    build_engine(model, meta, (folder / "model.pt").read_bytes(), folder / name, BuildConfig("auto", "auto"))
+    build_engine(model, meta, (folder / "model.pt").read_bytes(), folder / name, BuildConfig("auto", precision))
     return folder / name
 
 

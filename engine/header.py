@@ -15,13 +15,14 @@ from engine.common.geometry import as_hw
 __all__ = ["EngineHeader", "ScoringSpec", "TilingSpec",
            "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "MAPS_GRAPH_BACKENDS",
            "STAGE_PRECISIONS", "PART_PRECISIONS", "INT8_PRECISIONS",
-           "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
+           "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_ONNX_HEAD", "SECTION_ONNX_TAIL",
+           "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
            "required_sections"]
 
 BACKENDS = ("openvino", "onnxruntime", "tensorrt", "torch")
-PRECISIONS = ("fp32", "bf16", "bf16-flow", "fp16", "int8", "int8-backbone")
+PRECISIONS = ("fp32", "bf16", "bf16-deep", "bf16-flow", "fp16", "int8", "int8-backbone")
 # what each backend can run, lowest precision first (torch: bf16 and fp16 on CUDA only; the build checks the device)
-BACKEND_PRECISIONS = {"openvino": ("int8", "int8-backbone", "bf16", "bf16-flow", "fp16", "fp32"),
+BACKEND_PRECISIONS = {"openvino": ("int8", "int8-backbone", "bf16", "bf16-deep", "bf16-flow", "fp16", "fp32"),
                       "onnxruntime": ("fp32",),
                       "tensorrt": ("bf16", "fp16", "fp32"), "torch": ("bf16", "fp16", "fp32")}
 # the CPU backends that `engine.build --backend auto` times against each other where no GPU is visible
@@ -29,24 +30,31 @@ CPU_BACKENDS = ("openvino", "onnxruntime")
 # backends whose graph ends at the per-scale maps, fused after it by the header's `scoring`: natively on CPUs
 # (engine/native.py), in PyTorch on the GPU for TensorRT (its TopK is limited to k <= 3840, below a 256² map's 10 %)
 MAPS_GRAPH_BACKENDS = ("openvino", "onnxruntime", "tensorrt")
-# precisions that run the graph as two stages, (backbone, flow), each in its own precision
-STAGE_PRECISIONS = {"bf16-flow": ("fp32", "bf16")}
+
+SECTION_ONNX = "onnx"  # CPU backends: images -> per-scale NLL maps (fused natively after)
+SECTION_ONNX_BACKBONE = "onnx_backbone"  # bf16-flow's first stage: images -> features
+SECTION_ONNX_FLOW = "onnx_flow"  # ... features -> per-scale NLL maps
+SECTION_ONNX_HEAD = "onnx_head"  # bf16-deep's first stage: images -> the backbone's stride-4 map
+SECTION_ONNX_TAIL = "onnx_tail"  # ... the stride-4 map -> the rest of the backbone and the flow -> NLL maps
+SECTION_TENSORRT_PLAN = "tensorrt_plan"  # a serialised TensorRT plan of the SECTION_ONNX graph
+SECTION_MODEL = "model"  # the model.pt bytes (torch backend: rebuilt with train's classes)
+
+# precisions that run the graph as two stages, each its own section in its own precision: bf16-flow cuts between
+# backbone and flow; bf16-deep after the backbone's stride-4 map, whose layers move MTD scores most in bf16
+# (benchmarks/NOTES.md, 2026-12-05)
+STAGE_PRECISIONS = {"bf16-flow": ((SECTION_ONNX_BACKBONE, "fp32"), (SECTION_ONNX_FLOW, "bf16")),
+                    "bf16-deep": ((SECTION_ONNX_HEAD, "fp32"), (SECTION_ONNX_TAIL, "bf16"))}
 # what each part of the graph runs in, per precision (the engine header's checks repeat it for the one built);
 # int8: NNCF's quantize/dequantize pairs in the one ONNX graph around the convolutions of the int8 parts
 PART_PRECISIONS = {"fp32": {"stem": "fp32", "backbone": "fp32", "flow": "fp32"},
                    "bf16": {"stem": "bf16", "backbone": "bf16", "flow": "bf16"},
+                   "bf16-deep": {"stem": "fp32", "backbone": "fp32 to stride 4, bf16 after", "flow": "bf16"},
                    "bf16-flow": {"stem": "fp32", "backbone": "fp32", "flow": "bf16"},
                    "fp16": {"stem": "fp16", "backbone": "fp16", "flow": "fp16"},
                    "int8": {"stem": "fp32", "backbone": "int8", "flow": "int8"},
                    "int8-backbone": {"stem": "fp32", "backbone": "int8", "flow": "fp32"}}
 # precisions quantized on the check images (engine/build/quantize.py): they need real ones (--calib)
 INT8_PRECISIONS = tuple(p for p, parts in PART_PRECISIONS.items() if "int8" in parts.values())
-
-SECTION_ONNX = "onnx"  # CPU backends: images -> per-scale NLL maps (fused natively after)
-SECTION_ONNX_BACKBONE = "onnx_backbone"  # two-stage precisions: images -> features
-SECTION_ONNX_FLOW = "onnx_flow"  # ... features -> per-scale NLL maps
-SECTION_TENSORRT_PLAN = "tensorrt_plan"  # a serialised TensorRT plan of the SECTION_ONNX graph
-SECTION_MODEL = "model"  # the model.pt bytes (torch backend: rebuilt with train's classes)
 
 
 def required_sections(backend: str, precision: str) -> tuple[str, ...]:
@@ -55,7 +63,9 @@ def required_sections(backend: str, precision: str) -> tuple[str, ...]:
         return (SECTION_MODEL,)
     if backend == "tensorrt":
         return (SECTION_TENSORRT_PLAN,)
-    return (SECTION_ONNX_BACKBONE, SECTION_ONNX_FLOW) if precision in STAGE_PRECISIONS else (SECTION_ONNX,)
+    if precision in STAGE_PRECISIONS:
+        return tuple(section for section, _ in STAGE_PRECISIONS[precision])
+    return (SECTION_ONNX,)
 
 
 def _int(name: str, v, low: int = 1) -> int:

@@ -433,7 +433,7 @@ def test_low_precision_the_cpu_lacks_is_refused_not_mislabelled(tiny, tmp_path, 
     from train.checkpoint import load_model
     monkeypatch.setattr(builder, "openvino_capabilities", lambda: ["FP32", "INT8"])  # an AVX2-only CPU
     model, meta = load_model(tiny["model"])
-    for precision in ("fp16", "bf16", "bf16-flow"):
+    for precision in ("fp16", "bf16", "bf16-deep", "bf16-flow"):
         with pytest.raises(UserError, match=f"--precision {precision}: this CPU has no native"):
             build_engine(model, meta, tiny["model"].read_bytes(), tmp_path / "x.engine",
                          BuildConfig("openvino", precision))

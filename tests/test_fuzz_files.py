@@ -152,8 +152,8 @@ def mutated_engine(draw, seed: bytes):
         if op == "drop":
             del sections[name]
         elif op == "extra":
-            sections[draw(st.sampled_from(["onnx", "onnx_backbone", "onnx_flow", "model", "tensorrt_plan", "x"]))
-                     + draw(st.sampled_from(["", "2"]))] = draw(st.binary(max_size=64))
+            kinds = ["onnx", "onnx_backbone", "onnx_flow", "onnx_head", "onnx_tail", "model", "tensorrt_plan", "x"]
+            sections[draw(st.sampled_from(kinds)) + draw(st.sampled_from(["", "2"]))] = draw(st.binary(max_size=64))
         elif op == "rename":
             sections[draw(st.text(max_size=12))] = sections.pop(name)
         elif op == "empty":

@@ -1,7 +1,8 @@
-"""Per-stage precision: the polynomial atan, the two-graph split, OpenVINO's bf16-flow and int8 engines.
+"""Per-stage precision: the polynomial atan, the two-graph splits, OpenVINO's bf16-flow, bf16-deep and int8
+engines.
 
-Tolerances: the split graphs equal the one-graph maps to 1e-5 (float32 rounding); a bf16-flow engine
-and an int8 one stay within the build's low-precision tolerance of the reference (0.1 map units, 0.02
+Tolerances: the split graphs equal the one-graph maps to 1e-5 (float32 rounding); a bf16-flow or bf16-deep
+engine and an int8 one stay within the build's low-precision tolerance of the reference (0.1 map units, 0.02
 on scores).
 """
 
@@ -31,8 +32,9 @@ from engine.build.graph import InferenceGraph
 from engine.common.errors import UserError
 from engine.common.images import read_image
 from engine.format import EngineFileError, read_engine, write_engine
-from engine.header import PART_PRECISIONS
+from engine.header import PART_PRECISIONS, required_sections
 from kernels.reference import poly_atan
+from train.backbones import BACKBONES, create_backbone
 from train.checkpoint import save_model
 from train.data import to_model_input
 from train.model import FlowConfig
@@ -46,17 +48,33 @@ def test_poly_atan_matches_atan():
     assert err <= 3e-7  # measured 1.9e-7 (the fit's 7.5e-8 plus float32 rounding)
 
 
-def test_split_graphs_equal_the_one_graph():
-    """backbone -> features -> flow, as two ONNX graphs, computes what the one maps graph computes."""
+@pytest.mark.parametrize("first, second", [("backbone", "flow"), ("head", "tail")])
+def test_split_graphs_equal_the_one_graph(first, second):
+    """backbone -> features -> flow (bf16-flow), or backbone to its stride-4 map -> the rest (bf16-deep), as two
+    ONNX graphs, computes what the one maps graph computes."""
     graph = InferenceGraph(perturbed_model()).eval()
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
-    session = {part: ort.InferenceSession(export_onnx(graph, None, part)) for part in ("maps", "backbone", "flow")}
+    session = {part: ort.InferenceSession(export_onnx(graph, None, part)) for part in ("maps", first, second)}
     ref = session["maps"].run(None, {"images": x})
-    feats = session["backbone"].run(None, {"images": x})
-    maps = session["flow"].run(None, {f"f{i}": f for i, f in enumerate(feats)})
+    middle = session[first].run(None, {"images": x})
+    names = [i.name for i in session[second].get_inputs()]
+    maps = session[second].run(None, dict(zip(names, middle, strict=True)))
     assert len(maps) == len(ref) == len(graph.scales)
     for q, r in zip(maps, ref):
         assert np.abs(q - r).max() <= 1e-5 * max(1.0, np.abs(r).max())
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_head_and_tail_make_the_whole(name):
+    """bf16-deep's cut: every backbone's head (to the stride-4 map) and tail give forward's four maps."""
+    backbone = create_backbone(name, load_weights=False)
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        whole, first = backbone(x), backbone.head(x)
+        parts = [first, *backbone.tail(first)]
+    assert len(parts) == len(whole) == 4
+    for a, b in zip(parts, whole):
+        assert torch.equal(a, b)
 
 
 def test_exporting_leaves_the_model_as_it_was():
@@ -74,28 +92,42 @@ def test_exporting_leaves_the_model_as_it_was():
         assert torch.equal(model(x)[0], before)
 
 
-@pytest.fixture(scope="module")
-def bf16_flow_engine(tmp_path_factory):
+def _stage_engine(tmp_path_factory, precision: str):
     if not HAS_OPENVINO:
-        pytest.skip("openvino is not installed: bf16-flow is an OpenVINO precision")
+        pytest.skip(f"openvino is not installed: {precision} is an OpenVINO precision")
     caps = openvino_capabilities()
     if "BF16" not in caps:
-        pytest.skip(f"this CPU has no native BF16 (OpenVINO reports {', '.join(caps)}): the build refuses bf16-flow")
+        pytest.skip(f"this CPU has no native BF16 (OpenVINO reports {', '.join(caps)}): the build refuses {precision}")
     model = perturbed_model()
     path = tmp_path_factory.mktemp("p") / "model.pt"
     save_model(path, model, {"threshold": {"threshold": 1.0}})
-    out = path.with_name("bf16-flow.engine")
+    out = path.with_name(f"{precision}.engine")
     header = build_engine(model, {"threshold": {"threshold": 1.0}}, path.read_bytes(), out,
-                          BuildConfig("openvino", "bf16-flow"))
+                          BuildConfig("openvino", precision))
     return model, out, header
 
 
-@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
-def test_bf16_flow_engine_carries_two_graphs_and_matches_reference(bf16_flow_engine):
-    model, path, header = bf16_flow_engine
-    assert header.precision == "bf16-flow" and header.backend == "openvino"
+@pytest.fixture(scope="module")
+def bf16_flow_engine(tmp_path_factory):
+    return _stage_engine(tmp_path_factory, "bf16-flow")
+
+
+@pytest.fixture(scope="module")
+def bf16_deep_engine(tmp_path_factory):
+    return _stage_engine(tmp_path_factory, "bf16-deep")
+
+
+STAGE_ENGINES = pytest.mark.parametrize("stage_engine", ["bf16_flow_engine", "bf16_deep_engine"])
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: two-stage precisions are OpenVINO's")
+@STAGE_ENGINES
+def test_two_stage_engine_carries_two_graphs_and_matches_reference(stage_engine, request):
+    model, path, header = request.getfixturevalue(stage_engine)
+    assert header.backend == "openvino" and header.precision == stage_engine[:-len("_engine")].replace("_", "-")
     _, sections = read_engine(path)
-    assert sorted(sections) == ["onnx_backbone", "onnx_flow"]
+    assert list(sections) == list(required_sections("openvino", header.precision)) and len(sections) == 2
+    assert header.checks["part_precisions"] == PART_PRECISIONS[header.precision]
     x = np.random.default_rng(2).random((4, 3, 64, 64), dtype=np.float32)
     amap, score = engine.load(path).infer_prepared(x)
     with torch.no_grad():
@@ -104,10 +136,11 @@ def test_bf16_flow_engine_carries_two_graphs_and_matches_reference(bf16_flow_eng
     assert np.abs(score - ref_score).max() <= LOW_PRECISION_TOLERANCE["score"] * max(1.0, np.abs(ref_score).max())
 
 
-@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: two-stage precisions are OpenVINO's")
 @pytest.mark.skipif(not (MTD / "test").is_dir(), reason=f"real data absent: {MTD} is not on this machine")
-def test_bf16_flow_engine_on_real_images(bf16_flow_engine):
-    model, path, _ = bf16_flow_engine
+@STAGE_ENGINES
+def test_two_stage_engine_on_real_images(stage_engine, request):
+    model, path, _ = request.getfixturevalue(stage_engine)
     paths = [sorted((MTD / "test" / t).iterdir())[0] for t in ("good", "blowhole", "break", "crack", "fray")]
     frames = [read_image(p) for p in paths]
     results = engine.load(path).infer(frames)
@@ -118,10 +151,11 @@ def test_bf16_flow_engine_on_real_images(bf16_flow_engine):
         1.0, ref_score.abs().max().item())
 
 
-@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
-def test_every_batch_size_gets_the_same_scores(bf16_flow_engine):
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: two-stage precisions are OpenVINO's")
+@STAGE_ENGINES
+def test_every_batch_size_gets_the_same_scores(stage_engine, request):
     """OpenVINO engines run a single frame on the latency graph and batches over the throughput streams."""
-    _, path, _ = bf16_flow_engine
+    _, path, _ = request.getfixturevalue(stage_engine)
     eng = engine.load(path)
     x = np.random.default_rng(4).random((10, 3, 64, 64), dtype=np.float32)
     single = np.concatenate([eng.infer_prepared(x[i:i + 1])[1] for i in range(10)])
@@ -145,14 +179,16 @@ def test_fixed_batch_openvino_engine_matches_reference(tmp_path):
     assert np.abs(score - ref_score).max() <= 1e-4 * max(1.0, np.abs(ref_score).max())
 
 
-@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: bf16-flow is an OpenVINO precision")
-def test_engine_missing_a_stage_is_refused(bf16_flow_engine, tmp_path):
-    _, path, _ = bf16_flow_engine
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: two-stage precisions are OpenVINO's")
+@STAGE_ENGINES
+def test_engine_missing_a_stage_is_refused(stage_engine, request, tmp_path):
+    _, path, _ = request.getfixturevalue(stage_engine)
     header, sections = read_engine(path)
-    del sections["onnx_flow"]
+    second = list(sections)[-1]
+    del sections[second]
     broken = tmp_path / "broken.engine"
     write_engine(broken, header, sections)
-    with pytest.raises(EngineFileError, match="lacks its section onnx_flow"):
+    with pytest.raises(EngineFileError, match=f"lacks its section {second}"):
         engine.load(broken)
 
 
@@ -170,7 +206,9 @@ def test_auto_tries_all_bf16_only_with_real_check_images():
     if not HAS_OPENVINO:
         pytest.skip("openvino is not installed: its precisions are not offered")
     with_calib, without = _auto_candidates("openvino", True), _auto_candidates("openvino", False)
-    assert "bf16" not in without and without[-1] == "fp32" and with_calib[-1] == "fp32"
+    assert not {"bf16", "bf16-deep"} & set(without) and without[-1] == "fp32" and with_calib[-1] == "fp32"
+    if "BF16" in openvino_capabilities():
+        assert with_calib.index("bf16") < with_calib.index("bf16-deep") < with_calib.index("bf16-flow")
     assert _auto_candidates("onnxruntime", True) == ["fp32"]
 
 

@@ -100,10 +100,21 @@ class EfficientNetLite(nn.Module):
         self.channels = [c for _, c in self.taps]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first = self.forward_head(x)
+        return [first, *self.forward_tail(first)]
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem to the stride-4 features (the precision-sensitive layers, benchmarks/NOTES.md)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        tap_at, feats = {i for i, _ in self.taps}, []
-        for i, block in enumerate(self._blocks):
+        for block in self._blocks[:self.taps[0][0] + 1]:
             x = block(x)
+        return x
+
+    def forward_tail(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stride-4 features -> those at strides 8, 16, 32."""
+        tap_at, feats = {i for i, _ in self.taps[1:]}, []
+        for i in range(self.taps[0][0] + 1, len(self._blocks)):
+            x = self._blocks[i](x)
             if i in tap_at:
                 feats.append(x)
         return feats
@@ -180,11 +191,18 @@ class ResNet(nn.Module):
             self.channels.append(c_in)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        f1 = self.layer1(x)
+        first = self.forward_head(x)
+        return [first, *self.forward_tail(first)]
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and layer 1: the stride-4 features."""
+        return self.layer1(F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1))
+
+    def forward_tail(self, f1: torch.Tensor) -> list[torch.Tensor]:
+        """The stride-4 features -> those at strides 8, 16, 32."""
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
-        return [f1, f2, f3, self.layer4(f3)]
+        return [f2, f3, self.layer4(f3)]
 
 
 def resnet_checkpoint_filter(state_dict: dict, model: nn.Module) -> dict:
@@ -259,6 +277,14 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.net((images - self.mean) / self.std)
+
+    def head(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the stride-4 map: the layers an engine may keep in a higher precision."""
+        return self.net.forward_head((images - self.mean) / self.std)
+
+    def tail(self, first: torch.Tensor) -> list[torch.Tensor]:
+        """The stride-4 map -> the maps at strides 8, 16, 32 (forward = [head, *tail(head)])."""
+        return self.net.forward_tail(first)
 
 
 def create_backbone(name: str, weights: str | Path | None = None, load_weights: bool = True) -> Backbone:

@@ -1,7 +1,8 @@
 """lineflow's side of the peers benchmark; run by run_peers.py with lineflow's own venv. Prints one JSON line.
 
 Times lineflow's resnet18 configuration (random weights) as PyTorch eager and as onnxruntime fp32 / openvino
-fp32 / openvino bf16-flow engines (2 threads) at batch 1 and 8 on random (B, 3, 256, 256) float32 inputs in [0, 1].
+fp32 / bf16-flow / bf16-deep / bf16 engines (2 threads), and the default model (auto, and bf16-deep), at batch 1
+and 8 on random (B, 3, 256, 256) float32 inputs in [0, 1].
 """
 
 import contextlib
@@ -33,8 +34,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         path = Path(tmp) / "model.pt"
         save_model(path, model, meta)
-        for backend, precision in (("openvino", "fp32"), ("openvino", "bf16-flow"), ("openvino", "bf16"),
-                                   ("onnxruntime", "fp32")):
+        for backend, precision in (("openvino", "fp32"), ("openvino", "bf16-flow"), ("openvino", "bf16-deep"),
+                                   ("openvino", "bf16"), ("onnxruntime", "fp32")):
             out = Path(tmp) / f"{backend}-{precision}.engine"
             try:  # bf16 exists only where the CPU runs it natively (the build refuses it elsewhere)
                 build_engine(model, meta, path.read_bytes(), out, BuildConfig(backend, precision))
@@ -50,6 +51,13 @@ def main() -> None:
         header, sections = read_engine(build_default_engine(Path(tmp) / "default"))
         runners[f"default model (lite2), {header.backend} {header.precision}"] = load_backend(
             header, sections, THREADS).infer
+        # what auto picks with real check images on a bf16 CPU (it tries bf16-deep only on real ones): named here
+        try:
+            header, sections = read_engine(build_default_engine(Path(tmp) / "default", name="deep.engine",
+                                                                precision="bf16-deep"))
+            runners["default model (lite2), openvino bf16-deep"] = load_backend(header, sections, THREADS).infer
+        except Exception as e:  # noqa: BLE001 - no bf16 here, or outside tolerance on random images: said so
+            print(f"lineflow default model openvino bf16-deep: not built here ({e})", file=sys.stderr)
     rows = []
     for batch in BATCHES:
         x = np.random.default_rng(0).random((batch, 3, 256, 256), dtype=np.float32)

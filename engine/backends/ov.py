@@ -1,6 +1,6 @@
 """OpenVINO on the CPU: the engine's ONNX graph(s) compiled at the precision the build chose, then the
-native fusion (engine/native.py). At precision "bf16-flow" the graph runs as two stages, the backbone
-in fp32 and the flow in bf16 (engine.header.STAGE_PRECISIONS)."""
+native fusion (engine/native.py). At precisions "bf16-flow" and "bf16-deep" the graph runs as two stages,
+the first in fp32 and the second in bf16 (engine.header.STAGE_PRECISIONS)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from engine.backends import Backend, default_threads
-from engine.header import SECTION_ONNX, SECTION_ONNX_BACKBONE, SECTION_ONNX_FLOW, STAGE_PRECISIONS, EngineHeader
+from engine.header import SECTION_ONNX, STAGE_PRECISIONS, EngineHeader
 from engine.native import NativeScoring
 
 __all__ = ["OpenVinoBackend", "OPENVINO_PRECISION"]
@@ -34,8 +34,7 @@ class OpenVinoBackend(Backend):
     def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
         import openvino as ov
         if header.precision in STAGE_PRECISIONS:
-            self.stages = list(zip((sections[SECTION_ONNX_BACKBONE], sections[SECTION_ONNX_FLOW]),
-                                   STAGE_PRECISIONS[header.precision]))
+            self.stages = [(sections[name], precision) for name, precision in STAGE_PRECISIONS[header.precision]]
         else:
             self.stages = [(sections[SECTION_ONNX], header.precision)]
         self.ov, self.core, self.threads = ov, ov.Core(), default_threads(threads)

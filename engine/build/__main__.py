@@ -34,11 +34,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: TensorRT on an NVIDIA GPU (the CUDA path, torch, if the plan fails), else the "
                         "fastest installed CPU backend, timed here")
     p.add_argument("--precision", default=d.precision, choices=BUILD_PRECISIONS,
-                   help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16; int8: NNCF quantizes "
-                        "the backbone and flow convolutions (the stem stays fp32), int8-backbone the backbone only, "
+                   help="bf16-flow: OpenVINO runs the backbone in fp32 and the flow in bf16; bf16-deep: the "
+                        "backbone to its stride-4 map in fp32, its deeper layers and the flow in bf16; int8: NNCF "
+                        "quantizes the backbone and flow convolutions (the stem stays fp32), int8-backbone the "
+                        "backbone only, "
                         "with ranges from the check images. Only precisions the hardware runs natively are built. "
                         "auto: of the precisions that stay within tolerance of fp32 on the check images, the fastest, "
-                        "timed here: OpenVINO tries int8-backbone and bf16 (on real check images only), "
+                        "timed here: OpenVINO tries int8-backbone, bf16 and bf16-deep (on real check images only), "
                         "bf16-flow (on CPUs with bf16) and fp32; the GPU paths bf16 and fp32; fp16 only when asked for")
     p.add_argument("--batch", type=int, default=d.batch or 0, help="fixed batch size; 0 = any batch size")
     p.add_argument("--calib", metavar="DIR", default=d.calib, help="folder of good images for the accuracy checks "

@@ -171,14 +171,15 @@ def _auto_candidates(backend: str, real_images: bool) -> list[str]:
     and of those that do the build keeps the fastest, timed on this machine. On CPUs without bf16 OpenVINO would
     run "bf16" in fp32: it is not tried there.
 
-    OpenVINO's all-bf16 needs real check images (--calib): a bf16 backbone moved MTD maps by up to 2.4 units
-    and image AUROC from 0.9715 to 0.9503, while on random images it stayed near the tolerance (benchmarks/NOTES.md).
+    OpenVINO's all-bf16 and bf16-deep need real check images (--calib): a bf16 backbone moved MTD maps by up to
+    2.4 units and image AUROC from 0.9715 to 0.9503, while on random images it stayed near the tolerance; bf16-deep
+    keeps the layers to the stride-4 map, where that error came from, in fp32 (benchmarks/NOTES.md).
     int8 takes its ranges from the check images, so it too is tried only on real ones, and only int8-backbone: an
     int8 flow moved MTD maps by 0.39 units and rejected 89 % of good images (benchmarks/NOTES.md).
     """
     if backend == "openvino":
-        needs_real = ("bf16", *INT8_PRECISIONS)
-        low = [p for p in ("int8-backbone", "bf16", "bf16-flow")
+        needs_real = ("bf16", "bf16-deep", *INT8_PRECISIONS)
+        low = [p for p in ("int8-backbone", "bf16", "bf16-deep", "bf16-flow")
                if p in _precisions(backend) and (real_images or p not in needs_real)]
         return [*low, "fp32"]
     return [p for p in _precisions(backend) if p != "fp32"][:1] + ["fp32"]

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph, ScaleMapsGraph
+from engine.build.graph import BackboneGraph, FlowGraph, HeadGraph, InferenceGraph, ScaleMapsGraph, TailFlowGraph
 from engine.build.quantize import KEEP_FP32, quantize_int8
 from engine.build.tensorrt_limits import tensorrt_graph_problems
 from engine.common.errors import UserError
@@ -18,6 +18,8 @@ from engine.header import (
     SECTION_ONNX,
     SECTION_ONNX_BACKBONE,
     SECTION_ONNX_FLOW,
+    SECTION_ONNX_HEAD,
+    SECTION_ONNX_TAIL,
     SECTION_TENSORRT_PLAN,
     STAGE_PRECISIONS,
     required_sections,
@@ -25,7 +27,7 @@ from engine.header import (
 
 __all__ = ["export_onnx", "tensorrt_plan", "engine_sections", "ONNX_PARTS", "TENSORRT_MAX_BATCH"]
 
-ONNX_PARTS = ("full", "maps", "backbone", "flow")
+ONNX_PARTS = ("full", "maps", "backbone", "flow", "head", "tail")
 
 
 def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") -> bytes:
@@ -35,7 +37,8 @@ def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") ->
     its TopK takes 10 % of the map's pixels, beyond TensorRT's k <= 3840). maps: images -> the per-scale NLL
     maps q0..qn (B, h, w), fused after the graph by the header's scoring (every backend but torch; TensorRT's
     plan is built from it). backbone + flow: maps in two graphs, images -> features f0..fn -> q0..qn, for
-    engines that run the two at different precisions.
+    engines that run the two at different precisions. head + tail: maps in two graphs cut after the backbone's
+    stride-4 map, images -> s4 -> q0..qn (bf16-deep: the head in fp32).
     """
     if part not in ONNX_PARTS:
         raise ValueError(f"part must be one of {ONNX_PARTS}, not {part!r}")
@@ -45,9 +48,12 @@ def export_onnx(graph: InferenceGraph, batch: int | None, part: str = "full") ->
     if part == "flow":
         with torch.no_grad():
             module, args, inputs, outputs = FlowGraph(graph), tuple(graph.features(x)), feats, maps
+    elif part == "tail":
+        with torch.no_grad():
+            module, args, inputs, outputs = TailFlowGraph(graph), (graph.backbone.head(x),), ["s4"], maps
     else:
         module, outputs = {"full": (graph, ["anomaly_map", "score"]), "maps": (ScaleMapsGraph(graph), maps),
-                           "backbone": (BackboneGraph(graph), feats)}[part]
+                           "backbone": (BackboneGraph(graph), feats), "head": (HeadGraph(graph), ["s4"])}[part]
         args, inputs = (x,), ["images"]
     dynamic = None if batch else {name: {0: "batch"} for name in [*inputs, *outputs]}
     buf = io.BytesIO()
@@ -127,6 +133,8 @@ def engine_sections(backend: str, precision: str, model_bytes: bytes, graph: Inf
             SECTION_ONNX: lambda: (quantize_int8(onnx("maps"), precision, check_images) if precision in KEEP_FP32
                                    else onnx("maps")),  # the graph ends at the per-scale maps
             SECTION_ONNX_BACKBONE: lambda: onnx("backbone"),
-            SECTION_ONNX_FLOW: lambda: onnx("flow")}
+            SECTION_ONNX_FLOW: lambda: onnx("flow"),
+            SECTION_ONNX_HEAD: lambda: onnx("head"),
+            SECTION_ONNX_TAIL: lambda: onnx("tail")}
     assert precision not in STAGE_PRECISIONS or backend == "openvino", "two-stage precisions are OpenVINO's"
     return {name: make[name]() for name in required_sections(backend, precision)}

@@ -35,7 +35,8 @@ from kernels.reference import poly_atan
 from train.maps import fuse_maps, top_k_mean
 from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, pool_features, soft_clamp
 
-__all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "FoldedStep", "FoldedScale"]
+__all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "HeadGraph", "TailFlowGraph",
+           "FoldedStep", "FoldedScale"]
 
 
 class FoldedStep(nn.Module):
@@ -186,7 +187,10 @@ class InferenceGraph(nn.Module):
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The used scales' backbone features, neighbourhood-averaged where the model says: what the flows read."""
-        feats = self.backbone(images)
+        return self.flow_inputs(self.backbone(images))
+
+    def flow_inputs(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The backbone's four maps -> the used scales' ones, neighbourhood-averaged where the model says."""
         return pool_features([feats[int(key)] for key in self.scales], self.pool, self.pooled)
 
     def scale_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -251,3 +255,28 @@ class FlowGraph(nn.Module):
 
     def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(scale(f)[:, 0] for scale, f in zip(self.scales.values(), feats))
+
+
+class HeadGraph(nn.Module):
+    """bf16-deep's first stage: images -> the backbone's stride-4 map. Its layers (the stem and the first
+    stages) moved MTD scores most when run in bf16 (benchmarks/NOTES.md), so they stay in fp32."""
+
+    def __init__(self, graph: InferenceGraph):
+        super().__init__()
+        self.backbone = graph.backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.head(images)
+
+
+class TailFlowGraph(nn.Module):
+    """bf16-deep's second stage: the stride-4 map -> the backbone's deeper maps and the flows -> per-scale NLL
+    maps (B, h_s, w_s)."""
+
+    def __init__(self, graph: InferenceGraph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, first: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.graph.flow_inputs([first, *self.graph.backbone.tail(first)])
+        return tuple(scale(f)[:, 0] for scale, f in zip(self.graph.scales.values(), feats))
