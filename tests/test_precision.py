@@ -17,10 +17,11 @@ from conftest import MTD
 from test_engine import _rewrite, perturbed_model
 
 import engine
-from engine.build import BuildConfig, build_engine, export_onnx
+from engine.build import BuildConfig, build_engine, builder, export_onnx
 from engine.build.builder import (
     LOW_PRECISION_TOLERANCE,
     PRECISION_MARGIN,
+    SETTLE_S,
     _auto_candidates,
     _calibration_images,
     _keep_precision,
@@ -233,8 +234,21 @@ def test_candidates_are_timed_in_turns():
     """Round after round, each candidate once a round: a drift of the machine's speed falls on all alike."""
     calls: list[str] = []
     ms = _ms_per_frame({k: (lambda x, k=k: calls.append(k)) for k in ("a", "b")}, np.zeros((1, 3, 8, 8)), None,
-                       rounds=3)
+                       rounds=3, settle_s=0.0)
     assert calls == ["a", "b"] + ["a", "b"] * 3 and set(ms) == {"a", "b"}
+
+
+def test_candidates_rest_before_each_timed_call(monkeypatch):
+    """ONNX Runtime's threads spin on after its calls and slowed the OpenVINO call after them 1.7x: in turns, each
+    timed call follows a rest; a lone candidate is timed without one."""
+    events: list = []
+    monkeypatch.setattr(builder.time, "sleep", lambda s: events.append(s))
+    infers = {k: (lambda x, k=k: events.append(k)) for k in ("a", "b")}
+    _ms_per_frame(infers, np.zeros((1, 3, 8, 8)), None, rounds=2)
+    assert events == ["a", "b"] + [SETTLE_S, "a", SETTLE_S, "b"] * 2
+    events.clear()
+    _ms_per_frame({"a": infers["a"]}, np.zeros((1, 3, 8, 8)), None, rounds=2)
+    assert events == ["a"] * 3
 
 
 def test_int8_without_real_images_is_refused(tmp_path):

@@ -51,6 +51,10 @@ BUILD_PRECISIONS = ("auto", *PRECISIONS)
 # the margin: at equal speed the more accurate engine wins (bf16-flow and fp32 timed level on an AMX Xeon, and the
 # choice flipped between builds on timing noise, benchmarks/NOTES.md)
 PRECISION_MARGIN = 0.05
+# pause before each timed call when candidates take turns: ONNX Runtime's worker threads keep spinning for about
+# this long after its calls, and an OpenVINO call timed right after one took 21 ms against 12 alone
+# (benchmarks/NOTES.md, 2026-12-05)
+SETTLE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,9 +108,10 @@ def _compare(infer: Callable, ref_maps: np.ndarray, ref_scores: np.ndarray, imag
 
 
 def _ms_per_frame(infers: dict[str, Callable], images: np.ndarray, batch: int | None,
-                  rounds: int = 7) -> dict[str, float]:
+                  rounds: int = 7, settle_s: float = SETTLE_S) -> dict[str, float]:
     """Median time of one call on a batch of the engine's size (1 for any-batch engines), per frame, for each
-    candidate, timed in turns (round after round) so that a machine's drift falls on all of them alike."""
+    candidate, timed in turns (round after round) so that a machine's drift falls on all of them alike, each
+    call after `settle_s` of rest so that no candidate's threads are still busy from its turn."""
     n = batch or 1
     images = np.resize(images, (n, *images.shape[1:]))  # as many images as the engine takes, repeated
     times: dict[str, list[float]] = {name: [] for name in infers}
@@ -114,6 +119,8 @@ def _ms_per_frame(infers: dict[str, Callable], images: np.ndarray, batch: int | 
         infer(images)
     for _ in range(rounds):
         for name, infer in infers.items():
+            if len(infers) > 1:
+                time.sleep(settle_s)
             t0 = time.perf_counter()
             infer(images)
             times[name].append((time.perf_counter() - t0) * 1000)
