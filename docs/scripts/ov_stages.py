@@ -46,8 +46,10 @@ def inputs_of(model) -> list[np.ndarray]:
 
 
 def nodes(header, sections, calls: int) -> None:
-    precisions = STAGE_PRECISIONS.get(header.precision, (header.precision,))
-    for name, precision in zip(required_sections(header.backend, header.precision), precisions):
+    stages = STAGE_PRECISIONS.get(header.precision,
+                                  [(name, header.precision) for name in required_sections(header.backend,
+                                                                                          header.precision)])
+    for name, precision in stages:
         model = read(sections[name])
         graph = compiled(model, precision, default_threads(None), PERF_COUNT=True)
         shapes = {}
@@ -76,10 +78,11 @@ def nodes(header, sections, calls: int) -> None:
 
 
 def parallel_flow(header, sections, calls: int) -> None:
-    if header.precision not in STAGE_PRECISIONS:
+    if header.precision != "bf16-flow":
         sys.exit(f"{header.precision} engines have no flow section of their own; build one with --precision bf16-flow")
-    precision = STAGE_PRECISIONS[header.precision][1]
-    model = read(sections[SECTION_ONNX_FLOW])
+    section, precision = STAGE_PRECISIONS[header.precision][1]
+    assert section == SECTION_ONNX_FLOW
+    model = read(sections[section])
     x = inputs_of(model)
     whole = compiled(model, precision, default_threads(None)).create_infer_request()
     params, results = model.get_parameters(), model.get_results()
