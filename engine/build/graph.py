@@ -275,8 +275,7 @@ class TailFlowGraph(nn.Module):
 
     def __init__(self, graph: InferenceGraph):
         super().__init__()
-        self.graph = graph
+        self.graph, self.flow = graph, FlowGraph(graph)
 
     def forward(self, first: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = self.graph.flow_inputs([first, *self.graph.backbone.tail(first)])
-        return tuple(scale(f)[:, 0] for scale, f in zip(self.graph.scales.values(), feats))
+        return self.flow(*self.graph.flow_inputs([first, *self.graph.backbone.tail(first)]))
