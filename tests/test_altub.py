@@ -123,3 +123,30 @@ def test_anneal_schedule_holds_then_decays_over_the_last_fifth():
     with pytest.raises(ValueError, match="lr_schedule"):
         schedule_factor("linear", 0, total)
 
+
+
+@pytest.mark.parametrize("weights", [None, torch.tensor([8.0, 1.0, 1.0, 1.0], dtype=torch.float64)])
+def test_draw_weights_set_how_often_an_epoch_draws_each_tile(monkeypatch, weights):
+    """fit(weights=None): every tile once an epoch; with weights: as many draws, tile 0 the most often."""
+    import train.fit as fit_mod
+
+    torch.manual_seed(0)
+    model = FastFlow(FlowConfig(input_size=64, flow_steps=1, altub=True))
+    train = _feats(model, 1)
+    drawn = []
+
+    def recording_step(model, feats, step, flow_opt, base_opt, cfg):
+        for f in feats[0]:  # which training tile each row is
+            drawn.append(next(i for i in range(4) if torch.equal(f, train[0][i])))
+        return 0.0
+
+    monkeypatch.setattr(fit_mod, "train_step", recording_step)
+    held_out = [FrameTiles((64, 64), ((0, 0),))] * 4
+    fit_mod.fit(model, train, _feats(model, 2), held_out, TrainConfig(epochs=25, batch_size=2), torch.device("cpu"),
+                weights=weights)
+    counts = torch.bincount(torch.tensor(drawn), minlength=4)
+    assert counts.sum() == 100  # 25 epochs x 4 draws
+    if weights is None:
+        assert counts.tolist() == [25, 25, 25, 25]
+    else:  # 8/11 of the draws expected on tile 0: 73 of 100
+        assert counts[0] > 55 and all(counts[1:] < 20)

@@ -182,3 +182,22 @@ def test_build_checks_on_the_training_images_by_default(tiny_model, demo_dir, tm
     assert str(train_good.resolve()) in read_engine(eng)[0].checks["check_images"]
     assert _training_images({"data": {"root": str(tmp_path / "gone")}}) is None
     assert _training_images({"data": "not a record"}) is None and _training_images({}) is None
+
+
+def test_fit_reports_and_balances_a_rare_frame_size(tmp_path):
+    """Training images in two sizes of unequal counts: fit prints each size's training scores beside the threshold;
+    --balance-sizes draws the rare size by count^-1/2 (here 2 of 10 images, a third of the draws) and says so."""
+    rng = np.random.default_rng(0)
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(10):
+        h, w = (48, 96) if i < 8 else (64, 128)
+        Image.fromarray(rng.integers(100, 140, (h, w, 3), dtype=np.uint8)).save(good / f"{i}.png")
+    common = ("--input-size", "128x64", "--epochs", "1", "--batch-size", "4", "--flow-steps", "1")
+    plain = run("train.fit", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "a.pt"), *common).stdout
+    assert "image scores by size: 96x48 (7) median" in plain and "128x64 (2) median" in plain
+    assert "--balance-sizes draws it more often" in plain and "of the draws" not in plain
+    balanced = run("train.fit", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "b.pt"), *common,
+                   "--balance-sizes").stdout
+    assert "96x48 7 frames, 65% of the draws, 128x64 2 frames, 35% of the draws" in balanced
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["meta"]["train_config"]["balance_sizes"] is True

@@ -107,3 +107,18 @@ def test_feature_extraction_restores_the_layout_when_an_image_fails(tmp_path):
     with pytest.raises(DataError, match="bad.png"):
         extract_features(model, [good, bad], torch.device("cpu"), "features")
     assert all(p.is_contiguous() for p in model.backbone.parameters())
+
+
+def test_size_weights_lift_a_rare_frame_size_only_where_sizes_are_few_and_unequal():
+    from train.data import SIZE_GROUPS_MAX, size_weights
+
+    big, small = (460, 1130), (645, 1540)
+    w = size_weights([big] * 501 + [small] * 16)  # BSD's training frames
+    assert np.allclose(w[:501], 501 ** -0.5) and np.allclose(w[501:], 16 ** -0.5)
+    share = w[501:].sum() / w.sum()
+    assert 0.14 < share < 0.16  # 3 % of the frames, 15 % of the draws
+    assert size_weights([big] * 10) is None  # one size
+    assert size_weights([big] * 5 + [small] * 5) is None  # sizes equally common
+    many = [(100 + i, 200) for i in range(SIZE_GROUPS_MAX + 1)] + [(100, 200)]  # hand-cut tiles: sizes are not cameras
+    assert size_weights(many) is None
+    assert size_weights(many[:SIZE_GROUPS_MAX - 1] + [(100, 200)]) is not None
