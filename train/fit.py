@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -298,12 +299,9 @@ def _draw_weights(sizes: list[tuple[int, int]], frames: list[FrameTiles]) -> tor
     weights = size_weights(sizes)
     if weights is None:
         return None
-    share = {}
-    for size, w in zip(sizes, weights):
-        share[size] = share.get(size, 0.0) + w / weights.sum()
+    counts, total = Counter(sizes), weights.sum()
     print("frame sizes of unequal counts, each frame drawn by count^-1/2 (--balance-sizes): "
-          + ", ".join(f"{w}x{h} {sizes.count((h, w))} frames, {p:.0%} of the draws"
-                      for (h, w), p in sorted(share.items(), key=lambda kv: -kv[1])))
+          + ", ".join(f"{w}x{h} {n} frames, {n ** 0.5 / total:.0%} of the draws" for (h, w), n in counts.most_common()))
     return torch.tensor([w for w, f in zip(weights.tolist(), frames) for _ in f.starts], dtype=torch.float64)
 
 
@@ -340,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                       base_lr=args.base_lr, lr_schedule=args.lr_schedule, threshold_rule=args.threshold_rule,
                       balance_sizes=args.balance_sizes, seed=args.seed)
     paths = train_images(args.data)
+    size_of = dict(zip(paths, image_sizes(paths)))  # (height, width) from each header, read once
     try:
         if args.input_size == "auto":
             scale = args.tile_scale or 1.0  # tiles: the shape and scale the images have once resized
-            input_size = choose_input_size([(round(h * scale), round(w * scale)) for h, w in image_sizes(paths)])
+            input_size = choose_input_size([(round(h * scale), round(w * scale)) for h, w in size_of.values()])
         else:
             input_size = parse_size(args.input_size)
     except ValueError as e:
@@ -394,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch(epoch, hold_scores, history):
             save_model(ckpt_dir / f"epoch_{epoch:03d}.pt", model, meta(epoch, hold_scores, history))
 
-    sizes = image_sizes(fit_paths)
+    sizes = [size_of[p] for p in fit_paths]
     history, hold_scores = fit(model, train_feats, hold_feats, hold_frames, cfg, device, on_epoch,
                                _draw_weights(sizes, train_frames) if cfg.balance_sizes else None)
     info = meta(cfg.epochs, hold_scores, history)
