@@ -83,7 +83,7 @@ def chart(groups: dict[str, dict[str, list[float]]], out: Path) -> None:
     if not bars:
         raise UserError("no end-to-end results to chart")
     colours = {"pytorch eager": (150, 150, 150), "onnxruntime": (70, 130, 180), "openvino": (220, 110, 40),
-               "openvino bf16-flow": (200, 60, 60)}
+               "openvino bf16-flow": (200, 60, 60), "openvino bf16-deep": (150, 30, 90)}
     width, row, left = 900, 22, 330
     img = Image.new("RGB", (width, 40 + row * len(bars)), "white")
     draw = ImageDraw.Draw(img)

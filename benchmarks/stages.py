@@ -68,10 +68,11 @@ def make_model(config: FlowConfig) -> FastFlow:
     return model
 
 
-# the benchmarked engines, name -> (backend, precision): fp32 on both CPU runtimes, and OpenVINO bf16-flow (what
-# `--precision auto` picks on a bf16 CPU)
+# the benchmarked engines, name -> (backend, precision): fp32 on both CPU runtimes, and OpenVINO's two bf16 rungs that
+# `--precision auto` keeps on a bf16 CPU: bf16-flow (trained default models) and bf16-deep (lightly trained ones)
 ENGINES = {name: spec for name, spec in {"onnxruntime": ("onnxruntime", "fp32"), "openvino": ("openvino", "fp32"),
-                                         "openvino bf16-flow": ("openvino", "bf16-flow")}.items()
+                                         "openvino bf16-flow": ("openvino", "bf16-flow"),
+                                         "openvino bf16-deep": ("openvino", "bf16-deep")}.items()
            if spec[0] in available_backends()}
 
 

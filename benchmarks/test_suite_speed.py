@@ -6,8 +6,9 @@
 Configurations (benchmarks/stages.py): lineflow's default (efficientnet_lite2), efficientnet_lite0,
 and the FastFlow paper's resnet18 setting; 256 px, random weights (no cost depends on the values).
 End to end = a prepared (B, 3, 256, 256) batch -> maps + scores (the engine call, including the
-native fusion); batch 1 gives latency, batch 8 throughput. Engines: ONNX Runtime fp32, OpenVINO fp32 and
-OpenVINO bf16-flow (backbone fp32, flow bf16: what `--precision auto` picks on a bf16 CPU). Stages,
+native fusion); batch 1 gives latency, batch 8 throughput. Engines: ONNX Runtime fp32, OpenVINO fp32,
+OpenVINO bf16-flow (backbone fp32, flow bf16: what `--precision auto` keeps for trained default models on a bf16
+CPU) and bf16-deep (fp32 to the backbone's stride-4 map, bf16 after: what it keeps for lightly trained ones). Stages,
 batch 1: preprocess (one 640x480 uint8 frame), backbone, flow (LayerNorm + 8 coupling steps + NLL per
 scale), scoring (upsample, blur, fusion, top-k), each in PyTorch eager and in what the engine runs
 (OpenVINO for the two networks, fp32 and for the flow also bf16; the native extension for the two ends).
