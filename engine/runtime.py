@@ -59,7 +59,7 @@ class Engine:
     """A built engine, ready to score frames. Safe to share between threads (a backend that is not thread-safe
     is called under a lock). `close()` (or `with engine.load(path) as eng:`) stops the backend's threads."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, busy_wait: bool = True):
         self.path = Path(path)
         self.header: EngineHeader
         self.header, sections = read_engine(self.path)
@@ -69,17 +69,17 @@ class Engine:
         self.precision: str = self.header.precision
         self.max_batch: int | None = self.header.batch  # None: any batch size
         self.tiling = self.header.tiling  # None: frames resized whole; else cut in tiles and stitched
-        self.backend = self._load_backend(sections, threads)
+        self.backend = self._load_backend(sections, threads, busy_wait)
         self._lock = nullcontext() if self.backend.thread_safe else threading.Lock()
         self._calls, self._closed, self._idle = 0, False, threading.Condition()
         if self.tiling is not None:
             self._blend = blend_weights(self.input_size, self.tiling.overlap)
         self._self_test()
 
-    def _load_backend(self, sections: dict[str, bytes], threads: int | None):
+    def _load_backend(self, sections: dict[str, bytes], threads: int | None, busy_wait: bool):
         """The backend, or EngineFileError naming this file: whatever its runtime's parser says about a section."""
         try:
-            return load_backend(self.header, sections, threads)
+            return load_backend(self.header, sections, threads, busy_wait)
         except EngineFileError as e:
             raise EngineFileError(str(e) if str(self.path) in str(e) else f"{self.path}: {e}") from None
         except Exception as e:  # noqa: BLE001 - ONNX Runtime, OpenVINO, TensorRT: each its own exception types
@@ -249,6 +249,7 @@ class Engine:
         self.close()
 
 
-def load(path: str | Path, threads: int | None = None) -> Engine:
-    """Read, verify and load an engine file (EngineFileError says what is wrong)."""
-    return Engine(path, threads)
+def load(path: str | Path, threads: int | None = None, busy_wait: bool = True) -> Engine:
+    """Read, verify and load an engine file (EngineFileError says what is wrong). `busy_wait` False where the
+    process runs other engines or heavy work beside this one (engine.backends.Backend)."""
+    return Engine(path, threads, busy_wait)

@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     import engine
     from engine.backends import default_threads
     threads = args.threads or max(1, default_threads(None) // args.instances)
-    loaded = {name: [engine.load(path, threads) for _ in range(args.instances)]
+    # several engines in this process: their runtimes must not spin between calls (each slows the others)
+    busy_wait = len(args.engines) * args.instances == 1
+    loaded = {name: [engine.load(path, threads, busy_wait) for _ in range(args.instances)]
               for name, path in zip(names, args.engines)}  # a bad engine fails here, in one line
     config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
                           grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                        DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)))
                 first = engines[0]
                 print(f"serving {name}: {first.backend_name} {first.precision}, input {first.input_size[1]}x"
-                      f"{first.input_size[0]}, threshold {first.threshold:.4f}, {args.instances} instance(s)",
+                      f"{first.input_size[0]}, threshold {first.threshold:.4f}, {args.instances} instance(s)"
+                      + ("" if busy_wait else ", threads sleep between calls (engines share the process)"),
                       file=sys.stderr, flush=True)
             print(f"Triton: http://{args.host}:{args.http_port} grpc://{args.host}:{args.grpc_port} metrics "
                   f"http://{args.host}:{args.metrics_port}/metrics; Ctrl-C stops", file=sys.stderr, flush=True)

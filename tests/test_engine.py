@@ -197,6 +197,23 @@ def test_engine_matches_reference_on_real_images(built):
     assert np.abs(np.array([r.score for r in results]) - ref_score.numpy()).max() <= TOL
 
 
+def test_busy_wait_off_gives_the_same_results_and_reaches_onnxruntime(built, demo_dir):
+    """engine.load(..., busy_wait=False), for processes that run several engines: the same maps and scores, and
+    ONNX Runtime's session told not to spin (OpenVINO and torch have no such setting and take the flag)."""
+    _, path, header = built
+    frames = [read_image(s.path) for s in evaluation_samples(demo_dir)[:4]]
+    with engine.load(path) as spinning, engine.load(path, busy_wait=False) as sleeping:
+        a, b = spinning.infer(frames), sleeping.infer(frames)
+        assert [r.score for r in a] == [r.score for r in b]
+        assert all(np.array_equal(x.anomaly_map, y.anomaly_map) for x, y in zip(a, b))
+        if header.backend == "onnxruntime":
+            from engine.backends.ort import ORT_SPINNING
+            options = [e.backend.session.get_session_options() for e in (spinning, sleeping)]
+            with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ONNX Runtime spins
+                options[0].get_session_config_entry(ORT_SPINNING)
+            assert options[1].get_session_config_entry(ORT_SPINNING) == "0"
+
+
 def test_frame_formats(built):
     _, path, _ = built
     eng = engine.load(path)

@@ -53,14 +53,16 @@ class Server:
         with open(self.log, "w") as log:  # tritonserver's own log (stdout) and engine.serve's lines (stderr)
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env=SERVE_ENV)
-        name = self.engines[0].stem
+        waiting = [e.stem for e in self.engines]  # every model ready: they are bound one after another
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"engine.serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/models/{name}/ready", timeout=1):
-                    return self
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/models/{waiting[0]}/ready", timeout=1):
+                    waiting.pop(0)
+                    if not waiting:
+                        return self
             except OSError:
                 time.sleep(0.3)
         raise AssertionError(f"not ready after {timeout} s: {self.log.read_text()[-2000:]}")
@@ -141,6 +143,35 @@ def test_four_client_streams_over_http_and_grpc_equal_engine_infer(served):
     eng.close()
     assert not failures, failures[:3]
     assert checked[0] == 4 * sum(1 + i % 3 for i in range(8))
+
+
+def test_two_engines_in_one_server_answer_by_name_and_do_not_spin(served, tmp_path):
+    """Two engines served by one process: each answers under its file's name with engine.infer's results (1e-5),
+    and, sharing the process, their runtimes are loaded not to spin between calls (the startup lines say so;
+    the single-engine server keeps ONNX Runtime's spinning)."""
+    import shutil
+
+    import engine
+    path, first = served
+    assert "threads sleep" not in first.log.read_text()
+    second = tmp_path / "second_model.engine"
+    shutil.copy(path, second)
+    server = Server([second, path]).start()
+    try:
+        client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.http}")
+        x = _frames(np.random.default_rng(3), 2, 56, 72)
+        with engine.load(path) as eng:
+            want = np.array([r.score for r in eng.infer(list(x))])
+        for name in ("second_model", path.stem):
+            inp = tritonclient_http.InferInput("frames", list(x.shape), "UINT8")
+            inp.set_data_from_numpy(x)
+            got = client.infer(name, [inp], outputs=[tritonclient_http.InferRequestedOutput("score")])
+            assert np.abs(got.as_numpy("score")[:, 0] - want).max() <= 1e-5 * max(1, np.abs(want).max())
+        client.close()
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-2000:]
+    lines = [line for line in server.log.read_text().splitlines() if line.startswith("serving ")]
+    assert len(lines) == 2 and all("threads sleep between calls" in line for line in lines), lines
 
 
 def test_health_readiness_and_metrics_are_tritons(served):

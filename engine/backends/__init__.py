@@ -40,7 +40,12 @@ class Backend:
 
     thread_safe: bool = True
 
-    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
+    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None,
+                 busy_wait: bool = True):
+        """`busy_wait` False: the runtime's worker threads sleep between calls instead of spinning. ONNX Runtime's
+        spin makes its own calls ~10 % faster, but holds the cores for about half a second after each call, which
+        slowed an OpenVINO engine called next in the same process 1.6x (benchmarks/NOTES.md); runtimes without
+        such a setting ignore it."""
         raise NotImplementedError
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +73,8 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if importlib.util.find_spec(_REGISTRY[b][0]) is not None]
 
 
-def load_backend(header: EngineHeader, sections: dict[str, bytes], threads: int | None = None) -> Backend:
+def load_backend(header: EngineHeader, sections: dict[str, bytes], threads: int | None = None,
+                 busy_wait: bool = True) -> Backend:
     """The engine's backend, loaded; EngineFileError when its runtime is missing here or a section is."""
     package, where = _REGISTRY[header.backend]
     if importlib.util.find_spec(package) is None:
@@ -80,7 +86,7 @@ def load_backend(header: EngineHeader, sections: dict[str, bytes], threads: int 
     if missing:
         raise EngineFileError(f"this {header.backend} engine lacks its section {', '.join(missing)}; rebuild it")
     module, cls = where.split(":")
-    return getattr(importlib.import_module(module), cls)(header, sections, threads)
+    return getattr(importlib.import_module(module), cls)(header, sections, threads, busy_wait=busy_wait)
 
 
 def run_batched(infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], images: np.ndarray,

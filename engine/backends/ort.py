@@ -8,7 +8,9 @@ from engine.backends import Backend, default_threads
 from engine.header import SECTION_ONNX, EngineHeader
 from engine.native import NativeScoring
 
-__all__ = ["OnnxRuntimeBackend"]
+__all__ = ["OnnxRuntimeBackend", "ORT_SPINNING"]
+
+ORT_SPINNING = "session.intra_op.allow_spinning"  # the session option behind Backend's busy_wait
 
 
 class OnnxRuntimeBackend(Backend):
@@ -16,10 +18,13 @@ class OnnxRuntimeBackend(Backend):
 
     thread_safe = True
 
-    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
+    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None,
+                 busy_wait: bool = True):
         import onnxruntime as ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = default_threads(threads)
+        if not busy_wait:
+            opts.add_session_config_entry(ORT_SPINNING, "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]

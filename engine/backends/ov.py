@@ -31,7 +31,8 @@ class OpenVinoBackend(Backend):
 
     thread_safe = False
 
-    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
+    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None,
+                 busy_wait: bool = True):  # busy_wait: this runtime has no such setting
         import openvino as ov
         if header.precision in STAGE_PRECISIONS:
             self.stages = [(sections[name], precision) for name, precision in STAGE_PRECISIONS[header.precision]]

@@ -22,7 +22,8 @@ class TorchBackend(Backend):
     """Thread-safe on the CPU (a forward pass without autograd holds no state); on CUDA the captured graphs'
     static buffers are shared, so calls are serialised by engine.Engine."""
 
-    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None):
+    def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None,
+                 busy_wait: bool = True):  # busy_wait: this runtime has no such setting
         import torch
 
         from train.checkpoint import load_model_bytes

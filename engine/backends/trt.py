@@ -60,7 +60,7 @@ class TensorRTBackend(Backend):
     thread_safe = False
 
     def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None,
-                 device: str | None = None):
+                 busy_wait: bool = True, device: str | None = None):  # busy_wait: no such setting
         import tensorrt as trt
         import torch  # CUDA buffers; the CUDA path carries PyTorch anyway
         device = device or DEVICE
