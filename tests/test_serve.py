@@ -169,7 +169,8 @@ def test_two_engines_in_one_server_answer_by_name_and_do_not_spin(served, tmp_pa
             assert np.abs(got.as_numpy("score")[:, 0] - want).max() <= 1e-5 * max(1, np.abs(want).max())
         client.close()
     finally:
-        assert server.stop() == 0, server.log.read_text()[-2000:]
+        code = server.stop()
+    assert code == 0, server.log.read_text()[-2000:]
     lines = [line for line in server.log.read_text().splitlines() if line.startswith("serving ")]
     assert len(lines) == 2 and all("threads sleep between calls" in line for line in lines), lines
 
