@@ -8,13 +8,15 @@ and the FastFlow paper's resnet18 setting; 256 px, random weights (no cost depen
 End to end = a prepared (B, 3, 256, 256) batch -> maps + scores (the engine call, including the
 native fusion); batch 1 gives latency, batch 8 throughput. Engines: ONNX Runtime fp32, OpenVINO fp32,
 OpenVINO bf16-flow (backbone fp32, flow bf16: what `--precision auto` keeps for trained default models on a bf16
-CPU) and bf16-deep (fp32 to the backbone's stride-4 map, bf16 after: what it keeps for lightly trained ones). Stages,
+CPU where it pays) and bf16-deep (fp32 to the backbone's stride-4 map, bf16 after: what it keeps for lightly trained
+ones). Each row starts after a 0.5 s rest (`quiet_cores`). Stages,
 batch 1: preprocess (one 640x480 uint8 frame), backbone, flow (LayerNorm + 8 coupling steps + NLL per
 scale), scoring (upsample, blur, fusion, top-k), each in PyTorch eager and in what the engine runs
 (OpenVINO for the two networks, fp32 and for the flow also bf16; the native extension for the two ends).
 """
 
 import io
+import time
 import warnings
 
 import numpy as np
@@ -25,11 +27,19 @@ import torch.nn.functional as F
 from benchmarks.stages import CONFIGS, ENGINES, build_engines, make_model
 from engine import native
 from engine.backends import available_backends
+from engine.build.builder import SETTLE_S
 from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph
 
 HAS_OPENVINO = "openvino" in available_backends()
 BATCHES = [1, 8]
 ROUNDS = 10
+
+
+@pytest.fixture(autouse=True)
+def quiet_cores():
+    """Each row starts with the cores quiet: ONNX Runtime's workers spin for about half a second after its calls,
+    which slowed whatever ran next 1.5x (benchmarks/NOTES.md), here the row timed after the onnxruntime one."""
+    time.sleep(SETTLE_S)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
