@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks.stages import CONFIGS, make_model
-from engine.backends.ov import OPENVINO_PRECISION
+from engine.backends.ov import compile_config
 from engine.build.export import export_onnx
 from engine.build.graph import InferenceGraph
 
@@ -30,9 +30,8 @@ def profile(config_name: str, precision: str, calls: int, gathers: bool) -> tupl
         scale.gathers = gathers
     onnx = export_onnx(graph, 1, "maps")
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(onnx, b""), "CPU", {
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision], "PERF_COUNT": True})
+    compiled = core.compile_model(core.read_model(onnx, b""), "CPU",
+                                  compile_config(torch.get_num_threads(), precision, PERF_COUNT=True))
     request = compiled.create_infer_request()
     x = np.random.default_rng(0).random((1, 3, *graph.size), dtype=np.float32)
     for _ in range(3):

@@ -18,6 +18,7 @@ import torch
 
 from benchmarks.stages import CONFIGS, make_model
 from engine.backends import available_backends
+from engine.backends.ov import compile_config
 from engine.build.export import export_onnx
 from engine.build.graph import InferenceGraph
 
@@ -33,9 +34,8 @@ def compiled_maps_graph(name: str, variant: str):
     for scale in graph.scales.values():
         scale.gathers = VARIANTS[variant]
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(export_onnx(graph, 1, "maps"), b""), "CPU", {
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(core.read_model(export_onnx(graph, 1, "maps"), b""), "CPU",
+                                  compile_config(torch.get_num_threads(), "fp32"))
     return compiled.create_infer_request(), graph.size
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine.backends import default_threads  # noqa: E402
-from engine.backends.ov import OPENVINO_PRECISION  # noqa: E402
+from engine.backends.ov import compile_config  # noqa: E402
 from train.model import FastFlow, FlowConfig  # noqa: E402
 
 core = ov.Core()
@@ -38,9 +38,8 @@ def compiled(module: nn.Module, shape: tuple[int, ...], precision: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), torch.randn(shape), buffer, dynamo=False)
-    return core.compile_model(core.read_model(buffer.getvalue(), b""), "CPU", {
-        "INFERENCE_NUM_THREADS": default_threads(None), "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]})
+    return core.compile_model(core.read_model(buffer.getvalue(), b""), "CPU",
+                              compile_config(default_threads(None), precision))
 
 
 class Chained(nn.Module):

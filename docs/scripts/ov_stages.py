@@ -22,7 +22,7 @@ import openvino as ov
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine.backends import default_threads  # noqa: E402
-from engine.backends.ov import OPENVINO_PRECISION  # noqa: E402
+from engine.backends.ov import compile_config  # noqa: E402
 from engine.format import read_engine  # noqa: E402
 from engine.header import SECTION_ONNX_FLOW, STAGE_PRECISIONS, required_sections  # noqa: E402
 
@@ -36,8 +36,7 @@ def read(onnx: bytes):
 
 
 def compiled(model, precision: str, threads: int, **extra):
-    return core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                             "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision], **extra})
+    return core.compile_model(model, "CPU", compile_config(threads, precision, **extra))
 
 
 def inputs_of(model) -> list[np.ndarray]:

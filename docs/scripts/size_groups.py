@@ -16,9 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.common.images import open_image  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
-from train.data import train_images  # noqa: E402
+from train.data import image_sizes, train_images  # noqa: E402
 from train.evaluate import predict  # noqa: E402
 from train.fit import TrainConfig, split_holdout  # noqa: E402
 
@@ -30,9 +29,8 @@ print("| frames | size | n | median | 90th pct | max |\n|---|---|---|---|---|---
 for name, paths in (("trained on", fit_paths), ("held out", hold_paths)):
     _, scores, _ = predict(model, paths, 8, torch.device("cpu"))
     groups = defaultdict(list)
-    for p, s in zip(paths, scores):
-        with open_image(p, decode=False) as im:
-            groups[f"{im.width}x{im.height}"].append(s)
+    for (h, w), s in zip(image_sizes(paths), scores):
+        groups[f"{w}x{h}"].append(s)
     for size, s in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         s = np.array(s)
         print(f"| {name} | {size} | {len(s)} | {np.median(s):.3f} | {np.quantile(s, 0.9):.3f} | {s.max():.3f} |")

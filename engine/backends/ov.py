@@ -12,10 +12,16 @@ from engine.backends import Backend, default_threads
 from engine.header import SECTION_ONNX, STAGE_PRECISIONS, EngineHeader
 from engine.native import NativeScoring
 
-__all__ = ["OpenVinoBackend", "OPENVINO_PRECISION"]
+__all__ = ["OpenVinoBackend", "OPENVINO_PRECISION", "compile_config"]
 
 # INFERENCE_PRECISION_HINT; int8 graphs carry their int8 parts as quantize/dequantize pairs, the rest runs fp32
 OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32", "int8-backbone": "f32"}
+
+
+def compile_config(threads: int, precision: str, hint: str = "LATENCY", **extra) -> dict:
+    """How the engine compiles a graph for the CPU (benchmarks and profiling scripts compile the same way)."""
+    return {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": hint,
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision], **extra}
 
 
 class OpenVinoBackend(Backend):
@@ -51,9 +57,7 @@ class OpenVinoBackend(Backend):
             model = self.core.read_model(onnx, b"")
             model.reshape({i.get_any_name(): self.ov.PartialShape([1, *list(i.get_partial_shape())[1:]])
                            for i in model.inputs})
-            graphs.append(self.core.compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": hint,
-                "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}))
+            graphs.append(self.core.compile_model(model, "CPU", compile_config(self.threads, precision, hint)))
         return graphs
 
     def _warm_up(self, header: EngineHeader) -> None:
