@@ -23,7 +23,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from benchmarks import stages
 from engine.backends.cuda import CudaGraphRunner, KernelGraph
-from engine.build.graph import InferenceGraph
+from engine.builder.graph import InferenceGraph
 from kernels.coupling import conv_coupling, conv_relu
 from kernels.scoring import score_maps
 from train.model import FastFlow, FlowConfig

@@ -30,9 +30,9 @@ import torch
 import engine
 from benchmarks import gpu_bench, stages
 from engine.backends.cuda import KernelGraph
-from engine.build import BuildConfig, build_engine
-from engine.build.builder import LOW_PRECISION_TOLERANCE
-from engine.build.graph import InferenceGraph
+from engine.builder import BuildConfig, build_engine
+from engine.builder.builder import LOW_PRECISION_TOLERANCE
+from engine.builder.graph import InferenceGraph
 from engine.common.images import images_in, read_image
 from train.checkpoint import load_model, save_model
 from train.model import FlowConfig

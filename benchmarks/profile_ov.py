@@ -3,7 +3,7 @@
     python -m benchmarks.profile_ov [--config "resnet18 (paper)"] [--precision fp32] [--gathers]
 
 The configuration's model with random weights (benchmarks/stages.py; no cost depends on the values), the
-maps graph as the engine exports it (engine/build/export.py), compiled as the OpenVINO backend compiles it
+maps graph as the engine exports it (engine/builder/export.py), compiled as the OpenVINO backend compiles it
 (static batch 1, latency hint, torch's threads); PERF_COUNT on, real time summed per node over `--calls`
 calls and divided by them. Parts by node name: backbone, each flow scale (the folded couplings), other.
 """
@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.stages import CONFIGS, make_model
 from engine.backends.ov import compile_config
-from engine.build.export import export_onnx
-from engine.build.graph import InferenceGraph
+from engine.builder.export import export_onnx
+from engine.builder.graph import InferenceGraph
 
 
 def profile(config_name: str, precision: str, calls: int, gathers: bool) -> tuple[float, dict, dict]:

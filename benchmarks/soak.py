@@ -29,7 +29,7 @@ def rss_mib() -> float:
 def build(backend: str, folder: Path) -> Path:
     import torch
 
-    from engine.build import BuildConfig, build_engine
+    from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
     from train.model import FastFlow, FlowConfig
     torch.manual_seed(0)

@@ -23,8 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.backends import available_backends, load_backend
-from engine.build import BuildConfig, build_engine
-from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph
+from engine.builder import BuildConfig, build_engine
+from engine.builder.graph import BackboneGraph, FlowGraph, InferenceGraph
 from engine.format import read_engine
 from train.checkpoint import save_model
 from train.model import FastFlow, FlowConfig
@@ -119,7 +119,7 @@ def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 
 
 
 def main() -> None:
-    from engine.build.builder import openvino_capabilities
+    from engine.builder.builder import openvino_capabilities
     # bf16 only where the CPU has it: elsewhere torch emulates the bf16 GEMM, minutes for one product
     precisions = ("fp32", "bf16") if "BF16" in openvino_capabilities() else ("fp32",)
     rates = {p: gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}

@@ -5,7 +5,7 @@
 Each coupling step reads its two halves through FastFlow's fixed random channel permutation. As Gather, Split
 and Concat nodes ("gathers": the exported graph before 2026-12-02), OpenVINO runs them as reference kernels in
 plain layout with layout reorders around them; as 1x1 convolutions with 0/1 weights on the state kept in two
-blocks ("1x1 convolutions": the graph now, engine/build/graph.py) they stay in its blocked layout, for C^2
+blocks ("1x1 convolutions": the graph now, engine/builder/graph.py) they stay in its blocked layout, for C^2
 more multiply-adds a pixel and step. Per configuration (benchmarks/stages.py, random weights: no cost
 depends on the values): the maps graph as the engine exports it, compiled as the OpenVINO backend compiles
 it (fp32, static batch 1, latency hint, torch's threads), one frame per call. benchmarks/NOTES.md has the
@@ -19,8 +19,8 @@ import torch
 from benchmarks.stages import CONFIGS, make_model
 from engine.backends import available_backends
 from engine.backends.ov import compile_config
-from engine.build.export import export_onnx
-from engine.build.graph import InferenceGraph
+from engine.builder.export import export_onnx
+from engine.builder.graph import InferenceGraph
 
 pytestmark = pytest.mark.skipif("openvino" not in available_backends(), reason="OpenVINO is not installed")
 NAMES = ["efficientnet_lite2 (default)", "resnet18 (paper)"]

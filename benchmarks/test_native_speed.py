@@ -136,7 +136,7 @@ def test_postprocess_implementations_agree():
 @pytest.fixture(scope="module")
 def default_engine(tmp_path_factory):
     from engine.backends import available_backends, load_backend
-    from engine.build import BuildConfig, build_engine
+    from engine.builder import BuildConfig, build_engine
     from engine.format import read_engine
     from train.backbones import create_backbone
     from train.checkpoint import save_model

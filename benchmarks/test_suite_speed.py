@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from benchmarks.stages import CONFIGS, ENGINES, build_engines, make_model
 from engine import native
 from engine.backends import available_backends
-from engine.build.builder import SETTLE_S
-from engine.build.graph import BackboneGraph, FlowGraph, InferenceGraph
+from engine.builder.builder import SETTLE_S
+from engine.builder.graph import BackboneGraph, FlowGraph, InferenceGraph
 
 HAS_OPENVINO = "openvino" in available_backends()
 BATCHES = [1, 8]

@@ -7,20 +7,21 @@
         ...
 
 This package is the run side: it imports numpy and the engine's backend only (no torch, nothing of
-train/, unless the engine's backend is torch or TensorRT). engine.build (the build side) and
-engine.common (what training shares with it) live below it.
+train/, unless the engine's backend is torch or TensorRT). engine.builder (the build side) and
+engine.common (what training shares with it) live below it; the public names below load on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
-from engine.format import EngineFileError
-from engine.runtime import Engine, Result, load
-from engine.stream import StreamStats, run
-
 __all__ = ["Engine", "EngineFileError", "Result", "StreamStats", "load", "run"]
+# each public name -> the module that defines it, imported on first use: training imports engine.common (the
+# shared pieces) without loading the run side, which `import engine.common` would otherwise bring in through here
+_HOMES = {"Engine": "engine.runtime", "EngineFileError": "engine.format", "Result": "engine.runtime",
+          "StreamStats": "engine.stream", "load": "engine.runtime", "run": "engine.stream"}
 
 
 class _Package(types.ModuleType):
@@ -35,6 +36,16 @@ class _Package(types.ModuleType):
         if name in __all__ and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        if name not in _HOMES:
+            raise AttributeError(f"module 'engine' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *__all__})
 
 
 sys.modules[__name__].__class__ = _Package

@@ -53,7 +53,7 @@ PART_PRECISIONS = {"fp32": {"stem": "fp32", "backbone": "fp32", "flow": "fp32"},
                    "fp16": {"stem": "fp16", "backbone": "fp16", "flow": "fp16"},
                    "int8": {"stem": "fp32", "backbone": "int8", "flow": "int8"},
                    "int8-backbone": {"stem": "fp32", "backbone": "int8", "flow": "fp32"}}
-# precisions quantized on the check images (engine/build/quantize.py): they need real ones (--calib)
+# precisions quantized on the check images (engine/builder/quantize.py): they need real ones (--calib)
 INT8_PRECISIONS = tuple(p for p, parts in PART_PRECISIONS.items() if "int8" in parts.values())
 
 

@@ -1,6 +1,6 @@
 """Fused coupling step of the flow, inference direction: two Triton kernels and their PyTorch reference.
 
-A folded coupling step (engine/build/graph.py) on a scale's state X (B, C, H, W), float32, is
+A folded coupling step (engine/builder/graph.py) on a scale's state X (B, C, H, W), float32, is
 
     hidden = relu(conv(X[chan1], w1) + bias_map1)                      kernel 1: conv_relu
     s, t   = conv(hidden, w2) + b2   (rows [0, C2) give s, [C2, 2 C2) give t)

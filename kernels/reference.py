@@ -15,7 +15,7 @@ __all__ = ["ATAN_COEFFS", "poly_atan", "soft_clamp_reference", "conv_relu_refere
 
 # atan(r) / r on [0, 1] as a degree-7 polynomial in r^2, highest power first (Chebyshev-weighted least squares;
 # max |error| of atan 7.5e-8, 1.9e-7 in float32); atan(x) = pi/2 - atan(1/x) above 1. The Triton kernels'
-# _atan (coupling.py) and the inference graph (engine/build/graph.py) both evaluate these numbers.
+# _atan (coupling.py) and the inference graph (engine/builder/graph.py) both evaluate these numbers.
 ATAN_COEFFS = (-0.00466877, 0.02416619, -0.05936710, 0.09906097, -0.14016585, 0.19969235, -0.33331960, 0.99999990)
 
 

@@ -173,7 +173,7 @@ def test_evaluate_rereads_the_image_score_at_other_top_fractions(tiny_model, dem
 
 def test_build_checks_on_the_training_images_by_default(tiny_model, demo_dir, tmp_path):
     """Without --calib the build checks (and int8 calibrates) on the good images train.fit read, while they exist."""
-    from engine.build.__main__ import _training_images
+    from engine.builder.cli import _training_images
     from engine.format import read_engine
     eng = tmp_path / "m.engine"
     proc = run("engine.build", str(tiny_model), "-o", str(eng), "--backend", "onnxruntime", "--precision", "fp32")

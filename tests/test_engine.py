@@ -20,8 +20,8 @@ from conftest import MTD, conv_gaussian_blur
 
 import engine
 from engine.backends import available_backends
-from engine.build import BuildConfig, build_engine
-from engine.build.graph import InferenceGraph
+from engine.builder import BuildConfig, build_engine
+from engine.builder.graph import InferenceGraph
 from engine.common.images import read_image
 from engine.common.maths import resize_matrix
 from engine.format import EngineFileError, read_engine, write_engine
@@ -110,7 +110,7 @@ def test_flow_exports_without_channel_gathers():
     (OpenVINO runs those as reference kernels with layout reorders around them), one Split a scale."""
     import onnx
 
-    from engine.build.export import export_onnx
+    from engine.builder.export import export_onnx
     graph = InferenceGraph(perturbed_model()).eval()
     nodes = onnx.load_from_string(export_onnx(graph, 1, "maps")).graph.node
     flow = [n.op_type for n in nodes if n.name.startswith("/scales.")]

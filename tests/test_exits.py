@@ -69,7 +69,7 @@ def tiny(tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="the exit-path tests run an onnxruntime engine")
     from test_engine import perturbed_model
 
-    from engine.build import BuildConfig, build_engine
+    from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
     d = tmp_path_factory.mktemp("exits")
     model = perturbed_model(seed=2)
@@ -416,8 +416,8 @@ def test_build_with_a_fixed_batch_and_no_calib(tiny, tmp_path):
 
 
 def test_build_whose_accuracy_check_fails_says_so_in_one_line(tiny, tmp_path, monkeypatch, capsys):
-    from engine.build import __main__ as build_cli
-    from engine.build import builder
+    from engine.builder import builder
+    from engine.builder import cli as build_cli
     monkeypatch.setattr(builder, "GRAPH_TOLERANCE", -1.0)  # every check fails
     with pytest.raises(SystemExit) as info:
         run_cli(build_cli.main, [str(tiny["model"]), "-o", str(tmp_path / "x.engine"), "--backend", "onnxruntime"])
@@ -428,7 +428,7 @@ def test_build_whose_accuracy_check_fails_says_so_in_one_line(tiny, tmp_path, mo
 
 def test_low_precision_the_cpu_lacks_is_refused_not_mislabelled(tiny, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="precisions per CPU capability are OpenVINO's")
-    from engine.build import BuildConfig, build_engine, builder
+    from engine.builder import BuildConfig, build_engine, builder
     from engine.common.errors import UserError
     from train.checkpoint import load_model
     monkeypatch.setattr(builder, "openvino_capabilities", lambda: ["FP32", "INT8"])  # an AVX2-only CPU

@@ -184,7 +184,7 @@ def seed_engine(tmp_path_factory):
     pytest.importorskip("onnx", reason="the weights mutation edits the ONNX graph with the onnx package")
     from test_engine import perturbed_model
 
-    from engine.build import BuildConfig, build_engine
+    from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
     d = tmp_path_factory.mktemp("fuzzseed")
     model = perturbed_model(seed=3)

@@ -130,7 +130,7 @@ def test_kernel_path_matches_inference_graph(map_scales, image_scales, precision
     from test_engine import TOL, perturbed_model
 
     from engine.backends.cuda import KernelGraph
-    from engine.build.graph import InferenceGraph
+    from engine.builder.graph import InferenceGraph
     model = perturbed_model(size=size, map_scales=map_scales, image_scales=image_scales)
     graph = InferenceGraph(model).eval().to(DEVICE)
     kernel_graph = KernelGraph(graph, precision).eval().to(DEVICE)

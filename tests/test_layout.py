@@ -18,7 +18,7 @@ from test_engine import perturbed_model
 
 import engine
 from engine.backends import Backend, available_backends
-from engine.build import BuildConfig, build_engine
+from engine.builder import BuildConfig, build_engine
 from engine.format import EngineFileError, read_engine, write_engine
 from engine.header import EngineHeader
 from train.checkpoint import save_model

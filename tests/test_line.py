@@ -47,7 +47,7 @@ def line(tmp_path_factory):
     from test_engine import perturbed_model
 
     import engine
-    from engine.build import BuildConfig, build_engine
+    from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
     d = tmp_path_factory.mktemp("line")
     frames = d / "frames"

@@ -17,8 +17,8 @@ from conftest import MTD
 from test_engine import _rewrite, perturbed_model
 
 import engine
-from engine.build import BuildConfig, build_engine, builder, export_onnx
-from engine.build.builder import (
+from engine.builder import BuildConfig, build_engine, builder, export_onnx
+from engine.builder.builder import (
     LOW_PRECISION_TOLERANCE,
     PRECISION_MARGIN,
     SETTLE_S,
@@ -28,8 +28,8 @@ from engine.build.builder import (
     _ms_per_frame,
     openvino_capabilities,
 )
-from engine.build.export import ONNX_PARTS
-from engine.build.graph import InferenceGraph
+from engine.builder.export import ONNX_PARTS
+from engine.builder.graph import InferenceGraph
 from engine.common.errors import UserError
 from engine.common.images import read_image
 from engine.format import EngineFileError, read_engine, write_engine
@@ -267,7 +267,7 @@ def test_int8_engine_quantizes_what_it_says(tmp_path, monkeypatch, precision):
     """NNCF's quantized graph: int8 pairs where the precision says, the stem in fp32, the header saying so, and the
     check's numbers the engine's own: int8 does not pass the build's tolerance on every model (it did not on
     this one, 0.10 map units for int8-backbone), so the tolerance is lifted here to build it and look."""
-    monkeypatch.setattr("engine.build.builder.LOW_PRECISION_TOLERANCE", {"score": np.inf, "map": np.inf})
+    monkeypatch.setattr("engine.builder.builder.LOW_PRECISION_TOLERANCE", {"score": np.inf, "map": np.inf})
     model = perturbed_model()
     path = tmp_path / "model.pt"
     save_model(path, model, {"threshold": {"threshold": 1.0}})

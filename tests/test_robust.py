@@ -228,7 +228,7 @@ def two_engines(tmp_path_factory):
 
     import engine
     from engine.backends import available_backends
-    from engine.build import BuildConfig, build_engine
+    from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
     backends = [b for b in ("openvino", "onnxruntime") if b in available_backends()]
     d = tmp_path_factory.mktemp("threads")

@@ -88,7 +88,7 @@ def served(tmp_path_factory):
     """A small model's onnxruntime engine (named `served_model`) and a server for it."""
     from test_engine import perturbed_model
 
-    from engine.build import BuildConfig, build_engine
+    from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
     d = tmp_path_factory.mktemp("serve")
     model = perturbed_model(seed=4)

@@ -1,7 +1,7 @@
 """The TensorRT path on a CPU (TensorRT cannot be installed on our machines).
 
 1. Static: the graph every model's plan is built from, against TensorRT 10's documented limits
-   (engine/build/tensorrt_limits.py: operators, TopK's k, pooling, casts, dynamic dimensions), for the
+   (engine/builder/tensorrt_limits.py: operators, TopK's k, pooling, casts, dynamic dimensions), for the
    backbones and geometries lineflow trains; the checker itself against graphs that break each limit.
 2. A fake TensorRT: TensorRT 10's Python API as lineflow calls it, whose "plan" is the ONNX graph run by
    ONNX Runtime, reading its input from and writing its outputs to the raw addresses the backend binds. It
@@ -28,10 +28,10 @@ from test_geometry import strips, tiled_model  # noqa: F401 - fixtures: the tile
 
 import engine
 from benchmarks import stages
-from engine.build import BuildConfig, build_engine, export_onnx
-from engine.build.export import tensorrt_plan
-from engine.build.graph import InferenceGraph
-from engine.build.tensorrt_limits import TENSORRT_TOPK_MAX, tensorrt_graph_problems
+from engine.builder import BuildConfig, build_engine, export_onnx
+from engine.builder.export import tensorrt_plan
+from engine.builder.graph import InferenceGraph
+from engine.builder.tensorrt_limits import TENSORRT_TOPK_MAX, tensorrt_graph_problems
 from engine.common.errors import RunError, UserError
 from engine.common.images import read_image
 from engine.format import read_engine
@@ -128,7 +128,7 @@ def test_the_checker_flags_each_limit(case, expected):
 
 
 class FakeTensorRT:
-    """The parts of TensorRT 10's Python API that engine/build/export.py and engine/backends/trt.py call."""
+    """The parts of TensorRT 10's Python API that engine/builder/export.py and engine/backends/trt.py call."""
 
     fail_build = False  # build_serialized_network returns None, as TensorRT does when a build fails
     calls: list = []
@@ -235,7 +235,7 @@ def fake_gpu(monkeypatch):
     for name in ("Logger", "MemoryPoolType", "BuilderFlag", "OnnxParser", "Builder", "Runtime"):
         setattr(module, name, getattr(FakeTensorRT, name))
     monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr("engine.build.builder._gpu_visible", lambda: True)
+    monkeypatch.setattr("engine.builder.builder._gpu_visible", lambda: True)
     monkeypatch.setattr("engine.backends.trt.DEVICE", "cpu")
     monkeypatch.setattr(FakeTensorRT, "fail_build", False)
     monkeypatch.setattr(FakeTensorRT, "calls", [])

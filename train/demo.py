@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.build.builder import BUILD_BACKENDS
+from engine.builder.builder import BUILD_BACKENDS
 from engine.common.errors import UserError, run_cli
 from engine.common.images import read_image
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from engine import Engine, StreamStats, run
-    from engine.build.__main__ import main as build_main
+    from engine.builder.cli import main as build_main
     from engine.sinks import overlay
     from train.data import evaluation_samples
     from train.demo_data import main as demo_data_main

@@ -17,7 +17,7 @@ import torch
 from timing import time_calls
 
 from engine.backends import load_backend
-from engine.build import BuildConfig, build_engine
+from engine.builder import BuildConfig, build_engine
 from engine.format import read_engine
 from train.checkpoint import save_model
 from train.model import FastFlow, FlowConfig

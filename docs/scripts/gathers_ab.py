@@ -2,7 +2,7 @@
 
     python docs/scripts/gathers_ab.py model.pt torch.engine FRAMES_DIR
 
-Builds `model.pt` twice for OpenVINO fp32 (the two forms of engine/build/graph.py's FoldedScale), loads the
+Builds `model.pt` twice for OpenVINO fp32 (the two forms of engine/builder/graph.py's FoldedScale), loads the
 PyTorch reference engine beside them, and times 9 rounds of 16 calls each, the three taking turns: prepared
 (1, 3, 256, 256) inputs through `infer_prepared`, then the first 16 images of FRAMES_DIR through `Engine.infer`.
 """
@@ -20,8 +20,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import engine  # noqa: E402
-import engine.build.graph as G  # noqa: E402
-from engine.build import BuildConfig, build_engine  # noqa: E402
+import engine.builder.graph as G  # noqa: E402
+from engine.builder import BuildConfig, build_engine  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
 
 m, meta = load_model(sys.argv[1])

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import engine  # noqa: E402
-import engine.build.builder as builder  # noqa: E402
-from engine.build.builder import BuildConfig, build_engine  # noqa: E402
+import engine.builder.builder as builder  # noqa: E402
+from engine.builder.builder import BuildConfig, build_engine  # noqa: E402
 from train.checkpoint import load_model_bytes  # noqa: E402
 from train.evaluate import evaluate_engine  # noqa: E402
 

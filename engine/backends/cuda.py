@@ -1,6 +1,6 @@
 """The CUDA run path: backbone in cuDNN, flow and scoring through the fused Triton kernels, one CUDA graph per batch.
 
-KernelGraph packs an InferenceGraph (engine/build/graph.py) for kernels/: per coupling step the GEMM
+KernelGraph packs an InferenceGraph (engine/builder/graph.py) for kernels/: per coupling step the GEMM
 weights in the run precision and the index tables that fold the channel gathers away (y2 overwrites
 x2 in the scale's state buffer, so the physical channel of each logical channel is tracked here at
 pack time), per scale alpha/beta in physical channel order and the resize-and-blur matrices of its
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.build.graph import InferenceGraph
+from engine.builder.graph import InferenceGraph
 from engine.common.maths import resize_blur_matrix
 from kernels.coupling import conv_coupling, conv_relu, pack_conv_weight
 from kernels.scoring import score_maps

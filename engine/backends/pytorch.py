@@ -38,7 +38,7 @@ class TorchBackend(Backend):
             return
         from engine.backends.cuda import CudaGraphRunner, KernelGraph
         from engine.backends.pinned import PinnedUpload
-        from engine.build.graph import InferenceGraph
+        from engine.builder.graph import InferenceGraph
         self.upload = PinnedUpload("cuda")  # calls are serialised by engine.Engine on CUDA (thread_safe False)
         self.kernel_graph = KernelGraph(InferenceGraph(model.eval()), header.precision).cuda().eval()
         self.model = CudaGraphRunner(self.kernel_graph)

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import torch
 
-from engine.build.graph import BackboneGraph, FlowGraph, HeadGraph, InferenceGraph, ScaleMapsGraph, TailFlowGraph
-from engine.build.quantize import KEEP_FP32, quantize_int8
-from engine.build.tensorrt_limits import tensorrt_graph_problems
+from engine.builder.graph import BackboneGraph, FlowGraph, HeadGraph, InferenceGraph, ScaleMapsGraph, TailFlowGraph
+from engine.builder.quantize import KEEP_FP32, quantize_int8
+from engine.builder.tensorrt_limits import tensorrt_graph_problems
 from engine.common.errors import UserError
 from engine.header import (
     SECTION_MODEL,
@@ -68,7 +68,7 @@ def _static_output_shapes(data: bytes, batch: int | None) -> bytes:
     """The graph with its outputs' shapes stated: (batch, ...) with the rest as ONNX's shape inference (with value
     propagation) finds them. The exporter leaves symbolic sizes where a pad's amounts pass through shape
     arithmetic, though the graph is built for one input size; TensorRT and the static check
-    (engine/build/tensorrt_limits.py) read the batch as the one dynamic dimension."""
+    (engine/builder/tensorrt_limits.py) read the batch as the one dynamic dimension."""
     model = onnx.load_from_string(data)
     inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output}
     for value in model.graph.output:

@@ -3,8 +3,8 @@
 NNCF inserts QuantizeLinear/DequantizeLinear pairs around the graph's convolutions, their ranges taken
 from the check images (`engine.build --calib`); OpenVINO and ONNX Runtime run such a graph in int8 where
 the pairs are, fp32 elsewhere. What stays fp32 is chosen per layer group by name (the names are the
-inference graph's module paths, engine/build/graph.py), and the builder's accuracy check decides which
-rung an engine keeps (engine/build/builder.py).
+inference graph's module paths, engine/builder/graph.py), and the builder's accuracy check decides which
+rung an engine keeps (engine/builder/builder.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The run side (engine.load, engine.run) never imports this package.
 
 from __future__ import annotations
 
-from engine.build.builder import BuildConfig, build_engine
-from engine.build.export import export_onnx
+from engine.builder.builder import BuildConfig, build_engine
+from engine.builder.export import export_onnx
 
 __all__ = ["BuildConfig", "build_engine", "export_onnx"]

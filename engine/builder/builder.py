@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from engine.backends import Backend, available_backends, load_backend, run_batched
-from engine.build.export import engine_sections
-from engine.build.graph import InferenceGraph
+from engine.builder.export import engine_sections
+from engine.builder.graph import InferenceGraph
 from engine.common.errors import RunError, UserError, one_line
 from engine.common.images import images_in, read_image
 from engine.format import write_engine

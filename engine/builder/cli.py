@@ -1,4 +1,5 @@
-"""python -m engine.build model.pt: compile a trained model into one engine file for fast scoring.
+"""The build command, `python -m engine.build model.pt` (entry point engine/build.py): compile a trained model
+into one engine file for fast scoring.
 
 Slow, once, may import everything: folds the model into its inference graph, checks the graph
 against the PyTorch reference, exports ONNX (opset 17), compiles it for a backend, checks the
@@ -13,8 +14,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine.build.builder import BUILD_BACKENDS, BUILD_PRECISIONS, BuildConfig, build_engine
-from engine.common.errors import UserError, run_cli
+from engine.builder.builder import BUILD_BACKENDS, BUILD_PRECISIONS, BuildConfig, build_engine
+from engine.common.errors import UserError
 from engine.common.files import check_output
 from engine.common.geometry import format_size
 from engine.common.images import DataError
@@ -83,6 +84,3 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - t0:.0f} s to build)")
     return 0
 
-
-if __name__ == "__main__":
-    run_cli(main)
