@@ -7,12 +7,12 @@ names and what each backend needs of them are spelled here and nowhere else.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from engine.common.geometry import as_hw
+from engine.common.schema import hw_pair, integer, number, strict_kwargs
+from engine.scoring import ScoringSpec
 
-__all__ = ["EngineHeader", "ScoringSpec", "TilingSpec",
+__all__ = ["EngineHeader", "TilingSpec",
            "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "MAPS_GRAPH_BACKENDS",
            "STAGE_PRECISIONS", "PART_PRECISIONS", "INT8_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_ONNX_HEAD", "SECTION_ONNX_TAIL",
@@ -68,88 +68,6 @@ def required_sections(backend: str, precision: str) -> tuple[str, ...]:
     return (SECTION_ONNX,)
 
 
-def _int(name: str, v, low: int = 1) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        raise ValueError(f"{name} must be an integer >= {low}, not {v!r}")
-    return v
-
-
-def _number(name: str, v) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, not {v!r}")
-    return float(v)
-
-
-def _strict_kwargs(cls, d) -> dict:
-    if not isinstance(d, dict):
-        raise ValueError(f"{cls.__name__} must be a JSON object")
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} (written by another lineflow?)")
-    return d
-
-
-def _hw(name: str, v) -> tuple[int, int]:
-    """A [height, width] pair, or an int N (files before rectangular inputs: N x N)."""
-    try:
-        hw = as_hw(v)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer or a [height, width] pair of integers, not {v!r}") from None
-    for side in hw:
-        _int(name, side)
-    return hw
-
-
-@dataclass(frozen=True)
-class ScoringSpec:
-    """The fusion after the per-scale NLL maps, for engines whose graph ends there (CPU backends: native code).
-
-    map = sum_s map_weights[s] * blur_s(upsample(q_s)); the image score = mean of the top_k pixels of the
-    same fusion with image_weights. A scale's weight is 0 where that map does not read it.
-    """
-
-    size: tuple[int, int]  # the model's input (height, width): maps are this size
-    sigma: tuple[float, ...]  # each scale's Gaussian blur, input pixels (one number: the same for every scale)
-    top_k: int
-    shapes: tuple[tuple[int, int], ...]  # each scale's map (height, width)
-    map_weights: tuple[float, ...]
-    image_weights: tuple[float, ...]
-
-    def __post_init__(self):
-        object.__setattr__(self, "size", _hw("scoring.size", self.size))
-        _int("scoring.top_k", self.top_k)
-        n_pixels = self.size[0] * self.size[1]
-        if not 1 <= self.top_k <= n_pixels:
-            raise ValueError(f"scoring.top_k {self.top_k} is outside 1..{n_pixels}")
-        if not isinstance(self.shapes, (tuple, list)):
-            raise ValueError("scoring.shapes must be a list of [height, width] pairs")
-        object.__setattr__(self, "shapes", tuple(_hw("scoring.shapes", s) for s in self.shapes))
-        n = len(self.shapes)
-        if not 1 <= n <= 4 or len(self.map_weights) != n or len(self.image_weights) != n:
-            raise ValueError("scoring needs 1 to 4 scales, with a map and an image weight each")
-        for w in (*self.map_weights, *self.image_weights):
-            _number("scoring weights", w)
-        sigma = self.sigma if isinstance(self.sigma, (tuple, list)) else (self.sigma,) * n  # format <= 5: one number
-        if len(sigma) != n or any(_number("scoring.sigma", v) < 0 for v in sigma):
-            raise ValueError(f"scoring.sigma must be {n} numbers >= 0 (one a scale), not {self.sigma!r}")
-        object.__setattr__(self, "sigma", tuple(float(v) for v in sigma))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "size": list(self.size), "shapes": [list(s) for s in self.shapes],
-                "sigma": list(self.sigma)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ScoringSpec:
-        if isinstance(d, dict) and "heights" in d and "shapes" not in d:  # format 2-3: square maps
-            d = {**{k: v for k, v in d.items() if k != "heights"},
-                 "shapes": [[h, h] for h in d["heights"]] if isinstance(d["heights"], list) else d["heights"]}
-        d = _strict_kwargs(cls, d)
-        try:
-            return cls(**{**d, **{k: tuple(d[k]) for k in ("map_weights", "image_weights") if k in d}})
-        except TypeError as e:  # a missing field, or a list that is not one
-            raise ValueError(f"scoring: {e}") from None
-
-
 @dataclass(frozen=True)
 class TilingSpec:
     """How a tiling model's engine cuts frames and joins the tiles' maps (train/tiles.py is the reference):
@@ -162,17 +80,17 @@ class TilingSpec:
     top_fraction: float
 
     def __post_init__(self):
-        if not 0 < _number("tiling.scale", self.scale) <= 16:
+        if not 0 < number("tiling.scale", self.scale) <= 16:
             raise ValueError("tiling.scale must be in (0, 16]")
-        if not 0 <= _number("tiling.overlap", self.overlap) <= 0.75:
+        if not 0 <= number("tiling.overlap", self.overlap) <= 0.75:
             raise ValueError("tiling.overlap must be in [0, 0.75]")
-        if not 0 <= _number("tiling.top_fraction", self.top_fraction) < 1:
+        if not 0 <= number("tiling.top_fraction", self.top_fraction) < 1:
             raise ValueError("tiling.top_fraction must be in [0, 1)")
 
     @classmethod
     def from_dict(cls, d: dict) -> TilingSpec:
         try:
-            return cls(**_strict_kwargs(cls, d))
+            return cls(**strict_kwargs(cls, d))
         except TypeError as e:
             raise ValueError(f"tiling: {e}") from None
 
@@ -200,10 +118,10 @@ class EngineHeader:
         if self.precision not in BACKEND_PRECISIONS[self.backend]:
             raise ValueError(f"precision {self.precision!r} is not one {self.backend} runs "
                              f"({', '.join(BACKEND_PRECISIONS[self.backend])})")
-        object.__setattr__(self, "input_size", _hw("input_size", self.input_size))
-        _number("threshold", self.threshold)
+        object.__setattr__(self, "input_size", hw_pair("input_size", self.input_size))
+        number("threshold", self.threshold)
         if self.batch is not None:
-            _int("batch", self.batch)
+            integer("batch", self.batch)
         if self.scoring is not None and not isinstance(self.scoring, ScoringSpec):
             raise ValueError("scoring must be a ScoringSpec")
         if self.tiling is not None and not isinstance(self.tiling, TilingSpec):
@@ -230,7 +148,7 @@ class EngineHeader:
     def from_dict(cls, d: dict) -> EngineHeader:
         """The header's JSON object (without the file's own keys, format_version and sections) -> EngineHeader.
         Unknown keys and wrong types raise ValueError."""
-        d = _strict_kwargs(cls, d)
+        d = strict_kwargs(cls, d)
         missing = [k for k in ("backend", "input_size", "threshold") if k not in d]
         if missing:
             raise ValueError(f"lacks {', '.join(missing)}")

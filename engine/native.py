@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 from engine.common.maths import resize_blur_matrix, resize_matrix
-from engine.header import ScoringSpec
+from engine.scoring import ScoringSpec
 
 try:
     from engine import _native

@@ -19,10 +19,10 @@ from engine import native
 from engine.backends import load_backend, run_batched
 from engine.common.errors import one_line
 from engine.common.geometry import blend_weights, stitch, tile_grid
-from engine.common.maths import top_k_count
 from engine.format import EngineFileError, read_engine
 from engine.header import EngineHeader
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
+from engine.scoring import top_fraction_mean
 
 __all__ = ["Engine", "EngineClosedError", "Result", "load", "NON_FINITE_SCORE"]
 
@@ -182,8 +182,7 @@ class Engine:
             first += len(starts)
             amap = stitch(maps[tiles], starts, scaled, self._blend)
             score_map = stitch(score_maps[tiles], starts, scaled, self._blend)
-            k = top_k_count(self.tiling.top_fraction, score_map.size)
-            score = float(np.partition(score_map.ravel(), score_map.size - k)[-k:].mean(dtype=np.float32))
+            score = top_fraction_mean(score_map, self.tiling.top_fraction)
             amap = (resize_map(amap, hw) if tuple(hw) != scaled else amap) if with_maps else None
             results.append(self._verdict(score, amap))
         return results

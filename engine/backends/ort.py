@@ -6,7 +6,7 @@ import numpy as np
 
 from engine.backends import Backend, default_threads
 from engine.header import SECTION_ONNX, EngineHeader
-from engine.native import NativeScoring
+from engine.scoring import scoring_for
 
 __all__ = ["OnnxRuntimeBackend", "ORT_SPINNING"]
 
@@ -29,7 +29,7 @@ class OnnxRuntimeBackend(Backend):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(sections[SECTION_ONNX], opts, providers=providers)
-        self.scoring = NativeScoring(header.scoring)
+        self.scoring = scoring_for(header.scoring, "native")
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.scoring(self.session.run(None, {"images": images}))

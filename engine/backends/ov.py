@@ -10,7 +10,7 @@ import numpy as np
 
 from engine.backends import Backend, default_threads
 from engine.header import SECTION_ONNX, STAGE_PRECISIONS, EngineHeader
-from engine.native import NativeScoring
+from engine.scoring import scoring_for
 
 __all__ = ["OpenVinoBackend", "OPENVINO_PRECISION", "compile_config"]
 
@@ -49,7 +49,7 @@ class OpenVinoBackend(Backend):
         self._warm_up(header)
         self.pool: ThreadPoolExecutor | None = None  # throughput streams, made on the first batch
         self.runners: list = []
-        self.scoring = NativeScoring(header.scoring)
+        self.scoring = scoring_for(header.scoring, "native")
 
     def _compile(self, hint: str) -> list:
         graphs = []

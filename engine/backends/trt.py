@@ -22,36 +22,13 @@ import numpy as np
 from engine.backends import Backend, run_batched
 from engine.backends.pinned import PinnedUpload
 from engine.common.errors import RunError
-from engine.common.maths import resize_blur_matrix
 from engine.format import EngineFileError
-from engine.header import SECTION_TENSORRT_PLAN, EngineHeader, ScoringSpec
+from engine.header import SECTION_TENSORRT_PLAN, EngineHeader
+from engine.scoring import scoring_for
 
-__all__ = ["TensorRTBackend", "DeviceScoring", "DEVICE"]
+__all__ = ["TensorRTBackend", "DEVICE"]
 
 DEVICE = "cuda"  # where the plan's tensors live; tests/test_tensorrt.py sets "cpu" for its fake TensorRT
-
-
-class DeviceScoring:
-    """Per-scale maps (B, h_s, w_s) on a device -> (map, score map) (B, H, W): engine.native.NativeScoring's
-    fusion as two small matrix products per scale, map = sum_s w_s Rr_s q_s Rc_s^T (engine/common/maths.py)."""
-
-    def __init__(self, spec: ScoringSpec, device: str):
-        import torch
-        self.torch, self.top_k = torch, spec.top_k
-        self.map_weights, self.image_weights = spec.map_weights, spec.image_weights
-        self.resize = [(torch.tensor(resize_blur_matrix(h, spec.size[0], sigma), dtype=torch.float32, device=device),
-                        torch.tensor(resize_blur_matrix(w, spec.size[1], sigma).T, dtype=torch.float32, device=device))
-                       for (h, w), sigma in zip(spec.shapes, spec.sigma)]
-
-    def maps(self, qmaps: list) -> tuple:
-        def fuse(weights):
-            return sum(w * (rows @ q @ cols) for w, q, (rows, cols) in zip(weights, qmaps, self.resize) if w)
-        amap = fuse(self.map_weights)
-        return amap, amap if self.image_weights == self.map_weights else fuse(self.image_weights)
-
-    def scores(self, score_map) -> object:
-        """The mean of each map's top_k pixels (train.maps.top_k_mean)."""
-        return self.torch.topk(score_map.flatten(1), self.top_k, dim=1).values.mean(dim=1)
 
 
 class TensorRTBackend(Backend):
@@ -70,7 +47,7 @@ class TensorRTBackend(Backend):
             raise EngineFileError("this TensorRT engine has no scoring in its header: rebuild it")
         self.torch, self.device, self.size = torch, device, tuple(header.input_size)  # (H, W)
         self.shapes = header.scoring.shapes  # each output q_s is (B, h_s, w_s)
-        self.scoring = DeviceScoring(header.scoring, device)
+        self.scoring = scoring_for(header.scoring, "device", device)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.plan = self.runtime.deserialize_cuda_engine(sections[SECTION_TENSORRT_PLAN])
         if self.plan is None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from engine.common.errors import UserError
 from engine.common.maths import top_k_count
-from engine.header import ScoringSpec
+from engine.scoring import ScoringSpec
 from kernels.reference import poly_atan
 from train.maps import fuse_maps, top_k_mean
 from train.model import SOFT_CLAMP_FACTOR, CouplingStep, FastFlow, pool_features, soft_clamp
