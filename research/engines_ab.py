@@ -1,6 +1,6 @@
 """Engine files timed against each other call by call, in turns, in one process (the machine's drift falls on all).
 
-    python docs/scripts/engines_ab.py A.engine B.engine [C.engine ...] --frames DIR [--calls 200] [--graph]
+    python research/engines_ab.py A.engine B.engine [C.engine ...] --frames DIR [--calls 200] [--graph]
 
 Each call is one frame of DIR (the first 16, cycled) through `Engine.infer`, or with `--graph` the backend's
 graph call alone on the prepared input (OpenVINO and ONNX Runtime engines). Prints each engine's median ms per
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,6 +1,6 @@
 """The image score re-read without refitting (round 16): which scales it reads and its top fraction.
 
-    python docs/scripts/image_score_variants.py MODEL.pt DATA_DIR SEED
+    python research/image_score_variants.py MODEL.pt DATA_DIR SEED
 
 SEED: the fit's seed (it drew the held-out split). Per variant: image AUROC, the most defects any threshold catches
 with <= 2 % of good test frames rejected, the stored rule (median + 4 robust std of the held-out scores) on this
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.checkpoint import load_model  # noqa: E402
 from train.data import evaluation_samples, train_images  # noqa: E402

@@ -1,6 +1,6 @@
 """Re-read one trained model's maps under other post-processing settings, without refitting (rounds 7, 11).
 
-    python docs/scripts/reread_maps.py model.pt DATA_DIR [round7|round11]
+    python research/reread_maps.py model.pt DATA_DIR [round7|round11]
 
 round7 (default): blur sigma 0, 1, 2, 4 px and the stride-32 scale in the map; image AUROC also at other top
 fractions. round11: one sigma for every scale (1, 2, 3, 4, 8 px) against half and a quarter of each scale's
@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.checkpoint import load_model  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402

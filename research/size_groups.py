@@ -1,6 +1,6 @@
 """The image scores of a fit's own good frames by frame size: is a rare size underfit? (round 18; no labels).
 
-    python docs/scripts/size_groups.py MODEL.pt DATA_DIR SEED
+    python research/size_groups.py MODEL.pt DATA_DIR SEED
 
 SEED: the fit's seed (it drew the held-out split). Per frame size, for the frames the fit trained on and the
 frames it held out: how many, and their image scores' median, 90th percentile and maximum, beside the threshold
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.checkpoint import load_model  # noqa: E402
 from train.data import image_sizes, train_images  # noqa: E402

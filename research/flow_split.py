@@ -1,7 +1,7 @@
 """What a flow split between OpenVINO and code of our own would pay: the default model's 3x3 coupling subnets
 (conv 3x3, ReLU, conv 3x3: the flow's arithmetic) compiled as OpenVINO graphs two ways, per scale:
 
-    python docs/scripts/flow_split.py [--precision bf16|fp32] [--calls 200]
+    python research/flow_split.py [--precision bf16|fp32] [--calls 200]
 
 - chained: the scale's four 3x3 subnets in one graph (what any graph that keeps them pays for their arithmetic);
 - one call each: each subnet its own graph, called from Python (what a hybrid flow pays, with OpenVINO running
@@ -25,7 +25,7 @@ import openvino as ov
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.backends import default_threads  # noqa: E402
 from engine.backends.ov import compile_config  # noqa: E402
 from train.model import FastFlow, FlowConfig  # noqa: E402

@@ -1,6 +1,6 @@
 """The threshold rules of train/threshold.py on a model that predates stored held-out scores (round 7).
 
-    python docs/scripts/holdout_scores.py model.pt DATA_DIR EVAL.json
+    python research/holdout_scores.py model.pt DATA_DIR EVAL.json
 
 The held-out split is deterministic (train.fit.split_holdout, by the seed in model.pt), so the
 held-out good images' scores are recomputed; EVAL.json is `train.evaluate --json` of the same model.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.checkpoint import load_model  # noqa: E402
 from train.data import train_images  # noqa: E402

@@ -1,7 +1,7 @@
 """ONNX Runtime's spinning workers, with `engine.load(..., busy_wait=True|False)`: its own frames, and another engine's
 frames called right after each of its calls in the same process (what engine.serve does with several engines).
 
-    python docs/scripts/busy_wait_ab.py ORT.engine OTHER.engine FRAMES_DIR [--rounds 6]
+    python research/busy_wait_ab.py ORT.engine OTHER.engine FRAMES_DIR [--rounds 6]
 
 Per round, in turns: the ONNX Runtime engine alone both ways (ms a frame over FRAMES_DIR's first 16 images through
 `Engine.infer`), and the other engine's `Engine.infer` timed right after an ONNX Runtime call, both ways, and alone.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 
 IMAGES = (".png", ".jpg", ".jpeg", ".bmp")

@@ -1,6 +1,6 @@
 """Per-position normalisation of each scale's pixel NLL, re-read on a trained model without refitting (round 9).
 
-    python docs/scripts/position_norm.py model.pt DATA_DIR [--modes none,median,median-map-only,spread,spread-fine]
+    python research/position_norm.py model.pt DATA_DIR [--modes none,median,median-map-only,spread,spread-fine]
 
 Label-free: per scale, the per-position median and 90th percentile of the pixel NLL over the model's training
 split (train.fit's split by the seed in model.pt; the held-out tenth stays out), then
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.checkpoint import load_model  # noqa: E402
 from train.data import train_images  # noqa: E402

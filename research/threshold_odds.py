@@ -1,6 +1,6 @@
 """How often a threshold rule meets both targets (>= 80 % of defects caught, <= 2 % of good rejected), round 16.
 
-    python docs/scripts/threshold_odds.py NAME MODEL.pt EVAL.json [NAME MODEL.pt EVAL.json ...]
+    python research/threshold_odds.py NAME MODEL.pt EVAL.json [NAME MODEL.pt EVAL.json ...]
 
 EVAL.json is `train.evaluate MODEL.pt --data DIR --json EVAL.json`; MODEL.pt holds its held-out good scores. The
 held-out frames and the good test frames were drawn alike (never trained on), so pooled they show what a rule does
@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import norm
 from scipy.stats.mstats import hdquantiles
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.checkpoint import load_model  # noqa: E402
 from train.threshold import from_defects, from_good  # noqa: E402

@@ -1,6 +1,6 @@
 """Where a model's pixel AUROC is lost: the map's good pixels by their distance to the nearest defect (round 12).
 
-    python docs/scripts/pixel_losses.py model.pt DATA_DIR [CONFIG_OVERRIDES_JSON]
+    python research/pixel_losses.py model.pt DATA_DIR [CONFIG_OVERRIDES_JSON]
 
 Maps at each mask's resolution (as `train.evaluate --protocol mask`), every 3rd pixel each way. For good pixels
 in good images and in defective ones (by distance to the mask, in image pixels): median, 90th and 99th
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.common.images import open_image  # noqa: E402
 from engine.preprocess import resize_map  # noqa: E402

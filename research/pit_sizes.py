@@ -1,6 +1,6 @@
 """Which defective frames the image score misses, by defect size, and whether the map sees them at all (round 17).
 
-    python docs/scripts/pit_sizes.py MODEL.pt DATA_DIR
+    python research/pit_sizes.py MODEL.pt DATA_DIR
 
 A whole-frame model (tile_scale 0). The threshold is the best any threshold does with <= 2 % of the good test
 frames rejected (train.threshold.best_thresholds: labels read, nothing set by them). Per defect-size bin (mask
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.common.images import open_image  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402

@@ -2,7 +2,7 @@
 with the accuracy check's tolerance lifted (to see the rungs the check would refuse), each timed at batch 1 and
 scored on a labelled test set through Engine.infer (train.evaluate's engine path).
 
-    python docs/scripts/int8_ladder.py model.pt --calib DIR/train/good --data DIR --out-dir engines/
+    python research/int8_ladder.py model.pt --calib DIR/train/good --data DIR --out-dir engines/
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import engine.builder.builder as builder  # noqa: E402
 from engine.builder.builder import BuildConfig, build_engine  # noqa: E402

@@ -1,7 +1,7 @@
 """Where an OpenVINO engine's frame goes, node by node, and what its flow gains from running scales side by side.
 
-    python docs/scripts/ov_stages.py nodes ENGINE [--calls 30]
-    python docs/scripts/ov_stages.py parallel-flow ENGINE [--calls 100]
+    python research/ov_stages.py nodes ENGINE [--calls 30]
+    python research/ov_stages.py parallel-flow ENGINE [--calls 100]
 
 nodes: each ONNX section of ENGINE compiled as engine.backends.ov compiles it (batch 1, latency hint, all
 threads, the section's precision), OpenVINO's per-node counters summed over the last call of `--calls` on
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.backends import default_threads  # noqa: E402
 from engine.backends.ov import compile_config  # noqa: E402
 from engine.format import read_engine  # noqa: E402
