@@ -65,7 +65,7 @@ def _stream(eng, frames, sinks) -> int:
 
 @pytest.mark.parametrize("variant", ["plain", "view", "view + viewer"])
 def test_engine_run_frames(benchmark, default_engine, frames, variant):
-    from engine.view import LiveView
+    from engine.sinks import LiveView
     benchmark.group = f"engine.run, {N_FRAMES} frames of 256x256 ({default_engine.backend_name} "
     benchmark.group += f"{default_engine.precision})"
     benchmark.extra_info["frames"] = N_FRAMES
@@ -85,4 +85,4 @@ def test_engine_run_frames(benchmark, default_engine, frames, variant):
             viewer.kill()
             viewer.wait(10)
         if view is not None:
-            view.close(hold=0)
+            view.close(completed=False)

@@ -20,7 +20,7 @@ import types
 __all__ = ["Engine", "EngineFileError", "Result", "StreamStats", "load", "run"]
 # each public name -> the module that defines it, imported on first use: training imports engine.common (the
 # shared pieces) without loading the run side, which `import engine.common` would otherwise bring in through here
-_HOMES = {"Engine": "engine.runtime", "EngineFileError": "engine.format", "Result": "engine.runtime",
+_HOMES = {"Engine": "engine.runtime", "EngineFileError": "engine.format", "Result": "engine.results",
           "StreamStats": "engine.stream", "load": "engine.runtime", "run": "engine.stream"}
 
 

@@ -30,7 +30,7 @@ from engine import native
 from engine.common.errors import UserError, one_line
 from engine.common.net import resolve, url_port
 from engine.preprocess import to_rgb_float
-from engine.runtime import Result
+from engine.results import Result
 
 __all__ = ["RemoteEngine", "parse_server_url", "ENGINE_INFO"]
 
@@ -189,6 +189,13 @@ class RemoteEngine:
         single = isinstance(frames, np.ndarray) and frames.ndim in (2, 3) and frames.dtype != object
         results = self.score([frames] if single else list(frames), bgr)
         return results[0] if single else results
+
+    def run_summary(self) -> str | None:
+        """What travelled to the server (engine.results.ScoringEngine), once a frame has."""
+        if not self.sent_frames:
+            return None
+        return (f"server {self.url}: {self.sent_frames} frames sent, {self.sent_bytes / 1e6:.1f} MB of uint8 RGB "
+                f"({'reduced to the engine input where larger' if self.reduce else 'whole'})")
 
     def close(self) -> None:
         for c in self.clients:

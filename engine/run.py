@@ -26,8 +26,19 @@ from engine.common.errors import (
     run_cli,
 )
 from engine.common.files import check_output
+from engine.results import ScoringEngine
 from engine.runtime import Engine
-from engine.sinks import JsonlSink, MapSink, VideoSink
+from engine.sinks import (
+    JsonlSink,
+    LiveView,
+    MapSink,
+    MqttSink,
+    Sink,
+    SinkSummary,
+    VideoSink,
+    WebhookSink,
+    camera_name,
+)
 from engine.sources import SourceError, is_live
 from engine.stream import POLICIES, StreamStats, run
 
@@ -71,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="backend threads (default: all cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no status line")
     p.add_argument("--camera-name", help="the camera in MQTT topics and the view's title (default: from --source)")
-    line = p.add_argument_group("line integration (engine/line.py): a slow or absent receiver never stalls the run")
+    line = p.add_argument_group("line integration (engine/sinks/): a slow or absent receiver never stalls the run")
     line.add_argument("--mqtt", metavar="URL", help="mqtt://HOST:PORT/PREFIX (mqtts:// for TLS): a QoS-1 JSON "
                       "message per frame on PREFIX/CAMERA/result, a retained PREFIX/CAMERA/status with a last will, "
                       "a heartbeat on PREFIX/CAMERA/heartbeat")
@@ -89,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     line.add_argument("--webhook-retries", type=int, default=3, help="retries of a failed POST, with backoff")
     line.add_argument("--webhook-queue", type=int, default=1000, help="POSTs that may wait; past it the oldest "
                       "waiting one is dropped and counted")
-    view = p.add_argument_group("live view (engine/view.py)")
+    view = p.add_argument_group("live view (engine/sinks/view.py)")
     view.add_argument("--view", metavar="[HOST:]PORT", help="serve a live page of the run at http://HOST:PORT/ "
                       "(HOST 127.0.0.1 unless given; any other address requires a token)")
     view.add_argument("--view-token", help="the token the page asks for (default: none on 127.0.0.1, a random one "
@@ -108,19 +119,18 @@ def _check_outputs(args: argparse.Namespace) -> None:
             check_output(opt, path, folder)
 
 
-def _line_sinks(args: argparse.Namespace, engine: Engine, stats: StreamStats) -> list:
+def _line_sinks(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats) -> list[Sink]:
     """The MQTT, webhook and view sinks: URLs checked, hosts resolved, the view's port bound (bad input fails here,
-    before any frame is read). Each closes itself with a summary line on stderr."""
+    before any frame is read)."""
     if not (args.mqtt or args.webhook or args.view):
         return []
-    from engine.line import MqttSink, WebhookSink, camera_name
     camera = args.camera_name or camera_name(args.source)
-    sinks: list = []
+    hold = args.view_hold if args.view_hold is not None else (0.0 if is_live(args.source) else None)
+    sinks: list[Sink] = []
     try:
         if args.view:
-            from engine.view import LiveView
             token = args.view_token or os.environ.get("LINEFLOW_VIEW_TOKEN") or None
-            view = LiveView(args.view, engine.threshold, token, stats, title=camera)
+            view = LiveView(args.view, engine.threshold, token, stats, title=camera, hold=hold)
             print(f"view: {view.url}", file=sys.stderr, flush=True)
             sinks.append(view)
         if args.mqtt:
@@ -131,8 +141,7 @@ def _line_sinks(args: argparse.Namespace, engine: Engine, stats: StreamStats) ->
             sinks.append(WebhookSink(args.webhook, args.webhook_all, args.webhook_timeout, args.webhook_retries,
                                      args.webhook_queue))
     except BaseException:
-        for s in sinks:
-            _close(s, 0.0)
+        _close_all(sinks, completed=False)
         raise
     return sinks
 
@@ -165,19 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _close(sink, hold: float | None) -> None:
-    if getattr(sink, "holds_on_close", False):  # the live view: serving on for review where asked
-        sink.close(hold=hold)
-    else:
-        sink.close()
+def _close_all(sinks: list[Sink], completed: bool) -> list[SinkSummary]:
+    """Close every sink, the files first (the message sinks may wait for their receivers), each even when one
+    before it failed; print their summaries; raise the first failure after all are closed."""
+    summaries, failure = [], None
+    for s in sorted(sinks, key=lambda s: not isinstance(s, (JsonlSink, MapSink, VideoSink))):
+        try:
+            summaries.append(s.close(completed))
+        except Exception as e:  # noqa: BLE001 - the others still close; the first failure is reported
+            failure = failure or e
+    for summary in summaries:
+        if summary.line is not None:
+            print(f"\nwarning: {summary.line}" if summary.undelivered else summary.line, file=sys.stderr)
+    if failure is not None:
+        raise failure
+    return summaries
 
 
-def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats, line_sinks: list) -> int:
+def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats, line_sinks: list[Sink]) -> int:
     with_maps = bool(args.save_maps or args.overlay_video or args.view)
     results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
                   with_maps=with_maps, stats=stats)
-    sinks: list = list(line_sinks)
-    hold = args.view_hold if args.view_hold is not None else (0.0 if is_live(args.source) else None)
+    sinks: list[Sink] = list(line_sinks)
     try:
         first = next(results, None)  # opens the source: a bad source fails here, before any output exists
         if args.out:
@@ -188,8 +206,7 @@ def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats, line_s
             sinks.append(VideoSink(args.overlay_video, engine.threshold, fps=stats.source_fps or args.max_fps or 10.0))
     except BaseException:
         results.close()  # joins the stream's threads
-        for s in sinks:
-            _close(s, 0.0)
+        _close_all(sinks, completed=False)
         raise
     stop = threading.Event()
     status = threading.Thread(target=_status, args=(stats, stop), daemon=True)
@@ -198,6 +215,7 @@ def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats, line_s
     t0 = time.perf_counter()
     anomalous = 0
     failure: SourceError | None = None
+    summaries: list[SinkSummary] = []
     try:
         for r in itertools.chain([first] if first is not None else [], results):
             anomalous += bool(r.is_anomalous)
@@ -213,24 +231,21 @@ def _stream(args: argparse.Namespace, engine: Engine, stats: StreamStats, line_s
         elapsed = time.perf_counter() - t0
         stop.set()
         results.close()
-        closing = None
         if not args.quiet:
             print(f"\r{stats.line()}", file=sys.stderr)
-        for s in sinks:
-            try:
-                _close(s, hold if failure is None and sys.exc_info()[0] is None else 0.0)
-            except Exception as e:  # noqa: BLE001 - the others still close; the first failure is reported
-                closing = closing or e
-        if closing is not None and sys.exc_info()[0] is None:
-            raise closing
-    undelivered = sum(getattr(s, "undelivered", 0) for s in sinks)
+        in_flight = sys.exc_info()[0] is not None  # Ctrl-C, SIGTERM or a sink's failure: that is what is reported
+        try:
+            summaries = _close_all(sinks, completed=failure is None and not in_flight)
+        except Exception:
+            if not in_flight:
+                raise
+    undelivered = sum(s.undelivered for s in summaries)
     print(f"{stats.frames} frames in {elapsed:.1f} s: {stats.scored} scored, {anomalous} anomalous "
           f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} errors; "
           f"{engine.backend_name} {engine.precision}"
           + (f"; {undelivered} messages not delivered" if undelivered else ""), file=sys.stderr)
-    if getattr(engine, "sent_frames", 0):  # a thin camera host: what travelled
-        print(f"server {engine.url}: {engine.sent_frames} frames sent, {engine.sent_bytes / 1e6:.1f} MB of uint8 RGB "
-              f"({'reduced to the engine input where larger' if engine.reduce else 'whole'})", file=sys.stderr)
+    if engine.run_summary():  # a thin camera host: what travelled
+        print(engine.run_summary(), file=sys.stderr)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         return EXIT_SOURCE_FAILED

@@ -10,7 +10,6 @@ import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,37 +21,16 @@ from engine.common.geometry import blend_weights, stitch, tile_grid
 from engine.format import EngineFileError, read_engine
 from engine.header import EngineHeader
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
+from engine.results import Result
 from engine.scoring import top_fraction_mean
 
-__all__ = ["Engine", "EngineClosedError", "Result", "load", "NON_FINITE_SCORE"]
+__all__ = ["Engine", "EngineClosedError", "load", "NON_FINITE_SCORE"]
 
 NON_FINITE_SCORE = "the backend returned a non-finite score ({}): no verdict for this frame"
 
 
 class EngineClosedError(RuntimeError):
     """A call on an engine after close()."""
-
-
-@dataclass
-class Result:
-    """One frame's verdict. `anomaly_map` is float32 at the frame's size (higher = more anomalous)."""
-
-    score: float | None
-    is_anomalous: bool | None
-    anomaly_map: np.ndarray | None = field(default=None, repr=False)
-    index: int = 0
-    source: str = ""
-    timestamp: float | None = None  # capture time (time.time()), where the source knows it
-    error: str | None = None  # why the frame could not be scored (then score is None)
-    frame: np.ndarray | None = field(default=None, repr=False)  # the input frame, for overlay sinks (streaming)
-    bgr: bool = False  # frame is OpenCV BGR
-    captured_perf: float = field(default=0.0, repr=False)  # perf_counter at capture, for latency
-
-    def to_json(self) -> dict:
-        if self.error is not None:
-            return {"index": self.index, "source": self.source, "timestamp": self.timestamp, "error": self.error}
-        return {"index": self.index, "source": self.source, "timestamp": self.timestamp,
-                "score": self.score, "is_anomalous": self.is_anomalous}
 
 
 class Engine:
@@ -230,6 +208,10 @@ class Engine:
             return []
         results = self.score(batch, bgr)
         return results[0] if single else results
+
+    def run_summary(self) -> str | None:
+        """Nothing to add at the end of a run (engine.results.ScoringEngine)."""
+        return None
 
     def close(self) -> None:
         """Wait for the calls in flight, then stop the backend's threads and free it; idempotent. Later calls raise

@@ -4,8 +4,8 @@
 
 When inference is slower than the source, the policy decides: "block" (files: the reader waits, no
 frame is skipped) or "drop-oldest" (cameras and streams: the oldest waiting frame is dropped so
-latency stays bounded). A dropped frame still yields a result, with error "dropped: ...", and is
-counted; nothing is lost silently. NumPy and the backend release the GIL, so threads overlap.
+latency stays bounded). A dropped frame still yields a result (Status.DROPPED, its error saying so) and
+is counted; nothing is lost silently. NumPy and the backend release the GIL, so threads overlap.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.common.errors import RunError, one_line
-from engine.runtime import Engine, EngineClosedError, Result
+from engine.results import Result, ScoringEngine, Status
+from engine.runtime import Engine, EngineClosedError
 from engine.sources import Frame, SourceError, is_live, open_source
 
 __all__ = ["run", "StreamStats", "POLICIES", "LIVE_FRAME_TIMEOUT_S"]
@@ -109,7 +110,7 @@ def _capture(frames: Iterator[Frame], q: queue.Queue, policy: str, max_fps: floa
                 pass
 
 
-def _score(engine: Engine, frames: list[Frame], with_maps: bool) -> list[Result]:
+def _score(engine: ScoringEngine, frames: list[Frame], with_maps: bool) -> list[Result]:
     if not frames:
         return []
     return engine.score([f.image for f in frames], bgr=frames[0].bgr, with_maps=with_maps)
@@ -139,7 +140,7 @@ def _next_batch(q_in: queue.Queue, batch_size: int, stop: threading.Event, sourc
     return batch
 
 
-def _infer(engine: Engine, q_in: queue.Queue, q_out: queue.Queue, batch_size: int, with_maps: bool,
+def _infer(engine: ScoringEngine, q_in: queue.Queue, q_out: queue.Queue, batch_size: int, with_maps: bool,
            stop: threading.Event, source: str, frame_timeout: float | None) -> None:
     try:
         done, failures = False, 0
@@ -185,7 +186,7 @@ def _infer(engine: Engine, q_in: queue.Queue, q_out: queue.Queue, batch_size: in
         _put(q_out, e, stop)
 
 
-def run(engine_or_path: Engine | str | Path, source, batch_size: int = 1, policy: str | None = None,
+def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1, policy: str | None = None,
         max_fps: float | None = None, with_maps: bool = True, bgr: bool = False, queue_size: int = 8,
         stats: StreamStats | None = None, frame_timeout: float | None = -1.0) -> Iterator[Result]:
     """Score every frame of `source` (see engine.sources.open_source) in order; yields Results.
@@ -196,8 +197,8 @@ def run(engine_or_path: Engine | str | Path, source, batch_size: int = 1, policy
     Each result also carries `.frame` (the input image, when with_maps) for overlay sinks.
     Closing the generator (or leaving the loop) stops and joins the inference thread before it returns.
     """
-    # an Engine, or anything with its score() (engine.remote.RemoteEngine: a Triton server)
-    engine = engine_or_path if hasattr(engine_or_path, "score") else Engine(engine_or_path)
+    # an Engine or engine.remote.RemoteEngine (a Triton server), or an engine file's path
+    engine = Engine(engine_or_path) if isinstance(engine_or_path, (str, Path)) else engine_or_path
     policy = policy or ("drop-oldest" if is_live(source) else "block")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}")
@@ -228,7 +229,7 @@ def run(engine_or_path: Engine | str | Path, source, batch_size: int = 1, policy
             stats.dropped += 1
             stats.frames += 1
             r = Result(None, None, index=f.index, source=f.source, timestamp=f.timestamp,
-                       error="dropped: inference was slower than the source")
+                       error="dropped: inference was slower than the source", status=Status.DROPPED)
             yield r
 
     pending: list[Result] = []
@@ -243,12 +244,12 @@ def run(engine_or_path: Engine | str | Path, source, batch_size: int = 1, policy
             pending.append(item)
             pending.sort(key=lambda r: r.index)  # dropped frames interleave in capture order
             for r in pending:
-                if r.error is None:
+                if r.status is Status.OK:
                     stats.scored += 1
                     stats.latencies_ms.append((time.perf_counter() - r.captured_perf) * 1000)
-                elif not r.error.startswith("dropped"):
+                elif r.status is Status.ERROR:
                     stats.errors += 1
-                if not r.error or not r.error.startswith("dropped"):
+                if r.status is not Status.DROPPED:  # counted as they are drained
                     stats.frames += 1
                 yield r
             pending = []

@@ -30,8 +30,9 @@ from importlib.resources import files
 import numpy as np
 
 from engine.common.errors import UserError
-from engine.runtime import Result
-from engine.sinks import overlay
+from engine.results import Result
+from engine.sinks.base import SinkSummary
+from engine.sinks.overlay import overlay
 
 __all__ = ["LiveView", "parse_view_address"]
 
@@ -80,18 +81,18 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class LiveView:
-    """Serve the run at http://HOST:PORT/; `write` every result, `close` at the end (`hold` keeps serving)."""
-
-    holds_on_close = True  # engine.run passes its --view-hold to close(); the other sinks close at once
+    """Serve the run at http://HOST:PORT/; `write` every result, `close` at the end: after a completed run it keeps
+    serving `hold` seconds (None: until Ctrl-C or SIGTERM), so a finished run can be reviewed."""
 
     def __init__(self, address: str = "127.0.0.1:8080", threshold: float = 1.0, token: str | None = None,
-                 stats=None, title: str = "lineflow", max_fps: float = VIEW_FPS):
+                 stats=None, title: str = "lineflow", max_fps: float = VIEW_FPS, hold: float | None = 0.0):
         host, port = parse_view_address(address)
         if token is not None and not TOKEN_PATTERN.fullmatch(token):
             raise UserError("--view-token: 16 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")
         if token is None and not _loopback(host):
             token = secrets.token_urlsafe(18)  # bound beyond this machine: never without a token
         self.token, self.threshold, self.stats, self.title, self.period = token, threshold, stats, title, 1 / max_fps
+        self.hold = hold
         self.sock = _bind(host, port)
         self.port = self.sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
@@ -154,7 +155,7 @@ class LiveView:
         from starlette.responses import HTMLResponse, JSONResponse, Response
         from starlette.routing import Route
 
-        page = files("engine").joinpath("view.html").read_text()
+        page = files("engine.sinks").joinpath("view.html").read_text()
         encode_lock = asyncio.Lock()
 
         def allowed(request) -> bool:
@@ -226,10 +227,13 @@ class LiveView:
         while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def close(self, hold: float | None = 0.0) -> None:
-        """Stop serving; `hold` seconds first (None: until Ctrl-C or SIGTERM), so a finished run can be reviewed."""
+    def close(self, completed: bool = True) -> SinkSummary:
+        """Stop serving: after a completed run `hold` seconds first; at once after a failed or interrupted one."""
         with self.lock:
+            if self.finished:
+                return SinkSummary()
             self.finished = True
+        hold = self.hold if completed else 0.0
         if hold is None or hold > 0:
             print(f"view: the run has ended; still serving {self.url} "
                   + ("until Ctrl-C" if hold is None else f"for {hold:g} s"), file=sys.stderr, flush=True)
@@ -242,4 +246,5 @@ class LiveView:
         self.server.should_exit = True
         self.thread.join(5)
         self.sock.close()
+        return SinkSummary()
 

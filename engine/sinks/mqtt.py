@@ -1,11 +1,10 @@
-"""Verdicts to the machines that act on them: MQTT (paho-mqtt) and webhooks, never stalling the line.
+"""Verdicts to the machines that act on them over MQTT (paho-mqtt), never stalling the line.
 
-Both sinks take `write(result)` from the loop that reads engine.run's results and return at once: an
-MQTT message goes into paho's own outgoing store (QoS 1: kept until the broker acknowledges it, resent
-after a reconnect; those written while no connection is up wait in the sink, in order), a webhook POST
-into a bounded queue served by its own thread. Past the bound new messages are dropped and counted, never
-silently. A broker or receiver that is absent or goes away is not an error of the run: it is a warning, the
-messages wait (bounded), and `close()` says how many were delivered, waited, were dropped or never arrived.
+`write(result)` returns at once: the message goes into paho's own outgoing store (QoS 1: kept until the
+broker acknowledges it, resent after a reconnect; those written while no connection is up wait in the
+sink, in order). Past the bound new messages are dropped and counted, never silently. A broker that is
+absent or goes away is not an error of the run: it is a warning, the messages wait (bounded), and
+`close()` says how many were delivered, waited, were dropped or never arrived.
 
 MQTT topics, under the URL's prefix (a line) and a camera name:
     PREFIX/CAMERA/result      one JSON message per frame: the JSONL result's keys plus latency_ms (QoS 1)
@@ -17,11 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,35 +26,12 @@ from urllib.parse import unquote, urlsplit
 
 from engine.common.errors import UserError
 from engine.common.net import resolve, url_port
-from engine.runtime import Result
+from engine.results import Result
+from engine.sinks.base import FLUSH_TIMEOUT_S, SinkSummary, result_message, warn_on_stderr
 
-__all__ = ["MqttSink", "WebhookSink", "MqttTarget", "parse_mqtt_url", "camera_name", "result_message"]
+__all__ = ["MqttSink", "MqttTarget", "parse_mqtt_url"]
 
 MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-FLUSH_TIMEOUT_S = 5.0  # how long close() waits for messages still in flight before it reports them undelivered
-
-
-def _warn(text: str) -> None:
-    print(f"\nwarning: {text}", file=sys.stderr, flush=True)
-
-
-def result_message(result: Result) -> dict:
-    """The JSONL result's keys plus latency_ms (capture to now), the payload of a frame's message."""
-    latency = (time.perf_counter() - result.captured_perf) * 1000 if result.captured_perf else None
-    return {**result.to_json(), "latency_ms": None if latency is None else round(latency, 3)}
-
-
-def camera_name(source) -> str:
-    """A topic-safe name for a source: camera:0 -> camera0, /data/line1/cam.mp4 -> cam, rtsp://host/x -> host_x."""
-    text = str(source)
-    if re.fullmatch(r"camera:\d+", text):
-        return text.replace(":", "")
-    parts = urlsplit(text)
-    if parts.scheme and parts.netloc:
-        text = parts.hostname + parts.path
-    else:
-        text = Path(text).stem or Path(text).name
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:64] or "camera"
 
 
 @dataclass(frozen=True)
@@ -99,7 +72,8 @@ class MqttSink:
 
     def __init__(self, url: str, camera: str = "camera", client_id: str | None = None, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None, queue_limit: int = 10_000,
-                 heartbeat_s: float = 5.0, stats=None, warn: Callable[[str], None] = _warn):
+                 heartbeat_s: float = 5.0, stats=None, warn: Callable[[str], None] = warn_on_stderr,
+                 flush_timeout: float = FLUSH_TIMEOUT_S):
         target = parse_mqtt_url(url)
         if ca_file is not None and not Path(ca_file).is_file():
             raise UserError(f"--mqtt-ca {ca_file}: no such file")
@@ -110,6 +84,7 @@ class MqttSink:
         resolve(target.host, target.port, "--mqtt")
         import paho.mqtt.client as mqtt
         self.target, self.warn, self.stats, self.queue_limit = target, warn, stats, queue_limit
+        self.flush_timeout = flush_timeout
         self.address = f"{target.host}:{target.port}"
         camera = re.sub(r"[^A-Za-z0-9_-]+", "_", camera) or "camera"
         base = f"{target.prefix}/{camera}"
@@ -276,15 +251,15 @@ class MqttSink:
                 f"delivered, {self.waited} waited for the broker, {self.dropped} dropped (queue full), "
                 f"{pending + self.dropped} not delivered")
 
-    def close(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
-        """Wait up to `timeout` s for unacknowledged messages (a broker away may come back), mark the camera offline
-        (retained), disconnect."""
+    def close(self, completed: bool = True) -> SinkSummary:
+        """Wait up to `flush_timeout` s for unacknowledged messages (a broker away may come back), mark the camera
+        offline (retained), disconnect."""
         if self.closed:
-            return
+            return SinkSummary(self.summary(), self.undelivered)
         self.stop.set()
         self.wake.set()
         self.heartbeat.join()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.flush_timeout
         while self.pending and time.monotonic() < deadline:  # a broker away may be back within the timeout
             with self.publish_lock:
                 self._release_backlog()
@@ -298,101 +273,4 @@ class MqttSink:
                 pass
         self.client.disconnect()
         self.client.loop_stop()
-        (self.warn if self.undelivered else lambda s: print(s, file=sys.stderr))(self.summary())
-
-
-class WebhookSink:
-    """An HTTP POST (JSON: the frame's message) per anomalous frame, or per frame with `every_frame`; from its own
-    thread with a timeout and retries, through a bounded queue (past it the oldest waiting message is dropped
-    and counted). Construction checks the URL and resolves the host (UserError)."""
-
-    def __init__(self, url: str, every_frame: bool = False, timeout: float = 2.0, retries: int = 3,
-                 queue_limit: int = 1000, headers: dict | None = None, warn: Callable[[str], None] = _warn):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserError(f"--webhook {url}: the URL must be http:// or https:// with a host")
-        resolve(parts.hostname, url_port(parts, 443 if parts.scheme == "https" else 80, f"--webhook {url}"),
-                "--webhook")
-        if timeout <= 0 or retries < 0 or queue_limit < 1:
-            raise UserError("--webhook-timeout must be positive, retries >= 0, the queue at least 1")
-        self.url, self.every_frame, self.timeout, self.retries, self.warn = url, every_frame, timeout, retries, warn
-        self.headers = {"Content-Type": "application/json", "User-Agent": "lineflow", **(headers or {})}
-        self.queue: deque = deque()
-        self.queue_limit = queue_limit
-        self.cond = threading.Condition()
-        self.sent = self.failed = self.dropped = self.attempts = self.unsent = 0
-        self.busy, self.closing, self.failing = False, False, False
-        self.abandoned = False  # close gave up on the POST in flight and counted it as not sent
-        self.thread = threading.Thread(target=self._serve, name="lineflow-webhook", daemon=True)
-        self.thread.start()
-
-    def write(self, result: Result) -> None:
-        if not (self.every_frame or result.is_anomalous):
-            return
-        body = json.dumps(result_message(result)).encode()
-        with self.cond:
-            if len(self.queue) >= self.queue_limit:
-                self.queue.popleft()
-                self.dropped += 1
-            self.queue.append(body)
-            self.cond.notify()
-
-    def _post(self, body: bytes) -> bool:
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(0.25 * 2 ** attempt, 2.0))
-            self.attempts += 1
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    if 200 <= response.status < 300:
-                        return True
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                why = getattr(e, "reason", None) or e
-                if not self.failing:
-                    self.failing = True
-                    self.warn(f"webhook {self.url}: {why}; retrying ({self.retries} retries per message)")
-        return False
-
-    def _serve(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue and not self.closing:
-                    self.cond.wait()
-                if not self.queue:
-                    return
-                body = self.queue.popleft()
-                self.busy = True
-            ok = self._post(body)
-            with self.cond:
-                self.busy = False
-                if self.abandoned:  # close already counted it, and has reported
-                    self.abandoned = False
-                elif ok:
-                    self.sent += 1
-                    self.failing = False
-                else:
-                    self.failed += 1
-                self.cond.notify_all()
-
-    @property
-    def undelivered(self) -> int:
-        return self.failed + self.dropped + self.unsent + len(self.queue) + self.busy
-
-    def summary(self) -> str:
-        return (f"webhook {self.url}: {self.sent} delivered, {self.failed} failed after retries, {self.dropped} "
-                f"dropped (queue full), {self.unsent + len(self.queue) + self.busy} not sent")
-
-    def close(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
-        """Send what waits, for up to `timeout` s; then report what was not delivered."""
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
-            deadline = time.monotonic() + timeout
-            while (self.queue or self.busy) and time.monotonic() < deadline:
-                self.cond.wait(0.05)
-            self.unsent += len(self.queue) + self.busy  # given up: the thread ends after its current POST
-            self.queue.clear()
-            self.abandoned, self.busy = self.busy, False
-        self.thread.join(0.1)
-        (self.warn if self.undelivered else lambda s: print(s, file=sys.stderr))(self.summary())
+        return SinkSummary(self.summary(), self.undelivered)
