@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from engine.builder.builder import BUILD_BACKENDS
+from engine.common.cli import HelpFormatter
 from engine.common.errors import UserError, run_cli
 from engine.common.images import read_image
 
@@ -42,7 +43,7 @@ def _write_video(paths: list[Path], out: Path, fps: float = 10.0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo", help="working folder: dataset, model, engine, video, results")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--input-size", type=int, default=128, help="model input size (the demo images are 128 px)")

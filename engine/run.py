@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from engine.common.cli import HelpFormatter
 from engine.common.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -52,7 +53,7 @@ def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> N
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog=f"exit status: 0 done; {EXIT_INTERNAL} the backend failed, or a bug; "
                                 f"{EXIT_BAD_INPUT} bad engine, source or option (nothing written); "
                                 f"{EXIT_SOURCE_FAILED} the source failed mid-run: a camera or stream lost after "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.common.cli import HelpFormatter
 from engine.common.errors import UserError, run_cli
 from engine.remote import ENGINE_INFO
 
@@ -90,7 +91,7 @@ def _infer_function(eng):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="exit status: 0 stopped (Ctrl-C or SIGTERM ends the server and its "
                                 "tritonserver); 2 bad engine or option; 1 the server failed")
     p.add_argument("engines", nargs="+", metavar="ENGINE", help="engine files written by python -m engine.build; "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from engine.common.cli import HelpFormatter
 from engine.common.errors import UserError, run_cli
 
 __all__ = ["TEXTURES", "DEFECTS", "make_demo_dataset", "main"]
@@ -124,7 +125,7 @@ def make_demo_dataset(out: str | Path, seed: int = 0, size: int = 128, n_train: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.demo_data", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("out", help="folder to create (must not exist, or be empty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128, help="image side in pixels")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.common.cli import HelpFormatter
 from engine.common.errors import RunError, UserError, run_cli
 from engine.common.files import check_output
 from engine.common.geometry import PIXEL_BUDGET, choose_input_size, format_size, parse_size
@@ -229,7 +230,7 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
 def _parser() -> argparse.ArgumentParser:
     d, m = TrainConfig(), FlowConfig()
     p = argparse.ArgumentParser(prog="python -m train.fit", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="MVTec-layout folder (uses train/good) or a folder of good images")
     p.add_argument("--out", required=True, help="model file to write (written atomically)")
     p.add_argument("--backbone", default=m.backbone, choices=sorted(BACKBONES), help="frozen feature extractor")

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.builder.builder import BUILD_BACKENDS, BUILD_PRECISIONS, BuildConfig, build_engine
+from engine.common.cli import HelpFormatter
 from engine.common.errors import UserError
 from engine.common.files import check_output
 from engine.common.geometry import format_size
@@ -28,7 +29,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     d = BuildConfig()
     p = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("model", help="model.pt written by python -m train.fit")
     p.add_argument("-o", "--out", help="engine file to write (default: the model's name with .engine)")
     p.add_argument("--backend", default=d.backend, choices=BUILD_BACKENDS,
