@@ -34,7 +34,8 @@ def _scale_map(z_ptr, z_bstride, C, h, w, ab_ptr, offset, rr_ptr, rc_ptr, b, row
     """(Rr q Rc^T)[rows, cols] of one scale, q = sum_c (alpha_c z_c + beta_c)^2 - offset on its h x w grid.
 
     q is built CB channels at a time over the whole (padded) HB x WB grid: few, wide loads in flight
-    rather than one dependent load per channel (that version spent ~1 us per channel on the H100).
+    rather than one dependent load per channel, which left the GPU waiting on each load in turn
+    (benchmarks/NOTES.md, "GPU kernel path: H100").
     """
     i = tl.arange(0, HB)
     j = tl.arange(0, WB)

@@ -43,9 +43,9 @@ class Backend:
     def __init__(self, header: EngineHeader, sections: dict[str, bytes], threads: int | None = None,
                  busy_wait: bool = True):
         """`busy_wait` False: the runtime's worker threads sleep between calls instead of spinning. ONNX Runtime's
-        spin makes its own calls 5-10 % faster, but holds the cores for about half a second after each call, which
-        slowed the engine called next in the same process 1.5x (OpenVINO) to 1.7x (ONNX Runtime; benchmarks/NOTES.md);
-        runtimes without such a setting ignore it."""
+        spin makes its own calls a little faster but holds the cores after each call, which slows the next engine
+        called in the same process (benchmarks/NOTES.md, "Several engines in one process: busy_wait"), so a process
+        with several engines turns it off; runtimes without such a setting ignore it."""
         raise NotImplementedError
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

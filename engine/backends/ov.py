@@ -27,10 +27,10 @@ def compile_config(threads: int, precision: str, hint: str = "LATENCY", **extra)
 class OpenVinoBackend(Backend):
     """Frames go through batch-1 graphs with static shapes, one frame per infer request.
 
-    On the default model (bf16-flow, a 2-core CPU) a dynamic batch dimension took 44 ms a frame against 20 ms
-    static, and static batch 8 was slower per frame than batch 1. A single frame runs on one stream with all
-    threads (latency); a batch is spread over OpenVINO's throughput streams (here 2 of 1 thread each: the flow's
-    small convolutions do not scale across threads, so two frames at once gave 1.2-1.5x the frames/s).
+    A dynamic batch dimension made OpenVINO's call about twice its graphs' own time, and a static batch of 8 was
+    no faster per frame than batch 1 (benchmarks/NOTES.md, "The CPU engine toward its floor", items 3-4). A single
+    frame runs on one stream with all threads (latency); a batch is spread over OpenVINO's throughput streams,
+    one thread each, because the flow's small convolutions do not scale across threads (same section, item 4).
 
     Not thread-safe: an infer request serves one call at a time (engine.Engine serialises calls).
     """
