@@ -1,7 +1,7 @@
 """Line-speed suite: end to end and per stage, each backend against the PyTorch eager reference, same run.
 
     python -m pytest benchmarks/test_suite_speed.py --benchmark-json=benchmarks/results.json
-    python -m benchmarks.report benchmarks/results.json     # markdown table + bar chart for README
+    python -m benchmarks.report benchmarks/results.json     # markdown table + bar chart for docs/results.md
 
 Configurations (benchmarks/stages.py): lineflow's default (efficientnet_lite2), efficientnet_lite0,
 and the FastFlow paper's resnet18 setting; 256 px, random weights (no cost depends on the values).

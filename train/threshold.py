@@ -6,7 +6,7 @@ BSD the 99 % quantile of 58 frames let nine pitted parts in ten pass). The defau
 bulk of the good scores instead: their median plus THRESHOLD_SPREADS robust standard deviations
 (1.4826 x the median absolute deviation, which one extreme frame does not move). Good scores have
 a heavy right tail (soiling, glare), so 4 of them land near the good frames' upper few percent; of
-the spreads tried (2-5, docs/results.md), 4 is the one that holds on both MTD and BSD. Where a user has
+the spreads tried (2-5, docs/lab/search-rounds.md), 4 is the one that holds on both MTD and BSD. Where a user has
 a handful of defect images, `from_defects` puts the threshold where held-out good and those defects
 separate best (never the test set: train.fit takes them from a folder of their own).
 """

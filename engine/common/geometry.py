@@ -21,10 +21,11 @@ __all__ = ["SIDE_MULTIPLE", "MIN_SIDE", "MAX_SIDE", "PIXEL_BUDGET", "AREA_FILL",
 SIDE_MULTIPLE = 32  # features are taken down to stride 32
 MIN_SIDE = 64
 MAX_SIDE = 4096  # an input side; frames larger than the input at its scale are cut in tiles
-PIXEL_BUDGET = 3 * 256 * 256  # the default input's area at most: BSD's default fit ~25 min on 2 cores (results.md, 15)
+PIXEL_BUDGET = 3 * 256 * 256  # the default input's area at most: keeps a default BSD fit within budget on 2 cores
+# (docs/lab/search-rounds.md, round 15)
 AREA_FILL = 0.75  # the default input uses at least this share of its pixel limit
 MIXED_ASPECTS = 2.0  # images whose aspect ratios spread wider (95th / 5th percentile) get a square input...
-MIXED_BUDGET = 256 * 256  # ... of at most this many pixels (measured on MTD, docs/results.md round 7)
+MIXED_BUDGET = 256 * 256  # ... of at most this many pixels (measured on MTD, docs/lab/search-rounds.md round 7)
 
 
 def parse_size(text: str) -> tuple[int, int]:
