@@ -23,7 +23,8 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from benchmarks import stages
 from engine.backends.cuda import CudaGraphRunner, KernelGraph
-from engine.builder.graph import InferenceGraph
+from engine.builder.graph import FoldedStep, InferenceGraph
+from engine.builder.kernel_pack import kernel_graph
 from kernels.coupling import conv_coupling, conv_relu
 from kernels.scoring import score_maps
 from train.model import FastFlow, FlowConfig
@@ -58,8 +59,15 @@ def floor_ms(flops: float, nbytes: float, ceil: dict) -> tuple[float, str]:
     return max(t_flop, t_byte), ("FLOPs" if t_flop >= t_byte else "bytes")
 
 
-def time_step(step, pstep, x0: torch.Tensor, ceil: dict) -> dict:
-    """One coupling step: each kernel alone and against its floor, and the eager FoldedStep (bf16 autocast)."""
+def eager_step(step: FoldedStep, x: torch.Tensor) -> torch.Tensor:
+    """The folded step on the state as one tensor, its halves drawn by channel gathers: the eager sequence the two
+    kernels replace (the exported graph draws them by 1x1 convolutions instead, FoldedStep.on_blocks)."""
+    x1 = x.index_select(1, step.idx1)
+    return torch.cat([x1, step.coupled(x1, x.index_select(1, step.idx2))], dim=1)
+
+
+def time_step(step: FoldedStep, pstep, x0: torch.Tensor, ceil: dict) -> dict:
+    """One coupling step: each kernel alone and against its floor, and the eager step (bf16 autocast)."""
     batch = x0.shape[0]
     c, h, w = x0.shape[1:]
     hw, m = h * w, batch * h * w
@@ -81,7 +89,7 @@ def time_step(step, pstep, x0: torch.Tensor, ceil: dict) -> dict:
 
     def eager():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return step(xc)
+            return eager_step(step, xc)
     t_eager = median_ms(eager)
     f1, b1 = 2 * m * k1 * n1, m * c1 * 4 + k1 * n1 * 2 + n1 * hw * 4 + m * n1 * 2
     f2, b2 = 2 * m * k2 * n2, m * n1 * 2 + k2 * n2 * 2 + 2 * m * c2 * 4
@@ -93,7 +101,7 @@ def time_step(step, pstep, x0: torch.Tensor, ceil: dict) -> dict:
 
 
 def kernel_rows(graph: InferenceGraph, kg: KernelGraph, batch: int, ceil: dict, name: str) -> list[dict]:
-    """Per scale, steps 0 (3x3) and 1 (1x1): each kernel vs the eager FoldedStep; then the scoring."""
+    """Per scale, steps 0 (3x3) and 1 (1x1): each kernel vs the eager step; then the scoring."""
     rows = []
     images = torch.rand(batch, 3, 256, 256, device="cuda")
     with torch.no_grad():
@@ -127,10 +135,10 @@ def kernel_rows(graph: InferenceGraph, kg: KernelGraph, batch: int, ceil: dict, 
     return rows
 
 
-def end_to_end(graph: InferenceGraph, name: str, batches: list[int]) -> list[dict]:
+def end_to_end(model: FastFlow, graph: InferenceGraph, name: str, batches: list[int]) -> list[dict]:
     rows = []
     variants = {"eager fp32": lambda: graph, "eager bf16 autocast": None,
-                "kernels bf16 + CUDA graph": lambda: CudaGraphRunner(KernelGraph(graph, "bf16").cuda().eval())}
+                "kernels bf16 + CUDA graph": lambda: CudaGraphRunner(kernel_graph(model, "bf16").cuda().eval())}
     for batch in batches:
         images = torch.rand(batch, 3, 256, 256, device="cuda")
         for label, make in variants.items():
@@ -172,7 +180,7 @@ def stage_split(kg: KernelGraph, name: str, batch: int) -> dict:
     return row
 
 
-def accuracy(graph: InferenceGraph, name: str) -> list[dict]:
+def accuracy(model: FastFlow, graph: InferenceGraph, name: str) -> list[dict]:
     images = torch.rand(8, 3, 256, 256, device="cuda")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -180,7 +188,7 @@ def accuracy(graph: InferenceGraph, name: str) -> list[dict]:
     with torch.no_grad():
         ref_map, ref_score = graph(images)
         for prec in ("fp32", "bf16"):
-            amap, score = KernelGraph(graph, prec).cuda().eval()(images)
+            amap, score = kernel_graph(model, prec).cuda().eval()(images)
             out.append({"model": name, "precision": prec, "max_map_diff": float((amap - ref_map).abs().max()),
                         "max_score_diff": float((score - ref_score).abs().max()),
                         "map_range": float(ref_map.abs().max()), "score_range": float(ref_score.abs().max())})
@@ -200,7 +208,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         rows = []
         for name in args.backbones:
-            kg = KernelGraph(InferenceGraph(make_model(name)).cuda().eval(), "bf16").cuda().eval()
+            kg = kernel_graph(make_model(name), "bf16").cuda().eval()
             rows += [stage_split(kg, name, batch) for batch in args.batches]
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "stages": rows}, f, indent=1)
@@ -210,11 +218,13 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     result["accuracy"], result["kernels"], result["end_to_end"] = [], [], []
     for name in args.backbones:
-        graph = InferenceGraph(make_model(name)).cuda().eval()
-        result["accuracy"] += accuracy(graph, name)
+        model = make_model(name)
+        graph = InferenceGraph(model).cuda().eval()
+        result["accuracy"] += accuracy(model, graph, name)
         torch.backends.cudnn.allow_tf32 = True
-        result["kernels"] += kernel_rows(graph, KernelGraph(graph, "bf16").cuda().eval(), args.kernel_batch, ceil, name)
-        result["end_to_end"] += end_to_end(graph, name, args.batches)
+        result["kernels"] += kernel_rows(graph, kernel_graph(model, "bf16").cuda().eval(), args.kernel_batch, ceil,
+                                         name)
+        result["end_to_end"] += end_to_end(model, graph, name, args.batches)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print_tables(result)

@@ -29,10 +29,10 @@ import torch
 
 import engine
 from benchmarks import gpu_bench, stages
-from engine.backends.cuda import KernelGraph
 from engine.builder import BuildConfig, build_engine
 from engine.builder.builder import LOW_PRECISION_TOLERANCE
 from engine.builder.graph import InferenceGraph
+from engine.builder.kernel_pack import kernel_graph
 from engine.common.images import images_in, read_image
 from train.checkpoint import load_model, save_model
 from train.model import FlowConfig
@@ -136,7 +136,7 @@ def main() -> None:
                 entry["speed"][name] = _speed(built, tuple(model.config.input_size), args.repeats)
                 print(f"{label} {name}: {json.dumps(entry['accuracy'][name])}", flush=True)
             graph = InferenceGraph(model).cuda().eval()
-            kg = KernelGraph(graph, "bf16").cuda().eval()
+            kg = kernel_graph(model, "bf16").cuda().eval()
             entry["stages"] = [gpu_bench.stage_split(kg, label, b) for b in (1, 128)]
             entry["kernels"] = gpu_bench.kernel_rows(graph, kg, args.kernel_batch, c, label)
             result["models"].append(entry)

@@ -26,8 +26,9 @@ MAGIC = b"LFENGINE"
 # 2: CPU engines end at per-scale maps, fused natively (header.scoring); 3: precision bf16-flow;
 # 4: rectangular inputs (input_size and scoring sizes are [height, width] pairs); 5: precisions int8 and
 # int8-backbone (the onnx section carries NNCF's quantize/dequantize pairs); 6: scoring.sigma one a scale
-# (header.py reads the one number of 2-5 as every scale's); 7: precision bf16-deep (sections onnx_head, onnx_tail)
-FORMAT_VERSION = 7
+# (header.py reads the one number of 2-5 as every scale's); 7: precision bf16-deep (sections onnx_head, onnx_tail);
+# 8: torch engines carry the kernels section (the CUDA path's folded flow) and the scoring
+FORMAT_VERSION = 8
 OLDEST_READABLE = 2  # versions 2 and 3 are version 4 with square inputs (header.py reads their ints as squares)
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
 

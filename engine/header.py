@@ -16,7 +16,7 @@ __all__ = ["EngineHeader", "TilingSpec",
            "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "MAPS_GRAPH_BACKENDS",
            "STAGE_PRECISIONS", "PART_PRECISIONS", "INT8_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_ONNX_HEAD", "SECTION_ONNX_TAIL",
-           "SECTION_TENSORRT_PLAN", "SECTION_MODEL",
+           "SECTION_TENSORRT_PLAN", "SECTION_MODEL", "SECTION_KERNELS",
            "required_sections"]
 
 BACKENDS = ("openvino", "onnxruntime", "tensorrt", "torch")
@@ -38,6 +38,7 @@ SECTION_ONNX_HEAD = "onnx_head"  # bf16-deep's first stage: images -> the backbo
 SECTION_ONNX_TAIL = "onnx_tail"  # ... the stride-4 map -> the rest of the backbone and the flow -> NLL maps
 SECTION_TENSORRT_PLAN = "tensorrt_plan"  # a serialised TensorRT plan of the SECTION_ONNX graph
 SECTION_MODEL = "model"  # the model.pt bytes (torch backend: rebuilt with train's classes)
+SECTION_KERNELS = "kernels"  # torch backend: the folded flow as the CUDA path's kernels read it (arrays, .npz)
 
 # precisions that run the graph as two stages, each its own section in its own precision: bf16-flow cuts between
 # backbone and flow; bf16-deep after the backbone's stride-4 map, whose layers move MTD scores most in bf16
@@ -60,7 +61,7 @@ INT8_PRECISIONS = tuple(p for p, parts in PART_PRECISIONS.items() if "int8" in p
 def required_sections(backend: str, precision: str) -> tuple[str, ...]:
     """The sections an engine of this backend and precision carries."""
     if backend == "torch":
-        return (SECTION_MODEL,)
+        return (SECTION_MODEL, SECTION_KERNELS)
     if backend == "tensorrt":
         return (SECTION_TENSORRT_PLAN,)
     if precision in STAGE_PRECISIONS:
@@ -104,7 +105,9 @@ class EngineHeader:
     threshold: float  # image scores above it are anomalous (set by train.fit on held-out good images)
     precision: str = "fp32"
     batch: int | None = None  # a fixed batch size, or None for any
-    scoring: ScoringSpec | None = None  # MAPS_GRAPH_BACKENDS: the fusion after their graph; torch: None
+    # the fusion after the per-scale maps: MAPS_GRAPH_BACKENDS after their graph, torch after its kernels on CUDA;
+    # None: a torch engine built before format 8, without the kernels section (it runs on a CPU only)
+    scoring: ScoringSpec | None = None
     tiling: TilingSpec | None = None  # a model trained on tiles: frames are cut and stitched; None: resized whole
     model_config: dict = field(default_factory=dict)  # train.model.FlowConfig.to_dict() of the model
     model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
@@ -158,4 +161,6 @@ class EngineHeader:
 
     @property
     def needed_sections(self) -> tuple[str, ...]:
+        if self.backend == "torch" and self.scoring is None:  # before format 8: the PyTorch reference alone
+            return (SECTION_MODEL,)
         return required_sections(self.backend, self.precision)

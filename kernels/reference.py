@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ATAN_COEFFS", "poly_atan", "soft_clamp_reference", "conv_relu_reference", "conv_coupling_reference",
-           "score_maps_reference"]
+           "score_maps_reference", "top_k_mean"]
 
 # atan(r) / r on [0, 1] as a degree-7 polynomial in r^2, highest power first (Chebyshev-weighted least squares;
 # max |error| of atan 7.5e-8, 1.9e-7 in float32); atan(x) = pi/2 - atan(1/x) above 1. The Triton kernels'
@@ -73,3 +73,10 @@ def score_maps_reference(states: list[torch.Tensor], alpha_beta: list[torch.Tens
     def fuse(weights):
         return blur_rows @ sum(w * u for w, u in zip(weights, ups)) @ blur_cols.T
     return fuse(map_weights), fuse(image_weights)
+
+
+def top_k_mean(score_map: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, H, W) -> (B,): the mean of each map's k highest pixels (the max when k = 1), the image score the CUDA path
+    takes of score_maps' score map (a torch top-k: no kernel of its own)."""
+    flat = score_map.flatten(1)
+    return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)

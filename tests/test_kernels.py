@@ -129,11 +129,11 @@ def test_kernel_path_matches_inference_graph(map_scales, image_scales, precision
     """The whole flow head and scoring through kernels/ equals the folded graph (maps and image scores)."""
     from test_engine import TOL, perturbed_model
 
-    from engine.backends.cuda import KernelGraph
     from engine.builder.graph import InferenceGraph
+    from engine.builder.kernel_pack import kernel_graph as kernel_graph_of
     model = perturbed_model(size=size, map_scales=map_scales, image_scales=image_scales)
+    kernel_graph = kernel_graph_of(model, precision).eval().to(DEVICE)
     graph = InferenceGraph(model).eval().to(DEVICE)
-    kernel_graph = KernelGraph(graph, precision).eval().to(DEVICE)
     height, width = graph.size
     x = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     with torch.no_grad():

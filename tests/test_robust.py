@@ -214,7 +214,8 @@ def test_engine_with_a_code_pickle_is_refused_without_running_it(tmp_path):
     import engine
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.engine"
-    write_engine(path, replace(HEADER, backend="torch"), {"model": pickle.dumps({"x": CodePickle(str(marker))})})
+    write_engine(path, replace(HEADER, backend="torch", scoring=None),  # no kernels section to read first
+                 {"model": pickle.dumps({"x": CodePickle(str(marker))})})
     with pytest.raises(Exception, match="refused|not a lineflow model|cannot read") as info:
         engine.load(path)
     assert type(info.value).__name__ in ("ModelFileError", "EngineFileError"), info.value

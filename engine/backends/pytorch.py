@@ -2,20 +2,31 @@
 
 On a CPU it is the PyTorch reference itself (what the other backends are checked against); on a
 CUDA device the backbone runs in cuDNN (channels-last, autocast to the engine's precision) and the
-flow and scoring in the fused Triton kernels (engine/backends/cuda.py), one CUDA graph per batch
-size. The one run-side module that imports training's model definition, lazily, here only.
+flow and scoring in the fused Triton kernels (engine/backends/cuda.py) from the engine's kernels
+section and its header's scoring, one CUDA graph per batch size. The one run-side module that imports
+training's model definition (to rebuild the backbone), lazily, here only.
 """
 
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 
 from engine.backends import Backend
-from engine.header import SECTION_MODEL, EngineHeader
+from engine.format import EngineFileError
+from engine.header import SECTION_KERNELS, SECTION_MODEL, EngineHeader
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "flow_inputs"]
+
+
+def flow_inputs(model, precision: str):
+    """The CUDA path's feature module of a FastFlow model: its backbone, then its neighbourhood pool."""
+    from engine.backends.cuda import FlowInputs
+    from train.model import pool_features
+    return FlowInputs(model.backbone, partial(pool_features, k=model.config.feature_pool,
+                                              pooled=model.pooled_scales()), precision)
 
 
 class TorchBackend(Backend):
@@ -36,11 +47,16 @@ class TorchBackend(Backend):
         if not self.cuda:
             self.model = model.eval()
             return
-        from engine.backends.cuda import CudaGraphRunner, KernelGraph
+        if header.scoring is None or SECTION_KERNELS not in sections:
+            raise EngineFileError("this torch engine was built before engine format 8 and carries no kernels section "
+                                  "for the CUDA path: rebuild it with python -m engine.build (on a CPU it still runs "
+                                  "as the PyTorch reference)")
+        from engine.backends.cuda import CudaGraphRunner, KernelGraph, read_kernel_section
         from engine.backends.pinned import PinnedUpload
-        from engine.builder.graph import InferenceGraph
+        tensors = read_kernel_section(sections[SECTION_KERNELS])
         self.upload = PinnedUpload("cuda")  # calls are serialised by engine.Engine on CUDA (thread_safe False)
-        self.kernel_graph = KernelGraph(InferenceGraph(model.eval()), header.precision).cuda().eval()
+        self.kernel_graph = KernelGraph(tensors, header.scoring, flow_inputs(model.eval(), header.precision),
+                                        header.precision).cuda().eval()
         self.model = CudaGraphRunner(self.kernel_graph)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -247,7 +247,7 @@ def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Pat
     def header(backend: str, precision: str) -> EngineHeader:
         return EngineHeader(
             backend=backend, precision=precision, input_size=hw, threshold=threshold, batch=batch,
-            scoring=scoring if backend in MAPS_GRAPH_BACKENDS else None,  # torch: fused inside its own path
+            scoring=scoring,
             tiling=tiling,
             model_config=model.config.to_dict(), model_threshold=meta.get("threshold"), checks=checks,
             created=datetime.now(UTC).isoformat(),

@@ -10,10 +10,12 @@ import onnx
 import torch
 
 from engine.builder.graph import BackboneGraph, FlowGraph, HeadGraph, InferenceGraph, ScaleMapsGraph, TailFlowGraph
+from engine.builder.kernel_pack import kernel_section
 from engine.builder.quantize import KEEP_FP32, quantize_int8
 from engine.builder.tensorrt_limits import tensorrt_graph_problems
 from engine.common.errors import UserError
 from engine.header import (
+    SECTION_KERNELS,
     SECTION_MODEL,
     SECTION_ONNX,
     SECTION_ONNX_BACKBONE,
@@ -129,6 +131,7 @@ def engine_sections(backend: str, precision: str, model_bytes: bytes, graph: Inf
             exported[part] = export_onnx(graph, batch, part)
         return exported[part]
     make = {SECTION_MODEL: lambda: model_bytes,
+            SECTION_KERNELS: lambda: kernel_section(graph),
             SECTION_TENSORRT_PLAN: lambda: tensorrt_plan(onnx("maps"), precision, batch, graph.size),
             SECTION_ONNX: lambda: (quantize_int8(onnx("maps"), precision, check_images) if precision in KEEP_FP32
                                    else onnx("maps")),  # the graph ends at the per-scale maps
