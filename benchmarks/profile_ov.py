@@ -6,6 +6,8 @@ The configuration's model with random weights (benchmarks/stages.py; no cost dep
 maps graph as the engine exports it (engine/builder/export.py), compiled as the OpenVINO backend compiles it
 (static batch 1, latency hint, torch's threads); PERF_COUNT on, real time summed per node over `--calls`
 calls and divided by them. Parts by node name: backbone, each flow scale (the folded couplings), other.
+`--gathers` exports the flow as it was before 2026-12-02, each scale's state one tensor and each step's halves
+drawn by Gather nodes (GatherScale below: this benchmark's own variant; the engine exports 1x1 convolutions).
 """
 
 from __future__ import annotations
@@ -16,18 +18,38 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from benchmarks.stages import CONFIGS, make_model
 from engine.backends.ov import compile_config
 from engine.builder.export import export_onnx
-from engine.builder.graph import InferenceGraph
+from engine.builder.graph import FoldedScale, InferenceGraph
+
+
+class GatherScale(nn.Module):
+    """A folded scale with its state as one tensor: each step gathers its halves by channel index (Gather nodes)
+    and concatenates [x1, y2] (the graph before 2026-12-02; the same maps as FoldedScale's two blocks)."""
+
+    def __init__(self, scale: FoldedScale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        s = self.scale
+        x = F.layer_norm(feat, s.norm_shape)
+        for step in s.steps:
+            x1 = x.index_select(1, step.idx1)
+            x = torch.cat([x1, step.coupled(x1, x.index_select(1, step.idx2))], dim=1)
+        return (x * s.alpha + s.beta).pow(2).sum(dim=1, keepdim=True) - s.offset  # (B, 1, h, w)
 
 
 def profile(config_name: str, precision: str, calls: int, gathers: bool) -> tuple[float, dict, dict]:
     import openvino as ov
     graph = InferenceGraph(make_model(CONFIGS[config_name])).eval()
-    for scale in graph.scales.values():
-        scale.gathers = gathers
+    if gathers:
+        for key in list(graph.scales):
+            graph.scales[key] = GatherScale(graph.scales[key])
     onnx = export_onnx(graph, 1, "maps")
     core = ov.Core()
     compiled = core.compile_model(core.read_model(onnx, b""), "CPU",

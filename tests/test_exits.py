@@ -443,16 +443,24 @@ def test_low_precision_the_cpu_lacks_is_refused_not_mislabelled(tiny, tmp_path, 
 
 
 def test_probability_fusion_model_is_refused_by_the_build_in_one_line(tmp_path):
+    """No engine builds FastFlow's probability fusion: FlowConfig refuses it (train.fit), and a model file that
+    carries it (an older lineflow trained such models) is refused when the build reads it."""
     import torch
 
-    from train.checkpoint import save_model
+    from train.checkpoint import checksum, save_model
     from train.model import FastFlow, FlowConfig
+    with pytest.raises(ValueError, match="fusion"):
+        FlowConfig(fusion="probability")
     torch.manual_seed(0)
-    model = FastFlow(FlowConfig(backbone="efficientnet_lite0", input_size=64, flow_steps=2, fusion="probability"))
+    model = FastFlow(FlowConfig(backbone="efficientnet_lite0", input_size=64, flow_steps=2))
     save_model(tmp_path / "p.pt", model, {"threshold": {"threshold": 1.0}})
+    payload = torch.load(tmp_path / "p.pt", weights_only=True)
+    payload["meta"]["config"]["fusion"] = "probability"
+    payload["checksum"] = checksum(payload["meta"], payload["state_dict"])
+    torch.save(payload, tmp_path / "p.pt")
     proc = _cli("engine.build", str(tmp_path / "p.pt"), "--backend", "onnxruntime")
     err = _clean(proc, EXIT_BAD_INPUT)
-    assert "fuses its scales as 'probability'" in err and len(err.strip().splitlines()) == 1
+    assert "fusion" in err and "'probability'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_training_that_diverges_ends_in_one_line(demo_dir, tmp_path, monkeypatch, capsys):

@@ -149,7 +149,9 @@ def pool_features(feats: list[torch.Tensor], k: int, pooled: list[bool] | None =
             for f, p in zip(feats, pooled, strict=True)]
 
 
-FUSIONS = ("normalised", "probability")
+# how scales are combined: each scale's NLL in units of held-out good pixels, averaged. The one fusion every engine
+# builds; FastFlow's "probability" (1 - mean of exp(-nll)) was refused by every engine build, and is refused here
+FUSIONS = ("normalised",)
 IMAGE_SCALES = ("coarse", "coarsest", "all")
 MAP_SCALES = ("fine", "all")
 POOL_SCALES = ("coarse", "all")
@@ -185,7 +187,7 @@ class FlowConfig:
     pool_scales: str = "coarse"  # the scales averaged: "coarse" (strides 16 + 32; 4 and 8 as they are) or "all"
     blur_sigma: float = 2.0  # Gaussian smoothing of the stride-4 map, in input pixels; 0 = off
     blur_mode: str = "stride"  # "stride": each scale's sigma grows with its stride (half a cell); "fixed": blur_sigma
-    fusion: str = "normalised"  # how scales are combined: "normalised" or "probability" (FastFlow's)
+    fusion: str = "normalised"  # how scales are combined: "normalised" (FUSIONS: the one every engine builds)
     image_score_top: float = 0.1  # image score = mean of this fraction of the map's highest pixels; 0 = max
     map_scales: str = "fine"  # the scales the anomaly map fuses: "fine" (strides 4, 8, 16) or "all" four
     image_scales: str = "coarse"  # the map the image score reads: "coarse" (strides 16 + 32), "coarsest" (32), "all"
@@ -218,7 +220,7 @@ class FlowConfig:
                 raise ValueError(f"{name} must be {kind.__name__ if isinstance(kind, type) else 'a number'}"
                                  + (f" in [{low}, {high}]" if low is not None else "") + f", not {v!r}")
         if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+            raise ValueError(f"fusion must be one of {FUSIONS} (the fusion every engine builds), not {self.fusion!r}")
         object.__setattr__(self, "input_size", check_hw(as_hw(self.input_size)))  # model.pt before rectangles: an int
         if not (isinstance(self.tile_scale, (int, float)) and 0 <= self.tile_scale <= 16):
             raise ValueError("tile_scale must be 0 (frames resized whole) or a scale in (0, 16]")
@@ -299,10 +301,9 @@ class FastFlow(nn.Module):
         """z per scale -> (B, H, W) map, higher = more anomalous; each scale upsampled bilinearly and blurred
         (scale_sigmas), then averaged.
 
-        fusion "normalised" (default): each scale's pixel NLL in units of held-out good pixels,
-        (nll - median) / (q99 - median), averaged over scales: 0 is a typical good pixel, 1 the 99th
-        percentile, whatever the scale's channel count. fusion "probability" (FastFlow's): map =
-        1 - mean over scales of exp(-nll), in [0, 1). `scales`: which scales to fuse (default: `map_scales`).
+        Each scale's pixel NLL in units of held-out good pixels, (nll - median) / (q99 - median), averaged
+        over scales: 0 is a typical good pixel, 1 the 99th percentile, whatever the scale's channel count.
+        `scales`: which scales to fuse (default: `map_scales`).
         """
         scales = self.map_scale_indices() if scales is None else scales
         return self._fuse(self.pixel_nll(zs), [scales], size)[0]
@@ -313,10 +314,9 @@ class FastFlow(nn.Module):
         maps = {}
         for s in sorted({s for scales in scale_sets for s in scales}):
             nll, (median, q99) = nlls[s], self.scale_stats[s]
-            per_scale = (nll - median) / (q99 - median) if self.config.fusion == "normalised" else -torch.exp(-nll)
+            per_scale = (nll - median) / (q99 - median)
             maps[s] = F.interpolate(per_scale[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        fused = fuse_maps(maps, self.scale_sigmas(), scale_sets)
-        return [1.0 + f for f in fused] if self.config.fusion == "probability" else fused
+        return fuse_maps(maps, self.scale_sigmas(), scale_sets)
 
     def scale_sigmas(self) -> list[float]:
         """Each scale's map blur in input pixels: blur_sigma at stride 4, growing with the stride ("stride").

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.common.errors import UserError
 from engine.common.maths import top_k_count
 from engine.scoring import ScoringSpec
 from kernels.reference import poly_atan
@@ -40,8 +39,8 @@ __all__ = ["InferenceGraph", "ScaleMapsGraph", "BackboneGraph", "FlowGraph", "He
 
 
 class FoldedStep(nn.Module):
-    """One coupling step on the stored state: gathers, two convs, clamp, multiply-add (`forward`: X as one
-    tensor; `on_blocks`: X as two blocks, the form the graph exports)."""
+    """One coupling step on the stored state, kept as two blocks (`on_blocks`): the halves drawn from them, two
+    convs, clamp, multiply-add."""
 
     def __init__(self, step: CouplingStep, idx: torch.Tensor, a: torch.Tensor, c: torch.Tensor, hw: tuple[int, int]):
         super().__init__()
@@ -82,10 +81,6 @@ class FoldedStep(nn.Module):
         s = F.conv2d(hidden, self.w2[:c2], self.b2[:c2], padding=pad)
         t = F.conv2d(hidden, self.w2[c2:], self.b2[c2:], padding=pad)
         return x2 * (soft_clamp(s, self.clamp, atan=poly_atan) + self.g2).exp() + t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = x.index_select(1, self.idx1)
-        return torch.cat([x1, self.coupled(x1, x.index_select(1, self.idx2))], dim=1)
 
     def make_selections(self, c1: int) -> None:
         """For the state kept as two blocks [first c1 channels, the rest]: x1 and x2 as 1x1 convolutions of the
@@ -149,14 +144,9 @@ class FoldedScale(nn.Module):
         self.c1 = steps[0].c1
         for step in self.steps:
             step.make_selections(self.c1)
-        self.gathers = False  # True: the one-tensor form with channel gathers (the graph before; benchmarks compare)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(feat, self.norm_shape)
-        if self.gathers:
-            for step in self.steps:
-                x = step(x)
-            return (x * self.alpha + self.beta).pow(2).sum(dim=1, keepdim=True) - self.offset  # (B, 1, h, w)
         p, q = x.split([self.c1, self.norm_shape[0] - self.c1], dim=1)
         for step in self.steps:
             p, q = step.on_blocks(p, q)
@@ -171,10 +161,6 @@ class InferenceGraph(nn.Module):
     def __init__(self, model: FastFlow):
         super().__init__()
         cfg = model.config
-        if cfg.fusion != "normalised":
-            raise UserError(f"this model fuses its scales as {cfg.fusion!r} (train.fit --fusion), which only "
-                            "train.evaluate scores; engines implement 'normalised', the default: retrain without "
-                            "--fusion to build an engine")
         self.size, self.sigmas = cfg.input_size, model.scale_sigmas()  # sigmas: every scale's, by scale index
         self.backbone, self.pool = model.backbone, cfg.feature_pool
         self.map_scales, self.image_scales = model.map_scale_indices(), model.image_scale_indices()
