@@ -1,8 +1,21 @@
-import os
-from pathlib import Path
+from __future__ import annotations
 
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+if TYPE_CHECKING:
+    from train.model import FastFlow
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter here: correctness only, no speed
@@ -10,6 +23,29 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter here:
 
 # the real-data checks' MTD; LINEFLOW_MTD points elsewhere (the GPU machine gets a few images carried with the tree)
 MTD = Path(os.environ.get("LINEFLOW_MTD") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+
+def _fix_seeds() -> None:
+    """The global random states (random, NumPy's legacy global, torch on every device) at a fixed seed."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every test's fixtures start from the same random state, whichever tests ran before."""
+    _fix_seeds()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    """Every test starts from the same random state, whichever fixtures were made for it: a draw without a
+    generator of its own (torch.rand, a freshly initialised model) is the same in every run and process."""
+    _fix_seeds()
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +81,123 @@ def conv_gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         pad, shape = ((radius, radius, 0, 0), (1, 1, 1, -1)) if dim == -1 else ((0, 0, radius, radius), (1, 1, -1, 1))
         x = F.conv2d(F.pad(x[:, None], pad, mode="reflect"), k.view(shape))[:, 0]
     return x
+
+
+# Helpers and fixtures shared by several test modules (a test module never imports another).
+
+def perturbed_model(size=64, image_scales="coarse", map_scales="fine", seed=0) -> FastFlow:
+    """A model whose every parameter is non-trivial (trained weights would be; zero-init ones are not)."""
+    from train.model import FastFlow, FlowConfig
+    torch.manual_seed(seed)
+    model = FastFlow(FlowConfig(backbone="efficientnet_lite0", input_size=size, flow_steps=4,
+                                image_scales=image_scales, map_scales=map_scales)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("backbone"):
+                p.add_(torch.randn_like(p) * 0.03)
+        model.scale_stats.copy_(torch.tensor([[0.5, 2.0], [0.7, 3.0], [0.2, 1.5], [0.4, 2.5]]))
+    return model
+
+
+def rewrite_version(path: Path, out: Path, version: int) -> None:
+    """Rewrite engine `path` to `out` as a consistent file whose format version is `version`."""
+    from engine.format import read_engine, write_engine
+    header, sections = read_engine(path)
+    write_engine(out, header, sections)
+    blob = bytearray(out.read_bytes())
+    struct.pack_into("<I", blob, 8, version)
+    import hashlib
+    blob[-32:] = hashlib.sha256(bytes(blob[:-32])).digest()  # a consistent file, only the version differs
+    out.write_bytes(bytes(blob))
+
+
+def run(*args, check=True):
+    """`python -m <args>` as a user runs it (a bare environment); unless check=False, a failure raises with its
+    output."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, wait=True, timeout=120, env=None):
+    """`python -m engine.run <args>` in a subprocess: finished (wait=True) or running (a Popen)."""
+    cmd = [sys.executable, "-m", "engine.run", *map(str, args)]
+    env = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    """An onnxruntime engine of a small model whose threshold is the median score of 60 frames (about half of
+    them anomalous), and the folder of those frames."""
+    pytest.importorskip("onnxruntime", reason="the line tests run an onnxruntime engine")
+    import engine
+    from engine.builder import BuildConfig, build_engine
+    from train.checkpoint import save_model
+    d = tmp_path_factory.mktemp("line")
+    frames = d / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
+    model = perturbed_model(seed=3)
+    save_model(d / "m.pt", model, {"threshold": {"threshold": 1.0}})
+    build_engine(model, {"threshold": {"threshold": 1.0}}, (d / "m.pt").read_bytes(), d / "probe.engine",
+                 BuildConfig("onnxruntime", "fp32"))
+    with engine.load(d / "probe.engine") as eng:
+        scores = [r.score for r in eng.infer([np.asarray(Image.open(p)) for p in sorted(frames.iterdir())])]
+    threshold = float(np.median(scores))
+    build_engine(model, {"threshold": {"threshold": threshold}}, (d / "m.pt").read_bytes(), d / "m.engine",
+                 BuildConfig("onnxruntime", "fp32"))
+    return {"engine": d / "m.engine", "frames": frames, "dir": d, "n": 60}
+
+
+@pytest.fixture(scope="module")
+def strips(tmp_path_factory):
+    """Long frames (160x64, a few at 200x80) in MVTec layout: stripes with bright spots as defects."""
+    root = tmp_path_factory.mktemp("strips")
+    rng = np.random.default_rng(0)
+
+    def frame(h, w):
+        x = np.linspace(0, 12 * np.pi, w)
+        a = 0.5 + 0.2 * np.sin(x)[None, :] + 0.03 * rng.normal(size=(h, w))
+        return a
+
+    def save(a, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).save(path)
+
+    for i in range(10):
+        save(frame(64, 160) if i % 5 else frame(80, 200), root / "train" / "good" / f"{i}.png")
+    for i in range(3):
+        save(frame(64, 160), root / "test" / "good" / f"{i}.png")
+    for i in range(3):
+        a, m = frame(64, 160), np.zeros((64, 160), dtype=np.uint8)
+        y, x = 20 + 5 * i, 30 + 30 * i
+        a[y:y + 6, x:x + 6] = 1.0
+        m[y:y + 6, x:x + 6] = 255
+        save(a, root / "test" / "spot" / f"{i}.png")
+        Image.fromarray(m).save((root / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
+                                or root / "ground_truth" / "spot" / f"{i}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiled_model(strips, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiled_model") / "model.pt"
+    proc = run("train.fit", "--data", str(strips), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+               "--flow-steps", "2", "--backbone", "efficientnet_lite0", "--seed", "0", "--input-size", "64x64",
+               "--tile-scale", "1.0")
+    assert "tiles of frames resized by 1" in proc.stdout
+    return out

@@ -5,7 +5,6 @@ image AUROC identical to 3 decimals.
 """
 
 import json
-import struct
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MTD, conv_gaussian_blur
+from conftest import MTD, TOL, conv_gaussian_blur, perturbed_model, rewrite_version
 
 import engine
 from engine.backends import available_backends
@@ -24,30 +23,15 @@ from engine.builder import BuildConfig, build_engine
 from engine.builder.graph import InferenceGraph
 from engine.common.images import read_image
 from engine.common.maths import resize_matrix
-from engine.format import EngineFileError, read_engine, write_engine
+from engine.format import EngineFileError
 from engine.preprocess import frames_to_input, resize_map
 from train.checkpoint import load_model
 from train.data import evaluation_samples, to_model_input
 from train.fit import main as fit_main
 from train.metrics import auroc
-from train.model import FastFlow, FlowConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-4
 CPU_BACKENDS = [b for b in ("onnxruntime", "openvino", "torch") if b in available_backends()]
-
-
-def perturbed_model(size=64, image_scales="coarse", map_scales="fine", seed=0) -> FastFlow:
-    """A model whose every parameter is non-trivial (trained weights would be; zero-init ones are not)."""
-    torch.manual_seed(seed)
-    model = FastFlow(FlowConfig(backbone="efficientnet_lite0", input_size=size, flow_steps=4,
-                                image_scales=image_scales, map_scales=map_scales)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("backbone"):
-                p.add_(torch.randn_like(p) * 0.03)
-        model.scale_stats.copy_(torch.tensor([[0.5, 2.0], [0.7, 3.0], [0.2, 1.5], [0.4, 2.5]]))
-    return model
 
 
 @pytest.mark.parametrize("map_scales,image_scales", [
@@ -273,16 +257,6 @@ def Image_save(path, array):
     Image.fromarray(array).save(path)
 
 
-def _rewrite(path: Path, out: Path, version: int) -> None:
-    header, sections = read_engine(path)
-    write_engine(out, header, sections)
-    blob = bytearray(out.read_bytes())
-    struct.pack_into("<I", blob, 8, version)
-    import hashlib
-    blob[-32:] = hashlib.sha256(bytes(blob[:-32])).digest()  # a consistent file, only the version differs
-    out.write_bytes(bytes(blob))
-
-
 def test_damaged_truncated_and_old_engines_are_refused(built, tmp_path):
     _, path, _ = built
     blob = path.read_bytes()
@@ -295,7 +269,7 @@ def test_damaged_truncated_and_old_engines_are_refused(built, tmp_path):
     with pytest.raises(EngineFileError, match="damaged"):
         engine.load(truncated)
     old = tmp_path / "old.engine"
-    _rewrite(path, old, 0)
+    rewrite_version(path, old, 0)
     with pytest.raises(EngineFileError, match="version 0"):
         engine.load(old)
     foreign = tmp_path / "model.pt"

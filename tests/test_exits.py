@@ -67,7 +67,7 @@ def _valid_lines(path: Path) -> list[dict]:
 def tiny(tmp_path_factory):
     """A 64 px model and its onnxruntime engine, and a folder of 120 frames."""
     pytest.importorskip("onnxruntime", reason="the exit-path tests run an onnxruntime engine")
-    from test_engine import perturbed_model
+    from conftest import perturbed_model
 
     from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
@@ -193,9 +193,9 @@ def test_sigterm_and_ctrl_c_mid_run_flush_and_exit_cleanly(tiny, tmp_path, sig, 
 
 
 def test_sigkill_mid_run_leaves_only_whole_lines(tiny, tmp_path):
-    for _ in range(3):  # at three moments: each JSONL line is one write() call
+    for i in range(3):  # at three moments: each JSONL line is one write() call
         proc, out = _mid_run(tiny, tmp_path)
-        time.sleep(np.random.default_rng().uniform(0, 0.2))
+        time.sleep(np.random.default_rng(i).uniform(0, 0.2))
         proc.kill()
         proc.communicate(timeout=30)
         assert len(_valid_lines(out)) >= 5

@@ -182,7 +182,7 @@ def seed_engine(tmp_path_factory):
     """A small real onnxruntime engine (64 px)."""
     pytest.importorskip("onnxruntime", reason="the engine fuzz loads onnxruntime engines")
     pytest.importorskip("onnx", reason="the weights mutation edits the ONNX graph with the onnx package")
-    from test_engine import perturbed_model
+    from conftest import perturbed_model
 
     from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model
@@ -265,7 +265,7 @@ def test_engine_whose_graph_disagrees_with_its_header_is_refused_at_load(seed_en
 
 @pytest.fixture(scope="module")
 def seed_model():
-    from test_engine import perturbed_model
+    from conftest import perturbed_model
     model = perturbed_model(seed=4)
     from train.checkpoint import FORMAT, FORMAT_VERSION
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run
 from PIL import Image
 from scipy import ndimage
-from test_cli import run
 
 from engine.common.geometry import choose_input_size, format_size, parse_size
 from train.metrics import PixelCurves, aupro, auroc
@@ -112,36 +112,6 @@ def test_best_thresholds_catch_the_most_defects_within_each_rejection_budget():
 
 
 @pytest.fixture(scope="module")
-def strips(tmp_path_factory):
-    """Long frames (160x64, a few at 200x80) in MVTec layout: stripes with bright spots as defects."""
-    root = tmp_path_factory.mktemp("strips")
-    rng = np.random.default_rng(0)
-
-    def frame(h, w):
-        x = np.linspace(0, 12 * np.pi, w)
-        a = 0.5 + 0.2 * np.sin(x)[None, :] + 0.03 * rng.normal(size=(h, w))
-        return a
-
-    def save(a, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).save(path)
-
-    for i in range(10):
-        save(frame(64, 160) if i % 5 else frame(80, 200), root / "train" / "good" / f"{i}.png")
-    for i in range(3):
-        save(frame(64, 160), root / "test" / "good" / f"{i}.png")
-    for i in range(3):
-        a, m = frame(64, 160), np.zeros((64, 160), dtype=np.uint8)
-        y, x = 20 + 5 * i, 30 + 30 * i
-        a[y:y + 6, x:x + 6] = 1.0
-        m[y:y + 6, x:x + 6] = 255
-        save(a, root / "test" / "spot" / f"{i}.png")
-        Image.fromarray(m).save((root / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
-                                or root / "ground_truth" / "spot" / f"{i}_mask.png")
-    return root
-
-
-@pytest.fixture(scope="module")
 def strip_model(strips, tmp_path_factory):
     out = tmp_path_factory.mktemp("strip_model") / "model.pt"
     proc = run("train.fit", "--data", str(strips), "--out", str(out), "--epochs", "2", "--batch-size", "4",
@@ -188,16 +158,6 @@ def test_tiles_cover_the_frame_and_stitch_back_what_they_cut():
     tiles = np.stack([frame[y:y + 96, x:x + 160] for y, x in starts])
     np.testing.assert_allclose(stitch(tiles, starts, scaled, blend_weights((96, 160), 0.25)), frame, atol=1e-6)
     assert tile_grid((50, 60), 1.0, (64, 64), 0.25) == ((64, 64), [(0, 0)])  # smaller: stretched to one tile
-
-
-@pytest.fixture(scope="module")
-def tiled_model(strips, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiled_model") / "model.pt"
-    proc = run("train.fit", "--data", str(strips), "--out", str(out), "--epochs", "1", "--batch-size", "8",
-               "--flow-steps", "2", "--backbone", "efficientnet_lite0", "--seed", "0", "--input-size", "64x64",
-               "--tile-scale", "1.0")
-    assert "tiles of frames resized by 1" in proc.stdout
-    return out
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])

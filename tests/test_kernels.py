@@ -7,6 +7,8 @@ shapes stay small. Tolerances, relative to the reference's norm: fp32 operands 1
 element the kernel fails to write fails the test.
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ CONV_SHAPES = [  # batch, state channels, H, W, hidden, kernel
 @pytest.mark.parametrize("shape", CONV_SHAPES)
 def test_conv_relu_kernel(shape, dtype):
     b, c, h, w, hidden, k = shape
-    gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype))).encode()))
     x = torch.randn(b, c, h, w, generator=gen)
     chan = torch.randperm(c, generator=gen)[: c // 2].int()  # the x1 half, gathered from anywhere
     weight = torch.randn(hidden, c // 2, k, k, generator=gen) / k
@@ -56,7 +58,7 @@ def test_conv_relu_kernel(shape, dtype):
 @pytest.mark.parametrize("shape", CONV_SHAPES)
 def test_conv_coupling_kernel(shape, dtype):
     b, c, h, w, hidden, k = shape
-    gen = torch.Generator().manual_seed(hash((shape, str(dtype), 2)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype), 2)).encode()))
     c2 = c - c // 2
     x = torch.randn(b, c, h, w, generator=gen)
     chan2 = torch.randperm(c, generator=gen)[:c2].int()
@@ -127,7 +129,7 @@ def test_score_kernel_refuses_mismatched_resize():
     ("fine", "coarse", "fp32", (64, 128))])
 def test_kernel_path_matches_inference_graph(map_scales, image_scales, precision, size):
     """The whole flow head and scoring through kernels/ equals the folded graph (maps and image scores)."""
-    from test_engine import TOL, perturbed_model
+    from conftest import TOL, perturbed_model
 
     from engine.builder.graph import InferenceGraph
     from engine.builder.kernel_pack import kernel_graph as kernel_graph_of

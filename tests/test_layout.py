@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine import perturbed_model
+from conftest import perturbed_model
 
 import engine
 from engine.backends import Backend, available_backends
@@ -54,7 +54,7 @@ def test_run_side_imports_neither_torch_nor_train(lean_engines):
 import sys
 import numpy as np
 import engine
-import engine.line, engine.view  # the line sinks and the live view are run side too
+import engine.sinks  # the line sinks and the live view are run side too
 for path in sys.argv[1:]:
     with engine.load(path) as eng:
         r = eng.infer(np.full((96, 128, 3), 100, np.uint8))

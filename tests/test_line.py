@@ -11,60 +11,16 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import cli, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install -e .)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli(*args, wait=True, timeout=120, env=None):
-    cmd = [sys.executable, "-m", "engine.run", *map(str, args)]
-    env = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def line(tmp_path_factory):
-    """An onnxruntime engine of a small model whose threshold is the median score of 60 frames (about half of
-    them anomalous), and the folder of those frames."""
-    pytest.importorskip("onnxruntime", reason="the line tests run an onnxruntime engine")
-    from test_engine import perturbed_model
-
-    import engine
-    from engine.builder import BuildConfig, build_engine
-    from train.checkpoint import save_model
-    d = tmp_path_factory.mktemp("line")
-    frames = d / "frames"
-    frames.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(60):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
-    model = perturbed_model(seed=3)
-    save_model(d / "m.pt", model, {"threshold": {"threshold": 1.0}})
-    build_engine(model, {"threshold": {"threshold": 1.0}}, (d / "m.pt").read_bytes(), d / "probe.engine",
-                 BuildConfig("onnxruntime", "fp32"))
-    with engine.load(d / "probe.engine") as eng:
-        scores = [r.score for r in eng.infer([np.asarray(Image.open(p)) for p in sorted(frames.iterdir())])]
-    threshold = float(np.median(scores))
-    build_engine(model, {"threshold": {"threshold": threshold}}, (d / "m.pt").read_bytes(), d / "m.engine",
-                 BuildConfig("onnxruntime", "fp32"))
-    return {"engine": d / "m.engine", "frames": frames, "dir": d, "n": 60}
 
 
 class Broker:
@@ -173,8 +129,7 @@ def test_the_api_sinks_as_docs_line_md_shows_them(line, broker):
     import urllib.request
 
     import engine
-    from engine.line import MqttSink
-    from engine.view import LiveView
+    from engine.sinks import LiveView, MqttSink
     sub = Subscriber(broker.port, "plant/api", client_id="api-subscriber")
     with engine.load(line["engine"]) as eng:
         stats = engine.StreamStats()
@@ -326,16 +281,16 @@ def test_webhook_posts_each_anomalous_frame_and_retries(line, receiver, tmp_path
 def test_a_post_given_up_at_close_is_counted_once(receiver):
     """close() stops waiting for a slow POST and counts it as not sent; when the POST ends later, it is not
     counted again as delivered."""
-    from engine.line import WebhookSink
-    from engine.runtime import Result
+    from engine.results import Result
+    from engine.sinks import WebhookSink
     handler, url = receiver
     handler.delay = 0.5
-    sink = WebhookSink(url, every_frame=True, warn=lambda s: None)
+    sink = WebhookSink(url, every_frame=True, warn=lambda s: None, flush_timeout=0.05)
     sink.write(Result(0.5, False, None))
     deadline = time.monotonic() + 5
     while not sink.busy and time.monotonic() < deadline:
         time.sleep(0.01)
-    sink.close(timeout=0.05)
+    sink.close()
     sink.thread.join(5)
     assert not sink.thread.is_alive() and len(handler.bodies) == 1  # the POST did arrive, after close gave up
     assert (sink.sent, sink.failed, sink.unsent) == (0, 0, 1)
@@ -361,8 +316,8 @@ def test_results_written_before_the_first_connection_go_out_first_and_in_order(m
     then the waiting results in order, ahead of those written while it connects (a fake paho client here)."""
     import paho.mqtt.client as mqtt
 
-    from engine.line import MqttSink
-    from engine.runtime import Result
+    from engine.results import Result
+    from engine.sinks import MqttSink
     handed: list[int] = []
 
     class FakeClient:
@@ -381,7 +336,7 @@ def test_results_written_before_the_first_connection_go_out_first_and_in_order(m
             return lambda *a, **k: None
 
     monkeypatch.setattr(mqtt, "Client", FakeClient)
-    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=lambda s: None)
+    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=lambda s: None, flush_timeout=0.5)
     written = 0
 
     def write_next():
@@ -403,7 +358,7 @@ def test_results_written_before_the_first_connection_go_out_first_and_in_order(m
         write_next()
         time.sleep(0.0005)
     timer.join()
-    sink.close(timeout=0.5)
+    sink.close()
     assert written > 40 and handed == list(range(written))
 
 
@@ -414,8 +369,8 @@ def test_results_written_around_a_reconnect_wait_behind_what_paho_resends(monkey
     client with that order: what reaches the broker, what is lost with a broken connection, what it resends."""
     import paho.mqtt.client as mqtt
 
-    from engine.line import MqttSink
-    from engine.runtime import Result
+    from engine.results import Result
+    from engine.sinks import MqttSink
     ok = type("Code", (), {"is_failure": False})()
 
     class FakeClient:
@@ -461,7 +416,7 @@ def test_results_written_around_a_reconnect_wait_behind_what_paho_resends(monkey
             return lambda *a, **k: None
 
     monkeypatch.setattr(mqtt, "Client", FakeClient)
-    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=lambda s: None)
+    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=lambda s: None, flush_timeout=0.5)
     fake: FakeClient = sink.client
     written = 0
 
@@ -490,5 +445,5 @@ def test_results_written_around_a_reconnect_wait_behind_what_paho_resends(monkey
     assert delivered(8)
     write_next()
     assert delivered(9)
-    sink.close(timeout=0.5)
+    sink.close()
     assert list(dict.fromkeys(fake.arrived)) == list(range(9)), fake.arrived  # in order of first arrival

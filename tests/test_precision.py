@@ -13,8 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import MTD
-from test_engine import _rewrite, perturbed_model
+from conftest import MTD, perturbed_model, rewrite_version
 
 import engine
 from engine.builder import BuildConfig, build_engine, builder, export_onnx
@@ -199,7 +198,7 @@ def test_version_2_files_are_still_read(bf16_flow_engine, tmp_path):
     """Format 3 only added the two-graph sections: a version 2 file reads as before."""
     _, path, _ = bf16_flow_engine
     old = tmp_path / "v2.engine"
-    _rewrite(path, old, 2)
+    rewrite_version(path, old, 2)
     x = np.random.default_rng(3).random((1, 3, 64, 64), dtype=np.float32)
     assert np.array_equal(engine.load(old).infer_prepared(x)[1], engine.load(path).infer_prepared(x)[1])
 

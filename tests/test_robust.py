@@ -225,7 +225,7 @@ def test_engine_with_a_code_pickle_is_refused_without_running_it(tmp_path):
 @pytest.fixture(scope="module")
 def two_engines(tmp_path_factory):
     """Two small engines of two different models (64 px), one per CPU backend installed."""
-    from test_engine import perturbed_model
+    from conftest import perturbed_model
 
     import engine
     from engine.backends import available_backends

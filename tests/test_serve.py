@@ -86,7 +86,7 @@ class Server:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A small model's onnxruntime engine (named `served_model`) and a server for it."""
-    from test_engine import perturbed_model
+    from conftest import perturbed_model
 
     from engine.builder import BuildConfig, build_engine
     from train.checkpoint import save_model

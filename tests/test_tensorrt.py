@@ -21,10 +21,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import MTD
+from conftest import MTD, perturbed_model
 from onnx import TensorProto, helper
-from test_engine import perturbed_model
-from test_geometry import strips, tiled_model  # noqa: F401 - fixtures: the tiled model of the geometry tests
 
 import engine
 from benchmarks import stages

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_line import cli, free_port, line  # noqa: F401 - `line`: the engine and frames fixture
+from conftest import cli, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -127,7 +127,7 @@ def test_a_token_is_asked_for_on_every_request(line):  # noqa: F811
 
 
 def test_beyond_loopback_a_token_is_made_up_when_none_is_given():
-    from engine.view import _loopback, parse_view_address
+    from engine.sinks.view import _loopback, parse_view_address
     assert parse_view_address("8080") == ("127.0.0.1", 8080) and parse_view_address("0.0.0.0:80") == ("0.0.0.0", 80)
     assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
     assert not _loopback("0.0.0.0") and not _loopback("192.0.2.7") and not _loopback("cam-box.local")
