@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from engine.backends import available_backends
 
 if TYPE_CHECKING:
     from train.model import FastFlow
@@ -201,3 +206,119 @@ def tiled_model(strips, tmp_path_factory):
                "--tile-scale", "1.0")
     assert "tiles of frames resized by 1" in proc.stdout
     return out
+
+
+CLI_ENV = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+CRASH = ("Traceback", "terminate called", "Aborted", "core dumped", "Segmentation fault")
+
+
+def clean_exit(proc_or_stderr, code: int) -> str:
+    """The process ended with `code`, one or two lines on stderr, no traceback or abort; returns stderr."""
+    stderr = proc_or_stderr if isinstance(proc_or_stderr, str) else proc_or_stderr.stderr
+    if not isinstance(proc_or_stderr, str):
+        assert proc_or_stderr.returncode == code, (proc_or_stderr.returncode, stderr)
+    assert not any(c in stderr for c in CRASH), stderr
+    return stderr
+
+
+def python_process(*args, **kw) -> subprocess.Popen:
+    """`python <args>` started in a subprocess (the commands' environment, one OpenMP thread)."""
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=CLI_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run_command(*args, timeout=120) -> subprocess.CompletedProcess:
+    """`python -m <args>` run to its end (one OpenMP thread); the caller checks how it exited."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=CLI_ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def valid_lines(path: Path) -> list[dict]:
+    """The JSONL results at `path`: whole lines only, indices 0, 1, 2, ... in order."""
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), f"{path} ends in a partial line: {text[-80:]!r}"
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(rows))), "results missing or out of order"
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A 64 px model and its onnxruntime engine, and a folder of 120 frames."""
+    pytest.importorskip("onnxruntime", reason="the exit-path tests run an onnxruntime engine")
+    from engine.builder import BuildConfig, build_engine
+    from train.checkpoint import save_model
+    d = tmp_path_factory.mktemp("exits")
+    model = perturbed_model(seed=2)
+    save_model(d / "m.pt", model, {"threshold": {"threshold": 1.0}})
+    build_engine(model, {"threshold": {"threshold": 1.0}}, (d / "m.pt").read_bytes(), d / "m.engine",
+                 BuildConfig("onnxruntime", "fp32"))
+    frames = d / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
+    return {"model": d / "m.pt", "engine": d / "m.engine", "frames": frames, "dir": d}
+
+
+def wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {n} lines after {timeout} s (process ended: {proc.poll()})")
+
+
+def interruptible() -> None:
+    """A shell's background job (pytest started with `&`) passes SIGINT on as ignored, and Python then keeps
+    ignoring Ctrl-C, as such a job should: the run under test gets the default back, as a terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def mid_run(tiny, tmp_path, extra=()):
+    out = tmp_path / "r.jsonl"
+    proc = python_process("-m", "engine.run", str(tiny["engine"]), "--source", str(tiny["frames"]), "--out", str(out),
+                          "--max-fps", "40", "--quiet", *extra, preexec_fn=interruptible)
+    wait_lines(out, 5, proc)
+    return proc, out
+
+
+@pytest.fixture(scope="session")
+def two_engines(tmp_path_factory):
+    """Two small engines of two different models (64 px), one per CPU backend installed."""
+    import engine
+    from engine.backends import available_backends
+    from engine.builder import BuildConfig, build_engine
+    from train.checkpoint import save_model
+    backends = [b for b in ("openvino", "onnxruntime") if b in available_backends()]
+    d = tmp_path_factory.mktemp("threads")
+    out = []
+    for seed in (0, 1):
+        model = perturbed_model(seed=seed)
+        save_model(d / f"m{seed}.pt", model, {"threshold": {"threshold": 1.0}})
+        path = d / f"m{seed}.engine"
+        build_engine(model, {"threshold": {"threshold": 1.0}}, (d / f"m{seed}.pt").read_bytes(), path,
+                     BuildConfig(backends[seed % len(backends)], "fp32"))
+        out.append(engine.load(path))
+    return out
+
+
+LEAN_BACKENDS = [b for b in ("onnxruntime", "openvino") if b in available_backends()]
+
+
+@pytest.fixture(scope="session")
+def lean_engines(tmp_path_factory):
+    """One fp32 engine per installed CPU backend, from a small model."""
+    from engine.builder import BuildConfig, build_engine
+    from train.checkpoint import save_model
+    d = tmp_path_factory.mktemp("lean")
+    model = perturbed_model()
+    meta = {"threshold": {"threshold": 1.0}}
+    save_model(d / "m.pt", model, meta)
+    paths = []
+    for backend in LEAN_BACKENDS:
+        paths.append(d / f"{backend}.engine")
+        build_engine(model, meta, (d / "m.pt").read_bytes(), paths[-1], BuildConfig(backend, "fp32"))
+    return paths

@@ -1,7 +1,6 @@
 """The commands as a user runs them: a tiny fit + evaluate on generated images, and clean errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 from conftest import run
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from engine.common.errors import EXIT_INTERNAL, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +170,9 @@ def test_build_checks_on_the_training_images_by_default(tiny_model, demo_dir, tm
     train_good = demo_dir / "train" / "good"
     assert f"check images: the model's training images in {train_good.resolve()}" in proc.stdout
     assert str(train_good.resolve()) in read_engine(eng)[0].checks["check_images"]
-    assert _training_images({"data": {"root": str(tmp_path / "gone")}}) is None
-    assert _training_images({"data": "not a record"}) is None and _training_images({}) is None
+    from train.checkpoint import DataInfo, ModelMeta
+    assert _training_images(ModelMeta(data=DataInfo(str(tmp_path / "gone"), 8, 1))) is None
+    assert _training_images(ModelMeta()) is None
 
 
 def test_fit_reports_and_balances_a_rare_frame_size(tmp_path):
@@ -192,3 +192,15 @@ def test_fit_reports_and_balances_a_rare_frame_size(tmp_path):
                    "--balance-sizes").stdout
     assert "96x48 7 frames, 65% of the draws, 128x64 2 frames, 35% of the draws" in balanced
     assert torch.load(tmp_path / "b.pt", weights_only=True)["meta"]["train_config"]["balance_sizes"] is True
+
+
+def test_training_that_diverges_ends_in_one_line(demo_dir, tmp_path, monkeypatch, capsys):
+    from train import fit
+    monkeypatch.setattr(fit, "train_step", lambda *a, **k: float("nan"))
+    out = tmp_path / "m.pt"
+    with pytest.raises(SystemExit) as info:
+        run_cli(fit.main, ["--data", str(demo_dir), "--out", str(out), "--input-size", "64", "--epochs", "1",
+                           "--flow-steps", "2", "--backbone", "efficientnet_lite0"])
+    err = capsys.readouterr().err
+    assert info.value.code == EXIT_INTERNAL and "training diverged at epoch 1" in err and "Traceback" not in err
+    assert not out.exists()

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from train.maps import gaussian_blur
 from train.model import CouplingStep, FastFlow, FeatureNorm, FlowConfig, soft_clamp
 
 
@@ -90,25 +89,6 @@ def test_soft_clamp_bounded_and_near_identity_at_zero():
     assert torch.allclose(soft_clamp(torch.tensor([1e-3]), 2.0), torch.tensor([0.636e-3]), rtol=1e-3)
 
 
-def test_gaussian_blur_preserves_constants_and_mass():
-    x = torch.full((2, 17, 23), 0.7)
-    assert torch.allclose(gaussian_blur(x, 4.0), x, atol=1e-6)
-    spike = torch.zeros(1, 41, 41)
-    spike[0, 20, 20] = 1.0
-    y = gaussian_blur(spike, 2.0)
-    assert abs(y.sum().item() - 1.0) < 1e-5 and y[0, 20, 20] == y.max()
-
-
-@pytest.mark.parametrize("hw,sigma", [((40, 40), 2.5), ((64, 160), 4.0), ((12, 300), 16.0), ((5, 7), 0.3)])
-def test_gaussian_blur_is_the_convolution(hw, sigma):
-    """The blur as matrices equals it as a convolution, also where the axis truncates the taps (16 px on 12)."""
-    from conftest import conv_gaussian_blur
-    x = torch.randn(2, *hw, dtype=torch.float64)
-    assert torch.allclose(gaussian_blur(x, sigma), conv_gaussian_blur(x, sigma), atol=1e-12)
-    x32 = x.float()
-    assert (gaussian_blur(x32, sigma) - conv_gaussian_blur(x32, sigma)).abs().max() <= 1e-5
-
-
 def test_anomaly_map_higher_where_z_is_unlikely():
     model = FastFlow(FlowConfig(input_size=64, flow_steps=2, blur_sigma=0))
     zs = [torch.zeros(1, c, 64 // s, 64 // s) for c, s in zip(model.backbone.channels, model.backbone.strides)]
@@ -116,16 +96,6 @@ def test_anomaly_map_higher_where_z_is_unlikely():
     amap = model.anomaly_map(zs, (64, 64))
     assert amap.shape == (1, 64, 64)
     assert amap[0, 22, 22] > 0.2 and amap[0, 50, 50] < 1e-6
-
-
-def test_probability_fusion_is_fastflows_map():
-    model = FastFlow(FlowConfig(input_size=64, flow_steps=2, blur_sigma=0, fusion="probability"))
-    zs = [torch.zeros(1, c, 64 // s, 64 // s) for c, s in zip(model.backbone.channels, model.backbone.strides)]
-    zs[2] += 2.0  # every channel 2 sigma out at stride 16 -> p = exp(-2) there, p = 1 at the other scales
-    amap = model.anomaly_map(zs, (64, 64))
-    assert amap.min() >= 0 and amap.max() < 1
-    expected = (1 - torch.exp(torch.tensor(-2.0)).item()) / len(model.map_scale_indices())
-    assert abs(amap[0, 24, 24].item() - expected) < 1e-5
 
 
 def test_image_score_top_fraction_and_max():

@@ -80,14 +80,6 @@ def test_conv_coupling_kernel(shape, dtype):
     assert rel_err(xk[:, chan2.long()], ref[:, chan2.long()]) <= (1e-5 if dtype == torch.float32 else 3e-2)
 
 
-def test_resize_blur_matrix_is_upsample_then_blur():
-    from conftest import conv_gaussian_blur
-    q = torch.randn(2, 7, 7, dtype=torch.float64)
-    r = torch.tensor(resize_blur_matrix(7, 40, 2.5))
-    up = torch.nn.functional.interpolate(q[:, None], size=(40, 40), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(r @ q @ r.T, conv_gaussian_blur(up, 2.5), atol=1e-6)  # R's upsample weights are float32
-
-
 @pytest.mark.parametrize("batch,size,shapes,channels,map_w,img_w", [
     (1, (32, 32), [(8, 8), (4, 4), (2, 2)], [6, 10, 20], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]),
     (3, (48, 48), [(12, 12), (6, 6), (3, 3), (2, 2)], [5, 17, 9, 33], [1 / 3, 1 / 3, 1 / 3, 0.0],

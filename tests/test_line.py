@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from conftest import cli, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install -e .)")
 

@@ -9,20 +9,26 @@
    backend's bindings, the fusion after the plan (engine/backends/trt.py DeviceScoring, in PyTorch on the
    CPU here) and auto's fallback to the CUDA path all run as they would on a GPU. Tolerance: 1e-4 against
    the PyTorch reference (map units), 1e-5 against the ONNX Runtime engine on the same graph.
+3. The backend's own bookkeeping against a smaller fake (a plan whose profile takes batches 1-4): batches
+   above the profile split, refusals raised, calls serialised; and a TensorRT build where TensorRT is
+   missing, refused in one line.
 """
 
 import ctypes
 import importlib.machinery
 import json
 import sys
+import threading
+import time
 import types
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import MTD, perturbed_model
+from conftest import MTD, perturbed_model, run
 from onnx import TensorProto, helper
+from PIL import Image
 
 import engine
 from benchmarks import stages
@@ -322,7 +328,6 @@ def test_a_tiling_model_runs_on_tensorrt(fake_gpu, strips, tiled_model, tmp_path
     model_path = tiled_model
     _build(model_path, tmp_path / "t.engine", BuildConfig(backend="tensorrt", precision="fp32"))
     _build(model_path, tmp_path / "o.engine", BuildConfig(backend="onnxruntime"))
-    from PIL import Image
     paths = (strips / "test" / "spot" / "0.png", strips / "train" / "good" / "0.png")  # 160x64 and 200x80
     frames = [np.asarray(Image.open(p)) for p in paths]
     with engine.load(tmp_path / "t.engine") as trt, engine.load(tmp_path / "o.engine") as ort:
@@ -331,3 +336,123 @@ def test_a_tiling_model_runs_on_tensorrt(fake_gpu, strips, tiled_model, tmp_path
             assert r.anomaly_map.shape == e.anomaly_map.shape
             assert abs(r.score - e.score) <= 1e-5 * max(1.0, abs(e.score))
             assert np.abs(r.anomaly_map - e.anomaly_map).max() <= 1e-5 * max(1.0, np.abs(e.anomaly_map).max())
+
+
+# ------------------------------------------------------------ 3. the backend's bookkeeping, on a smaller fake
+
+class _FakeTensorRT:
+    """tensorrt's API as the backend uses it: a plan whose profile takes batches 1-4 and computes the channel
+    mean as its one 64x64 map, which the backend's fusion (no blur, the top 4096 pixels) leaves as the anomaly map
+    and averages for the score; it records each call's batch and the stream it ran on."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return _FakeTensorRT.Plan() if data == b"plan" else None
+
+    class Plan:
+        def get_tensor_profile_shape(self, name, profile):
+            return (1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64)
+
+        def create_execution_context(self):
+            return _FakeTensorRT.Context()
+
+    class Context:
+        backend = None
+        fail = None
+
+        def __init__(self):
+            self.calls, self.shape = [], None
+
+        def set_input_shape(self, name, shape):
+            self.shape = shape
+            return self.fail != "shape" and 1 <= shape[0] <= 4
+
+        def set_tensor_address(self, name, address):
+            return True
+
+        def execute_async_v3(self, stream):
+            if self.fail == "execute":
+                return False
+            b = self.backend.bindings
+            b["q0"].copy_(b["images"].mean(1))
+            self.calls.append((self.shape[0], stream))
+            return True
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    import types
+    from dataclasses import replace
+
+    from engine.backends.trt import TensorRTBackend
+    from engine.header import EngineHeader, ScoringSpec
+    module = types.ModuleType("tensorrt")
+    for name in ("Logger", "Runtime"):
+        setattr(module, name, getattr(_FakeTensorRT, name))
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    scoring = ScoringSpec(size=(64, 64), sigma=0.0, top_k=64 * 64, shapes=((64, 64),), map_weights=(1.0,),
+                          image_weights=(1.0,))
+    header = replace(EngineHeader(input_size=64, threshold=1.0, backend="torch", precision="fp32"),
+                     backend="tensorrt", scoring=scoring)
+    backend = TensorRTBackend(header, {"tensorrt_plan": b"plan"}, device="cpu")
+    backend.context.backend = backend
+    return backend
+
+
+def test_tensorrt_batches_above_the_profile_are_split(fake_tensorrt):
+    images = np.random.default_rng(0).random((10, 3, 64, 64), dtype=np.float32)
+    maps, scores = fake_tensorrt.infer(images)
+    assert [b for b, _ in fake_tensorrt.context.calls] == [4, 4, 2]  # 10 frames: chunks of the profile's 4, unpadded
+    np.testing.assert_allclose(maps, images.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(scores, images.mean((1, 2, 3)), rtol=1e-6)  # every frame its own result
+
+
+@pytest.mark.parametrize("fail", ["shape", "execute"])
+def test_tensorrt_refusals_are_errors_not_stale_buffers(fake_tensorrt, fail):
+    from engine.common.errors import RunError
+    fake_tensorrt.context.fail = fail
+    with pytest.raises(RunError, match="TensorRT"):
+        fake_tensorrt.infer(np.zeros((2, 3, 64, 64), np.float32))
+
+
+def test_tensorrt_calls_are_serialised(fake_tensorrt):
+    inside, overlaps = [0], []
+    execute = fake_tensorrt.context.execute_async_v3
+
+    def slow_execute(stream):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.01)
+        inside[0] -= 1
+        return execute(stream)
+    fake_tensorrt.context.execute_async_v3 = slow_execute
+    images = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    outs = [None] * 8
+
+    def work(i):
+        outs[i] = fake_tensorrt.infer(images * (i + 1))[1]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlaps) == 1
+    for i, s in enumerate(outs):
+        np.testing.assert_allclose(s, (images * (i + 1)).mean((1, 2, 3)), rtol=1e-6)
+
+
+def test_tensorrt_without_tensorrt_is_refused_in_one_line(tiled_model, tmp_path):
+    """A tiling model builds for TensorRT (tests/test_tensorrt.py, on a fake); here TensorRT is absent."""
+    proc = run("engine.build", str(tiled_model), "-o", str(tmp_path / "t.engine"), "--backend", "tensorrt",
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "backend tensorrt is not installed here" in proc.stderr
