@@ -10,6 +10,7 @@ from functools import lru_cache
 import torch
 
 from engine.common.maths import blur_matrix, gaussian_taps
+from kernels.reference import top_k_mean  # the image score: one torch home, the CUDA path's too
 
 __all__ = ["gaussian_blur", "fuse_maps", "top_k_mean"]
 
@@ -45,9 +46,3 @@ def fuse_maps(maps: dict[int, torch.Tensor], sigmas: list[float],
                 for scales in scale_sets]
     blurred = {s: gaussian_blur(maps[s], sigmas[s]) for s in used}
     return [torch.stack([blurred[s] for s in scales]).mean(dim=0) for scales in scale_sets]
-
-
-def top_k_mean(score_map: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, H, W) -> (B,): the mean of each map's k highest pixels (the max when k = 1)."""
-    flat = score_map.flatten(1)
-    return flat.amax(dim=1) if k == 1 else flat.topk(k, dim=1).values.mean(dim=1)
