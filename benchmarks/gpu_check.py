@@ -34,7 +34,7 @@ from engine.builder.builder import LOW_PRECISION_TOLERANCE
 from engine.builder.graph import InferenceGraph
 from engine.builder.kernel_pack import kernel_graph
 from engine.common.images import images_in, read_image
-from train.checkpoint import load_model, save_model
+from train.checkpoint import ModelMeta, load_model, save_model
 from train.model import FlowConfig
 
 BATCHES = (1, 8, 32, 128)
@@ -49,7 +49,7 @@ def _models(model_path: Path, folder: Path) -> list[tuple[str, Path]]:
     for backbone in ("efficientnet_lite0", "resnet18"):
         cfg = FlowConfig(**{**trained.config.to_dict(), "backbone": backbone})
         path = folder / f"{backbone}.pt"
-        save_model(path, stages.make_model(cfg), {"threshold": meta["threshold"]})
+        save_model(path, stages.make_model(cfg), ModelMeta(threshold=meta.threshold))
         out.append((f"{backbone} (random weights)", path))
     return out
 

@@ -20,17 +20,84 @@ from engine.common.errors import UserError
 from engine.common.files import atomic_write
 from engine.header import EngineHeader
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "EngineFileError", "write_engine", "read_engine"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "OLDEST_READABLE", "EngineFileError", "write_engine", "read_engine",
+           "upgrade_header"]
 
 MAGIC = b"LFENGINE"
-# 2: CPU engines end at per-scale maps, fused natively (header.scoring); 3: precision bf16-flow;
-# 4: rectangular inputs (input_size and scoring sizes are [height, width] pairs); 5: precisions int8 and
-# int8-backbone (the onnx section carries NNCF's quantize/dequantize pairs); 6: scoring.sigma one a scale
-# (header.py reads the one number of 2-5 as every scale's); 7: precision bf16-deep (sections onnx_head, onnx_tail);
-# 8: torch engines carry the kernels section (the CUDA path's folded flow) and the scoring
+# The versions, and what each changed in the header (upgrade_header walks a file of any readable version up to the
+# current one, step by step; the schema classes in engine/header.py and engine/scoring.py read the current form only):
+#   1 (2026-11-25) every backend's graph ends at the image score; no scoring. Not readable: rebuild.
+#   2 (2026-11-25) CPU engines end at the per-scale maps, fused natively by header.scoring {size: int, sigma: one
+#     number, top_k, heights: a side a scale, map_weights, image_weights}; torch and TensorRT engines carry none
+#   3 (2026-11-25) precision bf16-flow (sections onnx_backbone, onnx_flow); the header unchanged
+#   4 (2026-12-02) rectangular inputs: input_size and scoring.size [height, width], scoring.shapes [[h, w], ...]
+#     for heights; tiling. Later under the same number, TensorRT plans end at the per-scale maps with a scoring
+#     (a TensorRT engine without one is refused: rebuild)
+#   5 (2026-12-02) precisions int8 and int8-backbone (NNCF's quantize/dequantize pairs in the onnx section)
+#   6 (2026-12-03) scoring.sigma a list, one a scale
+#   7 (2026-12-05) precision bf16-deep (sections onnx_head, onnx_tail); the header unchanged
+#   8 (2026-12-06) torch engines carry the kernels section (the CUDA path's folded flow) and a scoring; a torch
+#     engine of 2-7 has neither and runs as the PyTorch reference on a CPU only
 FORMAT_VERSION = 8
-OLDEST_READABLE = 2  # versions 2 and 3 are version 4 with square inputs (header.py reads their ints as squares)
+OLDEST_READABLE = 2
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
+
+
+def _square(v):
+    """An int N of the files before rectangles -> [N, N]; anything else as it is (the schema checks it)."""
+    return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def _to_3(raw: dict) -> dict:
+    return raw
+
+
+def _to_4(raw: dict) -> dict:
+    scoring = raw.get("scoring")
+    if isinstance(scoring, dict):
+        scoring = {**scoring, "size": _square(scoring.get("size"))}
+        if "heights" in scoring:
+            heights = scoring.pop("heights")
+            scoring["shapes"] = [[h, h] for h in heights] if isinstance(heights, list) else heights
+    return {**raw, "input_size": _square(raw.get("input_size")), "scoring": scoring, "tiling": raw.get("tiling")}
+
+
+def _to_5(raw: dict) -> dict:
+    if raw.get("backend") == "tensorrt" and raw.get("scoring") is None:
+        raise ValueError("its TensorRT plan ends at the image score (built before plans ended at the per-scale maps, "
+                         "which TensorRT builds for every model)")
+    return raw
+
+
+def _to_6(raw: dict) -> dict:
+    scoring = raw.get("scoring")
+    if isinstance(scoring, dict) and not isinstance(scoring.get("sigma"), list):
+        shapes = scoring.get("shapes")
+        scoring = {**scoring, "sigma": [scoring.get("sigma")] * (len(shapes) if isinstance(shapes, list) else 1)}
+    return {**raw, "scoring": scoring}
+
+
+def _to_7(raw: dict) -> dict:
+    return raw
+
+
+def _to_8(raw: dict) -> dict:
+    return raw  # a torch engine keeps its scoring None: no kernels section, the CPU reference only
+
+
+_UPGRADES = {2: _to_3, 3: _to_4, 4: _to_5, 5: _to_6, 6: _to_7, 7: _to_8}  # version -> the step to the next one
+assert set(_UPGRADES) == set(range(OLDEST_READABLE, FORMAT_VERSION))
+
+
+def upgrade_header(raw: dict, version: int) -> dict:
+    """A header's JSON object as a file of `version` wrote it (without format_version and sections) -> the current
+    schema, one step a version. ValueError for a version outside OLDEST_READABLE..FORMAT_VERSION or a header that
+    no step can bring up (the reader makes it one line naming the file)."""
+    if not OLDEST_READABLE <= version <= FORMAT_VERSION:
+        raise ValueError(f"engine format version {version} is outside {OLDEST_READABLE}-{FORMAT_VERSION}")
+    for v in range(version, FORMAT_VERSION):
+        raw = _UPGRADES[v](raw)
+    return raw
 
 
 class EngineFileError(UserError):
@@ -82,6 +149,7 @@ def read_engine(path: str | Path) -> tuple[EngineHeader, dict[str, bytes]]:
             raise EngineFileError(f"{path}: engine header lacks a section table; rebuild the engine")
         table = raw.pop("sections")
         raw.pop("format_version", None)
+        raw = upgrade_header(raw, version)
         sections = {}
         for s in table:
             if not (isinstance(s["offset"], int) and isinstance(s["length"], int) and s["offset"] >= 0

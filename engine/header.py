@@ -101,7 +101,7 @@ class EngineHeader:
     """What a built engine is: how to run it (backend, precision, sizes, fusion) and what the build checked."""
 
     backend: str
-    input_size: tuple[int, int]  # (height, width); files before rectangles wrote an int N for N x N
+    input_size: tuple[int, int]  # (height, width); an int N given here is N x N (the file holds a pair)
     threshold: float  # image scores above it are anomalous (set by train.fit on held-out good images)
     precision: str = "fp32"
     batch: int | None = None  # a fixed batch size, or None for any
@@ -129,9 +129,6 @@ class EngineHeader:
             raise ValueError("scoring must be a ScoringSpec")
         if self.tiling is not None and not isinstance(self.tiling, TilingSpec):
             raise ValueError("tiling must be a TilingSpec")
-        if self.backend == "tensorrt" and self.scoring is None:
-            raise ValueError("its TensorRT plan ends at the image score (built before plans ended at the per-scale "
-                             "maps, which TensorRT builds for every model): rebuild it with python -m engine.build")
         if self.backend in MAPS_GRAPH_BACKENDS and self.scoring is None:
             raise ValueError(f"a {self.backend} engine needs its scoring (the fusion after its graph)")
         for name in ("model_config", "checks", "built_on"):
@@ -149,12 +146,15 @@ class EngineHeader:
 
     @classmethod
     def from_dict(cls, d: dict) -> EngineHeader:
-        """The header's JSON object (without the file's own keys, format_version and sections) -> EngineHeader.
-        Unknown keys and wrong types raise ValueError."""
+        """The header's JSON object in the current form (without the file's own keys, format_version and sections;
+        engine.format.upgrade_header brings older files to it) -> EngineHeader. Unknown keys and wrong types raise
+        ValueError."""
         d = strict_kwargs(cls, d)
         missing = [k for k in ("backend", "input_size", "threshold") if k not in d]
         if missing:
             raise ValueError(f"lacks {', '.join(missing)}")
+        if not isinstance(d["input_size"], list):
+            raise ValueError(f"input_size must be a [height, width] pair, not {d['input_size']!r}")
         scoring, tiling = d.get("scoring"), d.get("tiling")
         return cls(**{**d, "scoring": None if scoring is None else ScoringSpec.from_dict(scoring),
                       "tiling": None if tiling is None else TilingSpec.from_dict(tiling)})

@@ -40,7 +40,7 @@ class ScoringSpec:
     """
 
     size: tuple[int, int]  # the model's input (height, width): maps are this size
-    sigma: tuple[float, ...]  # each scale's Gaussian blur, input pixels (one number: the same for every scale)
+    sigma: tuple[float, ...]  # each scale's Gaussian blur, input pixels (one number given here: every scale's)
     top_k: int
     shapes: tuple[tuple[int, int], ...]  # each scale's map (height, width)
     map_weights: tuple[float, ...]
@@ -60,7 +60,7 @@ class ScoringSpec:
             raise ValueError("scoring needs 1 to 4 scales, with a map and an image weight each")
         for w in (*self.map_weights, *self.image_weights):
             number("scoring weights", w)
-        sigma = self.sigma if isinstance(self.sigma, (tuple, list)) else (self.sigma,) * n  # format <= 5: one number
+        sigma = self.sigma if isinstance(self.sigma, (tuple, list)) else (self.sigma,) * n
         if len(sigma) != n or any(number("scoring.sigma", v) < 0 for v in sigma):
             raise ValueError(f"scoring.sigma must be {n} numbers >= 0 (one a scale), not {self.sigma!r}")
         object.__setattr__(self, "sigma", tuple(float(v) for v in sigma))
@@ -71,10 +71,13 @@ class ScoringSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ScoringSpec:
-        if isinstance(d, dict) and "heights" in d and "shapes" not in d:  # format 2-3: square maps
-            d = {**{k: v for k, v in d.items() if k != "heights"},
-                 "shapes": [[h, h] for h in d["heights"]] if isinstance(d["heights"], list) else d["heights"]}
+        """The engine header's `scoring` in the current form (engine.format.upgrade_header brings older ones to it)."""
         d = strict_kwargs(cls, d)
+        for key in ("size", "sigma", "shapes"):
+            if key in d and not isinstance(d[key], list):
+                raise ValueError(f"scoring.{key} must be a list, not {d[key]!r}")
+        if not all(isinstance(hw, list) for hw in d.get("shapes", [])):
+            raise ValueError(f"scoring.shapes must be [height, width] pairs, not {d['shapes']!r}")
         try:
             return cls(**{**d, **{k: tuple(d[k]) for k in ("map_weights", "image_weights") if k in d}})
         except TypeError as e:  # a missing field, or a list that is not one

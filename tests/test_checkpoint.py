@@ -24,7 +24,7 @@ def test_roundtrip_and_weights_only(model_file):
     raw = torch.load(path, weights_only=True)
     assert raw["meta"]["format_version"] == FORMAT_VERSION
     loaded, meta = load_model(path)
-    assert meta["threshold"]["threshold"] == 0.4
+    assert meta.threshold.threshold == 0.4
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
@@ -89,6 +89,7 @@ def test_model_file_before_blur_mode_loads_with_one_sigma_for_every_scale(model_
     path, _ = model_file
     payload = torch.load(path, weights_only=True)
     assert payload["meta"]["config"].pop("blur_mode") == "stride"
+    payload["meta"]["format_version"] = 1  # what every file before version 6 wrote
     payload["meta"]["config"]["blur_sigma"] = 4.0
     payload["checksum"] = checksum(payload["meta"], payload["state_dict"])
     torch.save(payload, path)
@@ -104,6 +105,7 @@ def test_model_file_before_pool_scales_loads_with_every_scale_averaged(model_fil
     path, _ = model_file
     payload = torch.load(path, weights_only=True)
     assert payload["meta"]["config"].pop("pool_scales") == "coarse"
+    payload["meta"]["format_version"] = 1  # what every file before version 6 wrote
     payload["checksum"] = checksum(payload["meta"], payload["state_dict"])
     torch.save(payload, path)
     model, _ = load_model(path)

@@ -2,7 +2,9 @@
 
 Loaded with `torch.load(weights_only=True)`, so a file carrying pickled code is refused, never run.
 The checksum (SHA-256 over the metadata as canonical JSON and every tensor's bytes) catches a
-flipped byte in a tensor that would otherwise load silently.
+flipped byte in a tensor that would otherwise load silently. A file of an older version is brought
+to the current schema by `upgrade_checkpoint`, one step a version; the metadata then reads as a typed
+ModelMeta (train.fit's record of how the model was trained and where its threshold came from).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,14 +22,158 @@ from engine.common.errors import UserError
 from engine.common.files import atomic_write
 from train.model import FastFlow, FlowConfig
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "save_model", "load_model", "load_model_bytes", "checksum"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "OLDEST_READABLE", "ModelFileError", "ModelMeta", "Threshold", "DataInfo",
+           "save_model", "load_model", "load_model_bytes", "upgrade_checkpoint", "checksum"]
 
 FORMAT = "lineflow-model"
-FORMAT_VERSION = 1
+# The versions of model.pt's metadata, and what each changed (every file before version 6 wrote format_version 1;
+# written_version tells them apart by their config's keys):
+#   1 (2026-11-24) config {backbone, input_size: int, flow_steps, hidden_ratio, clamp, altub, blur_sigma}
+#   2 (2026-11-24) + feature_pool, fusion, image_score_top
+#   3 (2026-11-25) + map_scales, image_scales. 1 and 2 are not readable: a missing setting is refused since
+#     2026-11-24 rather than filled in (a default could change what the weights mean): retrain them
+#   4 (2026-12-02) input_size [height, width] (an int N: N x N before); + tile_scale, tile_overlap (0: whole frames);
+#     the threshold records its rule (only the quantile before) and its held-out scores
+#   5 (2026-12-03) + pool_scales ("all": every scale was averaged before)
+#   6 (2026-12-03) + blur_mode ("fixed": one sigma for the whole map before); written as 6 from 2026-12-06
+FORMAT_VERSION = 6
+OLDEST_READABLE = 3
+# the key each version added to the config: a file that wrote format_version 1 is the version before the first it lacks
+_ADDED_BY = {2: "feature_pool", 3: "map_scales", 4: "tile_scale", 5: "pool_scales", 6: "blur_mode"}
 
 
 class ModelFileError(UserError):
     """model.pt is missing, damaged, from another format version or not a lineflow model."""
+
+
+def _strict(cls, d, name: str) -> dict:
+    """d, a dict whose keys are all fields of the dataclass cls."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{name} must be a dict, not {type(d).__name__}")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {sorted(unknown)} (written by another lineflow?)")
+    return d
+
+
+def _number(name: str, v, kind=(int, float)) -> None:
+    """v is None or a number of `kind` (not a bool). Not-finite floats pass: train.fit refuses those itself."""
+    if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
+
+
+def _numbers(name: str, v) -> None:
+    if v is not None:
+        if not isinstance(v, list):
+            raise ValueError(f"{name} must be a list of numbers")
+        for x in v:
+            _number(name, x)
+
+
+def _dropped_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The decision threshold and how train.fit set it (train/threshold.py from_good / from_defects): the rule, its
+    parameters, a summary of the held-out good images' scores and those scores themselves."""
+
+    threshold: float
+    rule: str | None = None  # "robust", "quantile" or "defects"; None: not recorded (a threshold set by hand)
+    spreads: float | None = None  # robust: median + spreads x robust std
+    robust_std: float | None = None
+    quantile: float | None = None  # quantile: this quantile of the held-out scores
+    n_images: int | None = None  # held-out good images
+    score_min: float | None = None
+    score_median: float | None = None
+    score_max: float | None = None
+    holdout_scores: list[float] | None = None  # the held-out good images' scores (engines carry them: drift checks)
+    n_defect_images: int | None = None  # defects: the user's defect images it separated from the good ones
+    defects_caught: float | None = None
+    good_rejected: float | None = None
+    defect_scores: list[float] | None = None
+    robust_threshold: float | None = None  # defects: what the label-free rule would have set
+    quantile_threshold: float | None = None
+
+    def __post_init__(self):
+        if self.rule not in (None, "robust", "quantile", "defects"):
+            raise ValueError(f"threshold rule must be robust, quantile or defects, not {self.rule!r}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("holdout_scores", "defect_scores"):
+                _numbers(f"threshold.{f.name}", v)
+            elif f.name in ("n_images", "n_defect_images"):
+                _number(f"threshold.{f.name}", v, int)
+            elif f.name != "rule":
+                _number(f"threshold.{f.name}", v)
+        if self.threshold is None:
+            raise ValueError("threshold.threshold must be a number")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Threshold:
+        return cls(**_strict(cls, d, "threshold"))
+
+    def to_dict(self) -> dict:
+        return _dropped_none(asdict(self))
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Where the model was trained: the folder and how many images went to the fit and to the held-out set."""
+
+    root: str
+    n_train: int
+    n_holdout: int
+
+    def __post_init__(self):
+        if not isinstance(self.root, str):
+            raise ValueError("data.root must be a string")
+        _number("data.n_train", self.n_train, int)
+        _number("data.n_holdout", self.n_holdout, int)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataInfo:
+        try:
+            return cls(**_strict(cls, d, "data"))
+        except TypeError as e:
+            raise ValueError(f"data: {e}") from None
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What model.pt says besides the weights and the config: the threshold, and train.fit's record of the fit."""
+
+    threshold: Threshold | None = None  # None: no decision threshold (engine.build refuses such a model)
+    train_config: dict | None = None  # train.fit's TrainConfig, as written
+    epoch: int | None = None
+    history: list[dict] | None = None  # per epoch: losses, held-out NLL, ...
+    data: DataInfo | None = None
+    timing: dict | None = None  # seconds: feature caching, the whole fit
+
+    def __post_init__(self):
+        for name, kind in (("threshold", Threshold), ("data", DataInfo), ("train_config", dict), ("timing", dict)):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, not {type(v).__name__}")
+        _number("epoch", self.epoch, int)
+        if self.history is not None and not (isinstance(self.history, list)
+                                             and all(isinstance(row, dict) for row in self.history)):
+            raise ValueError("history must be a list of dicts")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelMeta:
+        """The metadata's dict (without format, format_version and config) -> ModelMeta; unknown keys and wrong types
+        raise ValueError."""
+        d = _strict(cls, d, "model metadata")
+        threshold, data = d.get("threshold"), d.get("data")
+        return cls(**{**d, "threshold": None if threshold is None else Threshold.from_dict(threshold),
+                      "data": None if data is None else DataInfo.from_dict(data)})
+
+    def to_dict(self) -> dict:
+        return _dropped_none({"threshold": None if self.threshold is None else self.threshold.to_dict(),
+                              "train_config": self.train_config, "epoch": self.epoch, "history": self.history,
+                              "data": None if self.data is None else asdict(self.data), "timing": self.timing})
 
 
 def checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
@@ -39,12 +186,13 @@ def checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_model(path: str | Path, model: FastFlow, meta: dict) -> None:
-    """Write atomically (engine.common.files): never a partial model file."""
+def save_model(path: str | Path, model: FastFlow, meta: ModelMeta | dict) -> None:
+    """Write atomically (engine.common.files): never a partial model file. `meta`: a ModelMeta, or its dict."""
     path = Path(path)
+    meta = ModelMeta.from_dict(meta) if isinstance(meta, dict) else meta
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta}
-    payload = {"meta": meta, "state_dict": state, "checksum": checksum(meta, state)}
+    raw = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta.to_dict()}
+    payload = {"meta": raw, "state_dict": state, "checksum": checksum(raw, state)}
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()  # serialised first: a full disk then fails in the write, which names the file
     torch.save(payload, buf)
@@ -52,7 +200,70 @@ def save_model(path: str | Path, model: FastFlow, meta: dict) -> None:
         f.write(buf.getbuffer())
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FastFlow, dict]:
+# ---------------------------------------------------------------------------------------------- older versions
+
+def written_version(meta: dict):
+    """The schema version a file's metadata is in: its format_version; files before version 6 all wrote 1, and
+    are the version before the first whose config key they lack."""
+    version, config = meta.get("format_version"), meta.get("config")
+    if version != 1 or not isinstance(config, dict):
+        return version
+    return next((v - 1 for v, key in sorted(_ADDED_BY.items()) if key not in config), 6)
+
+
+def _with_config(meta: dict, **added) -> dict:
+    """meta with `added` config keys where its config lacks them (the values the older version meant)."""
+    config = meta.get("config")
+    return {**meta, "config": {**added, **config}} if isinstance(config, dict) else meta
+
+
+def _to_4(meta: dict) -> dict:
+    config = meta.get("config")
+    if isinstance(config, dict) and isinstance(config.get("input_size"), int):
+        meta = {**meta, "config": {**config, "input_size": [config["input_size"]] * 2}}
+    threshold = meta.get("threshold")
+    if isinstance(threshold, dict) and "rule" not in threshold and "quantile" in threshold:
+        meta = {**meta, "threshold": {**threshold, "rule": "quantile"}}  # the one rule before
+    return _with_config(meta, tile_scale=0.0, tile_overlap=0.25)
+
+
+def _to_5(meta: dict) -> dict:
+    return _with_config(meta, pool_scales="all")
+
+
+def _to_6(meta: dict) -> dict:
+    return _with_config(meta, blur_mode="fixed")
+
+
+_UPGRADES = {3: _to_4, 4: _to_5, 5: _to_6}  # version -> the step to the next one
+assert set(_UPGRADES) == set(range(OLDEST_READABLE, FORMAT_VERSION))
+
+
+def upgrade_checkpoint(meta: dict, version: int) -> dict:
+    """model.pt's metadata as a file of `version` wrote it -> the current schema, one step a version (format_version
+    then FORMAT_VERSION). ValueError for a version outside OLDEST_READABLE..FORMAT_VERSION."""
+    if not OLDEST_READABLE <= version <= FORMAT_VERSION:
+        raise ValueError(f"model format version {version} is outside {OLDEST_READABLE}-{FORMAT_VERSION}")
+    for v in range(version, FORMAT_VERSION):
+        meta = _UPGRADES[v](meta)
+    return {**meta, "format_version": FORMAT_VERSION}
+
+
+def _version_refusal(path: str, version) -> str | None:
+    readable = f"this lineflow reads versions {OLDEST_READABLE}-{FORMAT_VERSION}"
+    if not isinstance(version, int) or isinstance(version, bool):
+        return f"{path}: model format version {version!r} is not one ({readable}); retrain it with python -m train.fit"
+    if version > FORMAT_VERSION:
+        return (f"{path}: model format version {version} was written by a newer lineflow; {readable}: upgrade "
+                f"lineflow, or retrain with this one (python -m train.fit)")
+    if version < OLDEST_READABLE:
+        return f"{path}: model format version {version}; {readable}: retrain it with python -m train.fit"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FastFlow, ModelMeta]:
     """model.pt -> (model in eval mode, metadata). Raises ModelFileError with what is wrong."""
     path = Path(path)
     if not path.is_file():
@@ -61,7 +272,7 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FastFlow, d
         return load_model_bytes(f, str(path), map_location)
 
 
-def load_model_bytes(file: BinaryIO, path: str, map_location: str = "cpu") -> tuple[FastFlow, dict]:
+def load_model_bytes(file: BinaryIO, path: str, map_location: str = "cpu") -> tuple[FastFlow, ModelMeta]:
     """load_model on an open binary file (an engine carries its model.pt); `path` names it in errors."""
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
@@ -73,18 +284,25 @@ def load_model_bytes(file: BinaryIO, path: str, map_location: str = "cpu") -> tu
     if not isinstance(payload, dict) or not isinstance(payload.get("meta"), dict) \
             or payload["meta"].get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a lineflow model file (no '{FORMAT}' header)")
-    meta, state = payload["meta"], payload.get("state_dict")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model format version {version}, this lineflow reads version "
-                             f"{FORMAT_VERSION}; retrain with this version (python -m train.fit)")
+    raw, state = payload["meta"], payload.get("state_dict")
+    version = written_version(raw)
+    refusal = _version_refusal(path, version)
+    if refusal:
+        raise ModelFileError(refusal)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"{path}: damaged (state_dict is not a dict of tensors)")
-    if checksum(meta, state) != payload.get("checksum"):
+    if checksum(raw, state) != payload.get("checksum"):
         raise ModelFileError(f"{path}: checksum mismatch: the file was modified or damaged after it was written")
+    current = upgrade_checkpoint(raw, version)
     try:
-        model = FastFlow(FlowConfig.from_dict(meta["config"]))
+        model = FastFlow(FlowConfig.from_dict(current["config"]))
         model.load_state_dict(state, strict=True)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         raise ModelFileError(f"{path}: does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    try:
+        meta = ModelMeta.from_dict({k: v for k, v in current.items() if k not in ("format", "format_version",
+                                                                                    "config")})
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"{path}: malformed metadata ({str(e).splitlines()[0][:160]}); retrain it with "
+                             "python -m train.fit") from None
     return model.eval(), meta

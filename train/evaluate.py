@@ -245,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             results.append({**result, "engine": str(path), "data": str(args.data)})
         else:
             model, meta = loaded[path]
-            result = evaluate(model.to(device), args.data, meta.get("threshold", {}).get("threshold"),
-                              args.batch_size, device, cache, tuple(args.image_score_top), args.protocol,
-                              meta.get("threshold", {}).get("holdout_scores"))
-            results.append({**result, "model": str(path), "data": str(args.data), "config": meta["config"],
-                            "epoch": meta.get("epoch")})
+            threshold = meta.threshold
+            result = evaluate(model.to(device), args.data, threshold and threshold.threshold, args.batch_size, device,
+                              cache, tuple(args.image_score_top), args.protocol,
+                              threshold and threshold.holdout_scores)
+            results.append({**result, "model": str(path), "data": str(args.data), "config": model.config.to_dict(),
+                            "epoch": meta.epoch})
         if len(loaded) > 1:
             print(f"== {path}")
         _print_table(results[-1])

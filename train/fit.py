@@ -20,7 +20,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from engine.common.files import check_output
 from engine.common.geometry import PIXEL_BUDGET, choose_input_size, format_size, parse_size
 from engine.common.images import images_in, read_image
 from train.backbones import BACKBONES, create_backbone
-from train.checkpoint import save_model
+from train.checkpoint import DataInfo, ModelMeta, Threshold, save_model
 from train.data import SIZE_GROUPS_MAX, image_sizes, size_weights, train_images
 from train.model import BLUR_MODES, FUSIONS, IMAGE_SCALES, MAP_SCALES, POOL_SCALES, FastFlow, FlowConfig
 from train.threshold import THRESHOLD_RULES, from_defects, from_good
@@ -379,12 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"features cached in {t_features:.1f} s ({len(train_feats[0])} training tiles, "
           f"{sum(f.numel() * 4 for f in train_feats) / 2**20:.0f} MiB)")
 
-    def meta(epoch: int, hold_scores: np.ndarray, history: list[dict]) -> dict:
-        return {"threshold": from_good(hold_scores, cfg.threshold_rule),
-                "train_config": asdict(cfg), "epoch": epoch, "history": history,
-                "data": {"root": str(Path(args.data).resolve()), "n_train": len(fit_paths),
-                         "n_holdout": len(hold_paths)},
-                "timing": {"features_s": t_features, "total_s": time.perf_counter() - t_start}}
+    def meta(epoch: int, hold_scores: np.ndarray, history: list[dict]) -> ModelMeta:
+        return ModelMeta(threshold=Threshold.from_dict(from_good(hold_scores, cfg.threshold_rule)),
+                         train_config=asdict(cfg), epoch=epoch, history=history,
+                         data=DataInfo(str(Path(args.data).resolve()), len(fit_paths), len(hold_paths)),
+                         timing={"features_s": t_features, "total_s": time.perf_counter() - t_start})
 
     on_epoch = None
     if args.epoch_checkpoints:
@@ -401,18 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     if defect_paths:
         defect_feats = extract_features(model, defect_paths, device, "features (defects)")
         defect_scores = score_cached(model, flow_frames(model, *defect_feats, device))[1]
-        info["threshold"] = {**from_defects(hold_scores, defect_scores),
-                             f"{cfg.threshold_rule}_threshold": info["threshold"]["threshold"]}
-    if not math.isfinite(info["threshold"]["threshold"]):
+        info = replace(info, threshold=Threshold.from_dict({
+            **from_defects(hold_scores, defect_scores), f"{cfg.threshold_rule}_threshold": info.threshold.threshold}))
+    if not math.isfinite(info.threshold.threshold):
         raise RuntimeError("held-out scores are not finite; training failed")
-    _report_sizes(model, train_feats, train_frames, sizes, info["threshold"]["threshold"], cfg.balance_sizes, device)
+    _report_sizes(model, train_feats, train_frames, sizes, info.threshold.threshold, cfg.balance_sizes, device)
     save_model(out, model.cpu(), info)
-    t = info["threshold"]
-    how = {"robust": f"median + {t.get('spreads')} robust std of",
-           "quantile": f"{t.get('quantile', 0):.0%} quantile of",
-           "defects": f"best split of {len(defect_paths or [])} defect images from"}[t["rule"]]
-    print(f"wrote {out}  (threshold {t['threshold']:.4f} = {how} {len(hold_paths)} held-out good images; "
-          f"{info['timing']['total_s']:.0f} s in all)")
+    t = info.threshold
+    how = {"robust": f"median + {t.spreads} robust std of",
+           "quantile": f"{t.quantile or 0:.0%} quantile of",
+           "defects": f"best split of {len(defect_paths or [])} defect images from"}[t.rule]
+    print(f"wrote {out}  (threshold {t.threshold:.4f} = {how} {len(hold_paths)} held-out good images; "
+          f"{info.timing['total_s']:.0f} s in all)")
     return 0
 
 

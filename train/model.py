@@ -158,9 +158,6 @@ POOL_SCALES = ("coarse", "all")
 BLUR_MODES = ("stride", "fixed")
 
 
-_TILING_KEYS = ("tile_scale", "tile_overlap")
-_POOL_SCALES_BEFORE = "all"  # model.pt before pool_scales: every scale was averaged
-_BLUR_MODE_BEFORE = "fixed"  # model.pt before blur_mode: every scale's map blurred by blur_sigma
 _NUMBER = (int, float)
 # (field, type, lowest, highest): what a FlowConfig may hold, checked before a model is built from it
 _FIELD_LIMITS = (("backbone", str, None, None), ("fusion", str, None, None), ("map_scales", str, None, None),
@@ -177,6 +174,7 @@ class FlowConfig:
 
     backbone: str = "efficientnet_lite2"
     input_size: tuple[int, int] = (256, 256)  # (height, width) images (or tiles) are resized to; an int N: N x N
+    # (model.pt holds the pair)
     tile_scale: float = 0.0  # 0: each frame resized whole to input_size; s > 0: frames resized by s, cut into tiles
     tile_overlap: float = 0.25  # tiles overlap by at least this share of their side
     flow_steps: int = 8
@@ -197,17 +195,14 @@ class FlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FlowConfig:
-        if not set(_TILING_KEYS) & set(d):  # model.pt before tiles: frames resized whole
-            d = {**d, **{k: getattr(cls, k) for k in _TILING_KEYS}}
-        if "pool_scales" not in d:  # model.pt before per-scale pooling: its flows were trained on every scale averaged
-            d = {**d, "pool_scales": _POOL_SCALES_BEFORE}
-        if "blur_mode" not in d:  # model.pt before per-scale blur: one sigma for the whole map
-            d = {**d, "blur_mode": _BLUR_MODE_BEFORE}
+        """model.pt's config in the current form (train.checkpoint.upgrade_checkpoint brings older files to it)."""
         known = {f.name for f in fields(cls)}
         unknown, missing = set(d) - known, known - set(d)
         if unknown or missing:  # a default filled in here could silently change what the weights mean
             raise ValueError(f"model config does not match this lineflow (unknown keys {sorted(unknown)}, "
                              f"missing keys {sorted(missing)})")
+        if not isinstance(d["input_size"], list):
+            raise ValueError(f"input_size must be a [height, width] pair, not {d['input_size']!r}")
         return cls(**d)
 
     def __post_init__(self):
@@ -221,7 +216,7 @@ class FlowConfig:
                                  + (f" in [{low}, {high}]" if low is not None else "") + f", not {v!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS} (the fusion every engine builds), not {self.fusion!r}")
-        object.__setattr__(self, "input_size", check_hw(as_hw(self.input_size)))  # model.pt before rectangles: an int
+        object.__setattr__(self, "input_size", check_hw(as_hw(self.input_size)))
         if not (isinstance(self.tile_scale, (int, float)) and 0 <= self.tile_scale <= 16):
             raise ValueError("tile_scale must be 0 (frames resized whole) or a scale in (0, 16]")
         if not 0 <= self.tile_overlap <= 0.75:

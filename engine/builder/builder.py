@@ -1,9 +1,11 @@
 """build_engine: a trained model -> one checked engine file (the work behind python -m engine.build).
 
-Folds the model into its inference graph (graph.py), checks the graph against the PyTorch reference,
-exports and compiles it for a backend (export.py), checks the compiled engine against the reference
-again at each candidate precision, and writes the engine file (engine/format.py) with a typed
-header (engine/header.py) that records every check's numbers.
+In steps, each a function below that returns what it found (and the numbers for the header):
+reference (the model folded into its inference graph, graph.py, checked against the model itself),
+candidates (the backends and precisions to try), check (each candidate exported and compiled for its
+backend, export.py, loaded and compared with the reference), timings and choose (of the candidates
+within tolerance, the fastest), write (the engine file, engine/format.py, with a typed header,
+engine/header.py, that records every check's numbers).
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ from engine.header import (
     TilingSpec,
 )
 from engine.preprocess import frames_to_input
+from engine.scoring import ScoringSpec
+from train.checkpoint import ModelMeta
 from train.model import FastFlow, FlowConfig
 from train.tiles import frame_tiles
 
-__all__ = ["BuildConfig", "build_engine", "BUILD_BACKENDS", "BUILD_PRECISIONS", "GRAPH_TOLERANCE",
-           "LOW_PRECISION_TOLERANCE", "openvino_capabilities"]
+__all__ = ["BuildConfig", "build_engine", "reference", "candidates", "check", "checked", "timings", "choose_precision",
+           "per_backend", "choose", "write", "Reference", "Candidate", "BUILD_BACKENDS", "BUILD_PRECISIONS",
+           "GRAPH_TOLERANCE", "LOW_PRECISION_TOLERANCE", "openvino_capabilities"]
 
 GRAPH_TOLERANCE = 1e-4  # max |map difference|, folded graph or fp32 engine vs the reference (relative above 1)
 LOW_PRECISION_TOLERANCE = {"score": 0.02, "map": 0.1}  # bf16/fp16 vs fp32, in map units (1 = q99 of good pixels)
@@ -216,114 +221,199 @@ def _resolve_backend(backend: str, precision: str) -> tuple[list[str], bool]:
     return candidates, fallbacks
 
 
-def build_engine(model: FastFlow, meta: dict, model_bytes: bytes, out: str | Path,
-                 config: BuildConfig = BuildConfig()) -> EngineHeader:
-    """Build and write the engine; returns its header (what was chosen and checked, with numbers)."""
-    hw, batch = model.config.input_size, config.batch
-    if config.precision in INT8_PRECISIONS and config.calib is None:
-        raise UserError(f"--precision {config.precision} takes its int8 ranges from real images: give --calib DIR "
-                        "(a folder of good images)")
-    threshold = meta.get("threshold", {}).get("threshold")
-    if threshold is None:
-        raise UserError("model.pt has no decision threshold (train it with python -m train.fit)")
+@dataclass(frozen=True)
+class Reference:
+    """What every candidate is checked against: the folded graph, the check images, the model's outputs on them."""
+
+    graph: InferenceGraph
+    images: np.ndarray  # the check images proper (real ones with --calib): int8 takes its ranges from them
+    check_images: np.ndarray  # those and 2 random ones
+    description: str  # what the check images are, for the header
+    maps: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class Candidate:
+    """One engine the build could write: a backend at a precision, its sections, loaded, and its check's numbers."""
+
+    backend: str
+    precision: str
+    sections: dict[str, bytes]
+    runner: Backend
+    check: dict  # max |map diff|, max |score diff|, tolerance, ok
+
+    @property
+    def ok(self) -> bool:
+        return self.check["ok"]
+
+
+def reference(model: FastFlow, config: BuildConfig) -> tuple[Reference, dict]:
+    """The folded graph, checked against the model on the check images (+ 2 random ones); its check's record."""
     graph = InferenceGraph(model).eval()
-    images, calib_desc = _calibration_images(config.calib, model.config)
-    check_images = np.concatenate([images, np.random.default_rng(1).random((2, 3, *hw), dtype=np.float32)])
+    images, description = _calibration_images(config.calib, model.config)
+    check_images = np.concatenate([images, np.random.default_rng(1).random((2, 3, *graph.size), dtype=np.float32)])
     with torch.no_grad():
-        ref_maps, ref_scores = (t.numpy() for t in model(torch.from_numpy(check_images)))
-        graph_check = _compare(lambda x: tuple(t.numpy() for t in graph(torch.from_numpy(x))), ref_maps, ref_scores,
+        maps, scores = (t.numpy() for t in model(torch.from_numpy(check_images)))
+        graph_check = _compare(lambda x: tuple(t.numpy() for t in graph(torch.from_numpy(x))), maps, scores,
                                check_images, None)
     print(f"folded graph vs PyTorch reference: max |map diff| {graph_check['max_map_diff']:.2e}, "
-          f"max |score diff| {graph_check['max_score_diff']:.2e} ({calib_desc} + 2 random)")
+          f"max |score diff| {graph_check['max_score_diff']:.2e} ({description} + 2 random)")
     if graph_check["max_map_diff"] > GRAPH_TOLERANCE or graph_check["max_score_diff"] > GRAPH_TOLERANCE:
         raise RunError(f"the folded inference graph disagrees with the reference beyond {GRAPH_TOLERANCE}: "
                        f"max |map diff| {graph_check['max_map_diff']:.2e}, max |score diff| "
                        f"{graph_check['max_score_diff']:.2e}; this is a lineflow bug, please report it")
-    checks: dict = {"graph_vs_reference": graph_check, "check_images": calib_desc}
-    scoring = graph.scoring_spec()
-    cfg = model.config
-    tiling = TilingSpec(cfg.tile_scale, cfg.tile_overlap, cfg.image_score_top) if cfg.tile_scale else None
+    ref = Reference(graph, images, check_images, description, maps, scores)
+    return ref, {"graph_vs_reference": graph_check, "check_images": description}
 
-    def header(backend: str, precision: str) -> EngineHeader:
+
+def candidates(backend: str, config: BuildConfig) -> list[str]:
+    """The precisions to try for a backend, in order: the one named, or --precision auto's (_auto_candidates)."""
+    return [config.precision] if config.precision != "auto" else _auto_candidates(backend, config.calib is not None)
+
+
+def check(backend: str, precision: str, ref: Reference, spec: _HeaderSpec, model_bytes: bytes,
+          exported: dict[str, bytes]) -> Candidate:
+    """Build the candidate's sections (exported: ONNX parts already made, reused), load them and compare its outputs
+    with the model's on the check images; prints one line."""
+    sections = engine_sections(backend, precision, model_bytes, ref.graph, spec.batch, exported, ref.images)
+    runner = load_backend(spec.header(backend, precision), sections)
+    result = _compare(runner.infer, ref.maps, ref.scores, ref.check_images, spec.batch)
+    tol = {"score": GRAPH_TOLERANCE, "map": GRAPH_TOLERANCE} if precision == "fp32" else LOW_PRECISION_TOLERANCE
+    ok = result["max_score_diff"] <= tol["score"] and result["max_map_diff"] <= tol["map"]
+    print(f"{backend} {precision} vs PyTorch reference: max |map diff| {result['max_map_diff']:.2e}, "
+          f"max |score diff| {result['max_score_diff']:.2e} (tolerance {tol['map']:g} / {tol['score']:g}): "
+          f"{'ok' if ok else 'outside tolerance'}")
+    return Candidate(backend, precision, sections, runner, {**result, "tolerance": tol, "ok": ok})
+
+
+def checked(backend: str, ref: Reference, config: BuildConfig, spec: _HeaderSpec, model_bytes: bytes,
+            exported: dict[str, bytes]) -> tuple[list[Candidate], dict]:
+    """Each candidate precision of a backend, checked in order: those within tolerance, and every check's record.
+    A precision named, or fp32, outside tolerance ends the build (RunError); auto's lower ones give way to the next."""
+    precisions, passed, records = candidates(backend, config), [], {}
+    for precision in precisions:
+        candidate = check(backend, precision, ref, spec, model_bytes, exported)
+        records[f"{backend}_{precision}_vs_reference"] = candidate.check
+        if candidate.ok:
+            passed.append(candidate)
+            continue
+        candidate.runner.close()
+        if precision == "fp32" or config.precision != "auto":
+            c, tol = candidate.check, candidate.check["tolerance"]
+            advice = ("this is a lineflow bug, please report it" if precision == "fp32" else
+                      "build with --precision auto or fp32 (check on your own images with --calib DIR)")
+            raise RunError(f"{backend} {precision} disagrees with the PyTorch reference beyond tolerance: max |map "
+                           f"diff| {c['max_map_diff']:.2e} (tolerance {tol['map']:g}), max |score diff| "
+                           f"{c['max_score_diff']:.2e} (tolerance {tol['score']:g}); no engine written; {advice}")
+        print(f"  {precision} is outside tolerance: trying {precisions[precisions.index(precision) + 1]}")
+    return passed, records
+
+
+def timings(candidates: dict[str, Candidate], ref: Reference, batch: int | None) -> dict[str, float]:
+    """ms per frame of each candidate, by name, timed in turns on the check images (_ms_per_frame)."""
+    return _ms_per_frame({name: c.runner.infer for name, c in candidates.items()}, ref.check_images, batch)
+
+
+def choose_precision(backend: str, passed: list[Candidate], ref: Reference, batch: int | None
+                     ) -> tuple[Candidate, dict]:
+    """Of a backend's precisions within tolerance, the fastest (timed here: bf16 is not faster on every CPU that runs
+    it natively, benchmarks/peers/README.md), or the most precise within PRECISION_MARGIN of it; the others closed."""
+    if len(passed) == 1:
+        return passed[0], {}
+    ms = timings({c.precision: c for c in passed}, ref, batch)
+    kept = _keep_precision(ms)
+    print(f"{backend} precisions within tolerance: " + ", ".join(f"{p} {t:.1f} ms/frame" for p, t in ms.items())
+          + f" (batch {batch or 1}, median of 7 in turns): keeps {kept}"
+          + ("" if kept == min(ms, key=ms.get) else f", the most precise within {PRECISION_MARGIN:.0%} of the "
+                                                    "fastest"))
+    for c in passed:
+        if c.precision != kept:
+            c.runner.close()
+    return next(c for c in passed if c.precision == kept), {f"{backend}_precision_timings_ms": ms}
+
+
+def per_backend(names: list[str], fallbacks: bool, ref: Reference, config: BuildConfig, spec: _HeaderSpec,
+                model_bytes: bytes) -> tuple[dict[str, Candidate], dict]:
+    """Each backend's checked and chosen candidate, and the records. With fallbacks (auto on a GPU) the first that
+    builds and passes its check wins, and why each before it failed is printed and recorded."""
+    options, records, exported = {}, {}, {}
+    for name in names:
+        try:
+            passed, checks = checked(name, ref, config, spec, model_bytes, exported)
+            records.update(checks)
+            options[name], timed = choose_precision(name, passed, ref, config.batch)
+            records.update(timed)
+        except Exception as e:  # noqa: BLE001 - any failure of a plan's build is a reason to fall back
+            if not fallbacks or name == names[-1]:
+                raise
+            reason = str(e) if isinstance(e, (UserError, RunError)) else one_line(e)
+            print(f"auto: {name} failed ({reason}); falling back to {names[names.index(name) + 1]}")
+            records[f"auto_{name}_failed"] = reason
+            continue
+        if fallbacks:
+            break
+    return options, records
+
+
+def choose(options: dict[str, Candidate], ref: Reference, batch: int | None) -> tuple[Candidate, dict]:
+    """The fastest backend at its chosen precision (auto without a GPU times every installed CPU backend); all timed
+    here (the header's ms/frame), every runner closed."""
+    ms = timings(options, ref, batch)
+    records = {}
+    if len(options) > 1:
+        print("auto: " + ", ".join(f"{name} {options[name].precision} {t:.1f} ms/frame" for name, t in ms.items())
+              + f" (batch {batch or 1}, median of 7 in turns)")
+        records["auto_timings_ms"] = {f"{name} {options[name].precision}": t for name, t in ms.items()}
+    chosen = options[min(ms, key=ms.get)]
+    for c in options.values():
+        c.runner.close()
+    parts = PART_PRECISIONS[chosen.precision] if chosen.backend in MAPS_GRAPH_BACKENDS else {"all": chosen.precision}
+    return chosen, {**records, "ms_per_frame": ms[chosen.backend], "ms_per_frame_batch": batch or 1,
+                    "part_precisions": parts}
+
+
+@dataclass(frozen=True)
+class _HeaderSpec:
+    """What every header of this build says whichever candidate it describes."""
+
+    model: FastFlow
+    meta: ModelMeta
+    scoring: ScoringSpec
+    batch: int | None
+
+    def header(self, backend: str, precision: str, checks: dict | None = None) -> EngineHeader:
+        cfg, threshold = self.model.config, self.meta.threshold
         return EngineHeader(
-            backend=backend, precision=precision, input_size=hw, threshold=threshold, batch=batch,
-            scoring=scoring,
-            tiling=tiling,
-            model_config=model.config.to_dict(), model_threshold=meta.get("threshold"), checks=checks,
+            backend=backend, precision=precision, input_size=cfg.input_size, threshold=threshold.threshold,
+            batch=self.batch, scoring=self.scoring,
+            tiling=TilingSpec(cfg.tile_scale, cfg.tile_overlap, cfg.image_score_top) if cfg.tile_scale else None,
+            model_config=cfg.to_dict(), model_threshold=threshold.to_dict(), checks=checks or {},
             created=datetime.now(UTC).isoformat(),
             built_on={"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__})
 
-    exported: dict[str, bytes] = {}
 
-    def checked(name: str) -> tuple[str, dict[str, bytes], Backend]:
-        """The named precision, checked; for auto, the fastest of the candidates that pass the accuracy check (timed
-        here: bf16 is not faster on every CPU that runs it natively, benchmarks/peers/README.md)."""
-        candidates = ([config.precision] if config.precision != "auto"
-                      else _auto_candidates(name, config.calib is not None))
-        passed: list[tuple[str, dict[str, bytes], Backend]] = []
-        for prec in candidates:
-            sections = engine_sections(name, prec, model_bytes, graph, batch, exported, images)
-            backend = load_backend(header(name, prec), sections)
-            check = _compare(backend.infer, ref_maps, ref_scores, check_images, batch)
-            tol = {"score": GRAPH_TOLERANCE, "map": GRAPH_TOLERANCE} if prec == "fp32" else LOW_PRECISION_TOLERANCE
-            ok = check["max_score_diff"] <= tol["score"] and check["max_map_diff"] <= tol["map"]
-            print(f"{name} {prec} vs PyTorch reference: max |map diff| {check['max_map_diff']:.2e}, "
-                  f"max |score diff| {check['max_score_diff']:.2e} (tolerance {tol['map']:g} / {tol['score']:g}): "
-                  f"{'ok' if ok else 'outside tolerance'}")
-            checks[f"{name}_{prec}_vs_reference"] = {**check, "tolerance": tol, "ok": ok}
-            if ok:
-                passed.append((prec, sections, backend))
-                continue
-            backend.close()
-            if prec == "fp32" or config.precision != "auto":
-                advice = ("this is a lineflow bug, please report it" if prec == "fp32" else
-                          "build with --precision auto or fp32 (check on your own images with --calib DIR)")
-                raise RunError(f"{name} {prec} disagrees with the PyTorch reference beyond tolerance: max |map diff| "
-                               f"{check['max_map_diff']:.2e} (tolerance {tol['map']:g}), max |score diff| "
-                               f"{check['max_score_diff']:.2e} (tolerance {tol['score']:g}); no engine written; "
-                               f"{advice}")
-            print(f"  {prec} is outside tolerance: trying {candidates[candidates.index(prec) + 1]}")
-        if len(passed) == 1:
-            return passed[0]
-        ms = _ms_per_frame({prec: backend.infer for prec, _, backend in passed}, check_images, batch)
-        kept = _keep_precision(ms)
-        print(f"{name} precisions within tolerance: " + ", ".join(f"{p} {t:.1f} ms/frame" for p, t in ms.items())
-              + f" (batch {batch or 1}, median of 7 in turns): keeps {kept}"
-              + ("" if kept == min(ms, key=ms.get) else f", the most precise within {PRECISION_MARGIN:.0%} of the "
-                                                        "fastest"))
-        checks[f"{name}_precision_timings_ms"] = ms
-        for prec, _, backend in passed:
-            if prec != kept:
-                backend.close()
-        return next(option for option in passed if option[0] == kept)
+def write(out: str | Path, chosen: Candidate, spec: _HeaderSpec, checks: dict) -> EngineHeader:
+    """The chosen candidate's engine file, its header recording every check and timing."""
+    header = spec.header(chosen.backend, chosen.precision, checks)
+    write_engine(out, header, chosen.sections)
+    return header
 
+
+def build_engine(model: FastFlow, meta: ModelMeta | dict, model_bytes: bytes, out: str | Path,
+                 config: BuildConfig = BuildConfig()) -> EngineHeader:
+    """Build and write the engine; returns its header (what was chosen and checked, with numbers). In order:
+    the reference, each backend's candidates checked (and its precisions timed), the backend chosen, the file
+    written. `meta`: a ModelMeta, or its dict."""
+    meta = ModelMeta.from_dict(meta) if isinstance(meta, dict) else meta
+    if config.precision in INT8_PRECISIONS and config.calib is None:
+        raise UserError(f"--precision {config.precision} takes its int8 ranges from real images: give --calib DIR "
+                        "(a folder of good images)")
+    if meta.threshold is None:
+        raise UserError("model.pt has no decision threshold (train it with python -m train.fit)")
+    ref, checks = reference(model, config)
+    spec = _HeaderSpec(model, meta, ref.graph.scoring_spec(), config.batch)
     names, fallbacks = _resolve_backend(config.backend, config.precision)
-    if fallbacks:  # auto on a GPU: the first candidate that builds and passes its check
-        options = {}
-        for name in names:
-            try:
-                options[name] = checked(name)
-                break
-            except Exception as e:  # noqa: BLE001 - any failure of a plan's build is a reason to fall back
-                if name == names[-1]:
-                    raise
-                reason = str(e) if isinstance(e, (UserError, RunError)) else one_line(e)
-                print(f"auto: {name} failed ({reason}); falling back to {names[names.index(name) + 1]}")
-                checks[f"auto_{name}_failed"] = reason
-        names = list(options)
-    else:
-        options = {name: checked(name) for name in names}
-    timings = _ms_per_frame({name: options[name][2].infer for name in names}, check_images, batch)
-    if len(names) > 1:  # auto without a GPU: the fastest installed CPU backend at its checked precision
-        print("auto: " + ", ".join(f"{name} {options[name][0]} {ms:.1f} ms/frame" for name, ms in timings.items())
-              + f" (batch {batch or 1}, median of 7 in turns)")
-        checks["auto_timings_ms"] = {f"{name} {options[name][0]}": ms for name, ms in timings.items()}
-    chosen = min(timings, key=timings.get)
-    for _, _, backend in options.values():
-        backend.close()
-    checks["ms_per_frame"], checks["ms_per_frame_batch"] = timings[chosen], batch or 1
-    precision, sections, _ = options[chosen]
-    checks["part_precisions"] = PART_PRECISIONS[precision] if chosen in MAPS_GRAPH_BACKENDS else {"all": precision}
-    result = header(chosen, precision)
-    write_engine(out, result, sections)
-    return result
+    options, records = per_backend(names, fallbacks, ref, config, spec, model_bytes)
+    chosen, timed = choose(options, ref, config.batch)
+    return write(out, chosen, spec, {**checks, **records, **timed})

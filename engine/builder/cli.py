@@ -20,7 +20,7 @@ from engine.common.errors import UserError
 from engine.common.files import check_output
 from engine.common.geometry import format_size
 from engine.common.images import DataError
-from train.checkpoint import load_model_bytes
+from train.checkpoint import ModelMeta, load_model_bytes
 from train.data import train_images
 
 __all__ = ["main"]
@@ -51,13 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _training_images(meta: dict) -> str | None:
+def _training_images(meta: ModelMeta) -> str | None:
     """The folder of good images the model was trained on, where train.fit recorded it, if it still holds images."""
-    root = meta.get("data", {}).get("root") if isinstance(meta.get("data"), dict) else None
-    if not isinstance(root, str):
+    if meta.data is None:
         return None
     try:
-        return str(train_images(root)[0].parent)
+        return str(train_images(meta.data.root)[0].parent)
     except (DataError, OSError):
         return None
 
