@@ -153,7 +153,7 @@ class EngineHeader:
         missing = [k for k in ("backend", "input_size", "threshold") if k not in d]
         if missing:
             raise ValueError(f"lacks {', '.join(missing)}")
-        if not isinstance(d["input_size"], list):
+        if isinstance(d["input_size"], int) and not isinstance(d["input_size"], bool):  # not the current form
             raise ValueError(f"input_size must be a [height, width] pair, not {d['input_size']!r}")
         scoring, tiling = d.get("scoring"), d.get("tiling")
         return cls(**{**d, "scoring": None if scoring is None else ScoringSpec.from_dict(scoring),

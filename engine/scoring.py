@@ -73,10 +73,10 @@ class ScoringSpec:
     def from_dict(cls, d: dict) -> ScoringSpec:
         """The engine header's `scoring` in the current form (engine.format.upgrade_header brings older ones to it)."""
         d = strict_kwargs(cls, d)
-        for key in ("size", "sigma", "shapes"):
-            if key in d and not isinstance(d[key], list):
+        for key in ("size", "sigma"):  # one number was an older version's form
+            if isinstance(d.get(key), (int, float)) and not isinstance(d[key], bool):
                 raise ValueError(f"scoring.{key} must be a list, not {d[key]!r}")
-        if not all(isinstance(hw, list) for hw in d.get("shapes", [])):
+        if isinstance(d.get("shapes"), list) and any(isinstance(hw, int) for hw in d["shapes"]):
             raise ValueError(f"scoring.shapes must be [height, width] pairs, not {d['shapes']!r}")
         try:
             return cls(**{**d, **{k: tuple(d[k]) for k in ("map_weights", "image_weights") if k in d}})

@@ -23,7 +23,7 @@ from engine.common.files import atomic_write
 from train.model import FastFlow, FlowConfig
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "OLDEST_READABLE", "ModelFileError", "ModelMeta", "Threshold", "DataInfo",
-           "save_model", "load_model", "load_model_bytes", "upgrade_checkpoint", "checksum"]
+           "save_model", "load_model", "load_model_bytes", "upgrade_checkpoint", "written_version", "checksum"]
 
 FORMAT = "lineflow-model"
 # The versions of model.pt's metadata, and what each changed (every file before version 6 wrote format_version 1;

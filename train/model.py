@@ -201,7 +201,7 @@ class FlowConfig:
         if unknown or missing:  # a default filled in here could silently change what the weights mean
             raise ValueError(f"model config does not match this lineflow (unknown keys {sorted(unknown)}, "
                              f"missing keys {sorted(missing)})")
-        if not isinstance(d["input_size"], list):
+        if isinstance(d["input_size"], int) and not isinstance(d["input_size"], bool):  # not the current form
             raise ValueError(f"input_size must be a [height, width] pair, not {d['input_size']!r}")
         return cls(**d)
 

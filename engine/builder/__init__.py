@@ -1,7 +1,8 @@
 """The build side: `python -m engine.build model.pt` (slow, once; imports torch and the model definition).
 
 graph.py folds a trained model into its inference graph; export.py turns it into ONNX or a TensorRT
-plan; builder.py checks each candidate against the PyTorch reference and writes the engine file.
+plan, kernel_pack.py into the CUDA path's kernels section; builder.py checks each candidate against
+the PyTorch reference and writes the engine file.
 The run side (engine.load, engine.run) never imports this package.
 """
 
