@@ -22,7 +22,7 @@ from train.threshold import compare_rules  # noqa: E402
 from train.tiles import flow_frames  # noqa: E402
 
 model, meta = load_model(sys.argv[1])
-_, held_out = split_holdout(train_images(sys.argv[2]), 0.1, meta["train_config"]["seed"])
+_, held_out = split_holdout(train_images(sys.argv[2]), 0.1, meta.train_config["seed"])
 cpu = torch.device("cpu")
 scores = score_cached(model, flow_frames(model, *extract_features(model, held_out, cpu, "held-out"), cpu))[1]
 images = json.load(open(sys.argv[3]))["images"]

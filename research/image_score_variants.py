@@ -41,7 +41,7 @@ for scales in ("coarse", "all", "coarsest"):
     _, _, test_by_top = predict(model, test_paths, 8, cpu, test_feats, TOPS)
     _, hold_default, hold_by_top = predict(model, hold_paths, 8, cpu, hold_feats, TOPS)
     if scales == default.image_scales:  # the split is the fit's: its held-out scores come back
-        assert np.allclose(hold_default, meta["threshold"]["holdout_scores"], atol=1e-4)
+        assert np.allclose(hold_default, meta.threshold.holdout_scores, atol=1e-4)
     variants.update({f"{scales} top {t:g}": (test_by_top[t], hold_by_top[t]) for t in TOPS})
 
 rng = np.random.default_rng(0)

@@ -36,7 +36,7 @@ args = p.parse_args()
 torch.set_grad_enabled(False)
 cpu = torch.device("cpu")
 model, meta = load_model(args.model)
-train_paths, held_out = split_holdout(train_images(args.data), 0.1, meta["train_config"]["seed"])
+train_paths, held_out = split_holdout(train_images(args.data), 0.1, meta.train_config["seed"])
 feats, _ = extract_features(model, train_paths, cpu, "train features")
 nlls = [[] for _ in feats]
 for i in range(0, len(feats[0]), 16):

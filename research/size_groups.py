@@ -24,7 +24,7 @@ from train.fit import TrainConfig, split_holdout  # noqa: E402
 torch.set_grad_enabled(False)
 model, meta = load_model(sys.argv[1])
 fit_paths, hold_paths = split_holdout(train_images(sys.argv[2]), TrainConfig.holdout_fraction, int(sys.argv[3]))
-print(f"{sys.argv[1]}: stored threshold {meta['threshold']['threshold']:.3f}\n")
+print(f"{sys.argv[1]}: stored threshold {meta.threshold.threshold:.3f}\n")
 print("| frames | size | n | median | 90th pct | max |\n|---|---|---|---|---|---|")
 for name, paths in (("trained on", fit_paths), ("held out", hold_paths)):
     _, scores, _ = predict(model, paths, 8, torch.device("cpu"))

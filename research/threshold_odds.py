@@ -42,7 +42,7 @@ RULES["robust 4 of log(score)"] = lambda s: float(np.exp(robust(np.log(s), 4.0))
 
 fits, columns = [], []
 for name, model_path, eval_path in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
-    hold = np.array(load_model(model_path)[1]["threshold"]["holdout_scores"])
+    hold = np.array(load_model(model_path)[1].threshold.holdout_scores)
     result = json.loads(Path(eval_path).read_text())
     scores = np.array([i["score"] for i in result["images"]])
     defective = np.array([i["type"] != "good" for i in result["images"]])

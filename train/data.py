@@ -112,9 +112,9 @@ def size_weights(sizes: list[tuple[int, int]]) -> np.ndarray | None:
     frames have is underfit when each frame is drawn once: on BSD the 16 training frames of 1540x645 (a second
     capture setting, 3 % of the frames) scored near the threshold although trained on (median 0.39 against 0.09
     for 1130x460), and so did the good test frames taken that way. The square root lifts a rare size without
-    letting a handful of frames take half of every epoch (docs/lab/search-rounds.md, round 18). None where the frames come
-    in one size, in sizes equally common, or in more than SIZE_GROUPS_MAX sizes (hand-cut tiles: MTD has 711
-    sizes in 762 images): such data trains as before, and train.fit reports no sizes for it.
+    letting a handful of frames take half of every epoch (docs/lab/search-rounds.md, round 18). None where the
+    frames come in one size, in sizes equally common, or in more than SIZE_GROUPS_MAX sizes (hand-cut tiles: MTD
+    has 711 sizes in 762 images): such data trains as before, and train.fit reports no sizes for it.
     """
     counts = Counter(sizes)
     if not 2 <= len(counts) <= SIZE_GROUPS_MAX or len(set(counts.values())) == 1:

@@ -10,7 +10,7 @@ its own Adam at `base_lr` and gradient-norm clipping; every other step only the 
 Alternation is AltUB's answer to the flow and the base both being able to move z's mean and scale
 (Kim et al. 2022; we did not test simultaneous updates). Defaults follow the public
 FastFlow+AltUB code (every 5th step, Adam, gradients clipped at 100); the base learning rate is
-10x the flow's (README has the A/B against plain FastFlow).
+10x the flow's (docs/results.md has the A/B against plain FastFlow).
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def extract_features(model: FastFlow, paths: list[Path], device: torch.device,
             for acc, f in zip(per_scale, feats):
                 acc.append(f.cpu().contiguous())
 
-    # channels-last runs the depthwise backbone 2-3x faster on CPUs (batch 2 at 544x224: 90 ms a tile
-    # against 270 ms at batch 16 channels-first, benchmarks/NOTES.md); the features are the same to 1e-4
+    # channels-last keeps the depthwise backbone's small batches fast on CPUs (benchmarks/NOTES.md, "int8 on an
+    # AVX2-only CPU, and caching features channels-last"); the features are the same to 1e-4
     model.backbone.to(memory_format=torch.channels_last)
     try:
         with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
@@ -269,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="each scale's map blurred by half its cell (stride: --blur-sigma x stride / 4) or all by "
                    "--blur-sigma (fixed)")
     p.add_argument("--fusion", default=m.fusion, choices=FUSIONS,
-                   help="combine scales in units of held-out good pixels, or as FastFlow's mean probability")
+                   help="combine scales in units of held-out good pixels (the one fusion engines build)")
     p.add_argument("--image-score-top", type=float, default=m.image_score_top, metavar="FRACTION",
                    help="image score = mean of this fraction of the map's highest pixels; 0 = the max")
     p.add_argument("--map-scales", default=m.map_scales, choices=MAP_SCALES,
@@ -287,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the training images come in 2-"
                    f"{SIZE_GROUPS_MAX} sizes of unequal counts (two cameras, a rig setting changed), draw each by "
                    "count^-1/2 so that a rare size is not underfit (BSD, four seeds: image AUROC +0.003, pixel AUROC "
-                   "level, held-out likelihood lower; docs/results.md, round 18)")
+                   "level, held-out likelihood lower; docs/lab/search-rounds.md, round 18)")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out split, initialisation and batch order")
     p.add_argument("--device", default=DEVICES[0], choices=DEVICES, help="where features and flow run")
     p.add_argument("--epoch-checkpoints", metavar="DIR",

@@ -62,7 +62,8 @@ class FeatureNorm(nn.Module):
 
 class PermuteChannels(torch.autograd.Function):
     """x[:, perm] with the inverse gather as its backward. torch's own backward of an index is an accumulating
-    index_put_, which took ~17 % of a CPU training step (benchmarks/NOTES.md); a permutation needs no sums."""
+    index_put_, a visible share of a CPU training step (benchmarks/NOTES.md, "The flow's training step: the
+    channel permutation's backward"); a permutation needs no sums."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
@@ -319,7 +320,7 @@ class FastFlow(nn.Module):
         Half a cell at every scale: a stride-16 map blurred by 2 px keeps its 16-px cells' blocky edges,
         and a stride-4 map blurred by 4 px spreads a pit of one or two cells. Against one sigma of 4 px for
         all scales, half a cell lifted AUPRO on MTD from 0.878 to 0.890 and on BSD from 0.812 to 0.827 at
-        pixel AUROC +0.001 and level (docs/results.md, round 11). "fixed": blur_sigma at every scale.
+        pixel AUROC +0.001 and level (docs/lab/search-rounds.md, round 11). "fixed": blur_sigma at every scale.
         """
         strides, sigma = self.backbone.strides, self.config.blur_sigma
         if self.config.blur_mode == "fixed":
@@ -332,7 +333,7 @@ class FastFlow(nn.Module):
         The average sharpens the coarse scales' statistics, whose cells see wide context, and blurs a pit of
         a few cells at strides 4 and 8 into its neighbours: with strides 4 and 8 as they are, BSD's AUPRO
         rose from 0.767 to 0.812 and MTD's from 0.816 to 0.878, pixel AUROC level on MTD; averaging no scale
-        cost MTD 0.046 pixel AUROC (docs/results.md, round 10). The image score reads the coarse scales, so it
+        cost MTD 0.046 pixel AUROC (docs/lab/search-rounds.md, round 10). The image score reads the coarse scales, so it
         is the same either way.
         """
         n = len(self.backbone.channels)
@@ -343,7 +344,7 @@ class FastFlow(nn.Module):
 
         A stride-32 cell is 32 px wide (a quarter of a 128 px image): it blurs small defects. Without
         it pixel AUROC / AUPRO on the demo set rise from 0.82 / 0.53 to 0.89 / 0.70; on MTD pixel AUROC
-        moves from 0.965 to 0.963 (README).
+        moves from 0.965 to 0.963 (docs/lab/search-rounds.md, round 2).
         """
         n = len(self.flows)
         return list(range(n - 1)) if self.config.map_scales == "fine" else list(range(n))
@@ -354,7 +355,7 @@ class FastFlow(nn.Module):
         Coarse features see a wide context, and a defect changes a part's look there; the fine scales
         also light up on harmless texture. On MTD the coarse pair ranks images at 0.97 against 0.92
         for all four scales; on the synthetic demo set all four win (0.86 against 0.79), and the
-        coarse pair beats stride 32 alone on both (README).
+        coarse pair beats stride 32 alone on both (docs/lab/search-rounds.md, round 2).
         """
         n = len(self.flows)
         return {"coarse": [n - 2, n - 1], "coarsest": [n - 1], "all": list(range(n))}[self.config.image_scales]

@@ -57,8 +57,8 @@ BUILD_PRECISIONS = ("auto", *PRECISIONS)
 # choice flipped between builds on timing noise, benchmarks/NOTES.md)
 PRECISION_MARGIN = 0.05
 # pause before each timed call when candidates take turns: ONNX Runtime's worker threads keep spinning for about
-# this long after its calls, and an OpenVINO call timed right after one took 21 ms against 12 alone
-# (benchmarks/NOTES.md, 2026-12-05)
+# this long after its calls and slow an OpenVINO call timed right after one (benchmarks/NOTES.md, "bf16 from the
+# backbone's stride-4 map on", the build's timing in turns)
 SETTLE_S = 0.5
 
 

@@ -98,8 +98,8 @@ class FoldedStep(nn.Module):
     def on_blocks(self, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step on the state as two blocks: the blocks after it, [x1, y2]. OpenVINO runs Gather, Split and
         Concat as reference kernels in plain layout, with reorders around them; 1x1 convolutions stay in its
-        blocked layout, for C^2 more multiply-adds a pixel and step: on an AVX2 CPU 1.07-1.47x on the maps graph
-        alone, 1-7 % end to end (benchmarks/NOTES.md)."""
+        blocked layout, for C^2 more multiply-adds a pixel and step, which pays on the CPUs measured
+        (benchmarks/NOTES.md, "Where an AVX2 CPU spends a frame; the flow's gathers as 1x1 convolutions")."""
         if self.direct:
             x1, x2 = p, q
         else:
