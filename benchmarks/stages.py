@@ -55,10 +55,11 @@ def build_default_engine(folder: Path, config: FlowConfig | None = None, name: s
     return folder / name
 
 
-def make_model(config: FlowConfig) -> FastFlow:
+def make_model(config: FlowConfig, seed: int = 0) -> FastFlow:
     """Random weights of the right shapes (no stage's cost depends on the values); flow parameters and
-    per-scale statistics moved off their initial values, so no folded constant is trivially 0 or 1."""
-    torch.manual_seed(0)
+    per-scale statistics moved off their initial values, so no folded constant is trivially 0 or 1 (the tests'
+    models too: tests/conftest.py perturbed_model)."""
+    torch.manual_seed(seed)
     model = FastFlow(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

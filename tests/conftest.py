@@ -92,16 +92,10 @@ def conv_gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def perturbed_model(size=64, image_scales="coarse", map_scales="fine", seed=0) -> FastFlow:
     """A model whose every parameter is non-trivial (trained weights would be; zero-init ones are not)."""
-    from train.model import FastFlow, FlowConfig
-    torch.manual_seed(seed)
-    model = FastFlow(FlowConfig(backbone="efficientnet_lite0", input_size=size, flow_steps=4,
-                                image_scales=image_scales, map_scales=map_scales)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("backbone"):
-                p.add_(torch.randn_like(p) * 0.03)
-        model.scale_stats.copy_(torch.tensor([[0.5, 2.0], [0.7, 3.0], [0.2, 1.5], [0.4, 2.5]]))
-    return model
+    from benchmarks.stages import make_model
+    from train.model import FlowConfig
+    return make_model(FlowConfig(backbone="efficientnet_lite0", input_size=size, flow_steps=4,
+                                 image_scales=image_scales, map_scales=map_scales), seed)
 
 
 def rewrite_version(path: Path, out: Path, version: int) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from engine.common.errors import UserError
 from engine.common.files import atomic_write
+from engine.common.schema import strict_kwargs
 from train.model import FastFlow, FlowConfig
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "OLDEST_READABLE", "ModelFileError", "ModelMeta", "Threshold", "DataInfo",
@@ -44,16 +45,6 @@ _ADDED_BY = {2: "feature_pool", 3: "map_scales", 4: "tile_scale", 5: "pool_scale
 
 class ModelFileError(UserError):
     """model.pt is missing, damaged, from another format version or not a lineflow model."""
-
-
-def _strict(cls, d, name: str) -> dict:
-    """d, a dict whose keys are all fields of the dataclass cls."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{name} must be a dict, not {type(d).__name__}")
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"{name} has unknown keys {sorted(unknown)} (written by another lineflow?)")
-    return d
 
 
 def _number(name: str, v, kind=(int, float)) -> None:
@@ -112,7 +103,7 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict) -> Threshold:
-        return cls(**_strict(cls, d, "threshold"))
+        return cls(**strict_kwargs(cls, d, "threshold"))
 
     def to_dict(self) -> dict:
         return _dropped_none(asdict(self))
@@ -135,7 +126,7 @@ class DataInfo:
     @classmethod
     def from_dict(cls, d: dict) -> DataInfo:
         try:
-            return cls(**_strict(cls, d, "data"))
+            return cls(**strict_kwargs(cls, d, "data"))
         except TypeError as e:
             raise ValueError(f"data: {e}") from None
 
@@ -165,7 +156,7 @@ class ModelMeta:
     def from_dict(cls, d: dict) -> ModelMeta:
         """The metadata's dict (without format, format_version and config) -> ModelMeta; unknown keys and wrong types
         raise ValueError."""
-        d = _strict(cls, d, "model metadata")
+        d = strict_kwargs(cls, d, "model metadata")
         threshold, data = d.get("threshold"), d.get("data")
         return cls(**{**d, "threshold": None if threshold is None else Threshold.from_dict(threshold),
                       "data": None if data is None else DataInfo.from_dict(data)})

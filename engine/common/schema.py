@@ -28,13 +28,15 @@ def number(name: str, v) -> float:
     return float(v)
 
 
-def strict_kwargs(cls, d) -> dict:
-    """d, a JSON object whose keys are all fields of the dataclass cls: unknown keys are refused."""
+def strict_kwargs(cls, d, name: str | None = None) -> dict:
+    """d, a JSON object whose keys are all fields of the dataclass cls: unknown keys are refused (`name`: what the
+    message calls d; the class's name by default)."""
+    name = name or cls.__name__
     if not isinstance(d, dict):
-        raise ValueError(f"{cls.__name__} must be a JSON object")
+        raise ValueError(f"{name} must be a JSON object, not {type(d).__name__}")
     unknown = set(d) - {f.name for f in fields(cls)}
     if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} (written by another lineflow?)")
+        raise ValueError(f"{name} has unknown keys {sorted(unknown)} (written by another lineflow?)")
     return d
 
 
