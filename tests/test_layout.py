@@ -1,4 +1,5 @@
-"""The layout's promises: the run side stays lean, engine.run stays the function, kernels are leaves."""
+"""The layout's promises: imports run one way (the run side imports nothing of train/ or the build side, training
+none of the run side), the run side stays lean, engine.run stays the function, kernels are leaves."""
 
 import ast
 import subprocess
@@ -57,3 +58,49 @@ def test_kernels_import_nothing_of_the_project():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not [n for n in names if n.split(".")[0] in ("engine", "train")], (path.name, names)
+
+
+# the run side is engine/ without the build side; the demo app (it trains) and the PyTorch reference backend (it
+# rebuilds the model from model.pt) are the two modules that may import train/
+BUILD_SIDE = ("engine/builder/", "engine/build.py")
+MAY_IMPORT_TRAIN = ("engine/demo.py", "engine/backends/pytorch.py")
+
+
+def _imported(path: Path) -> list[tuple[int, str]]:
+    """Every module a file imports, at any level (function bodies too), relative imports resolved."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = list(rel.parts if path.name == "__init__.py" else rel.parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
+    return found
+
+
+def test_the_run_side_imports_nothing_of_train_or_the_build_side():
+    bad = []
+    for path in sorted((ROOT / "engine").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(BUILD_SIDE) or rel in MAY_IMPORT_TRAIN:
+            continue
+        bad += [f"{rel}:{line} imports {name}" for line, name in _imported(path)
+                if name.split(".")[0] == "train" or name.split(".")[:2] in (["engine", "build"], ["engine", "builder"])]
+    assert not bad, bad
+
+
+def test_loading_the_run_side_loads_no_train_and_training_loads_no_run_side():
+    """At run time too: the run side's modules (the CUDA path's included) bring in nothing of train/ or the build
+    side, and `import train.fit` neither the runtime nor the native extension (engine/__init__ resolves lazily)."""
+    proc = _python(
+        "import sys, engine, engine.run, engine.stream, engine.remote, engine.sinks, engine.scoring\n"
+        "try:\n    import engine.backends.cuda\nexcept ImportError:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'train' or m.startswith('engine.build')))")
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+    proc = _python("import sys, train.fit\nrun_side = ('engine.runtime', 'engine.native', 'engine._native')\n"
+                   "print(sorted(m for m in sys.modules if m in run_side))")
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
