@@ -40,6 +40,7 @@ from engine.sinks import (
     WebhookSink,
     camera_name,
 )
+from engine.sinks.base import warn_on_stderr
 from engine.sources import SourceError, is_live
 from engine.stream import POLICIES, StreamStats, run
 
@@ -185,8 +186,10 @@ def _close_all(sinks: list[Sink], completed: bool) -> list[SinkSummary]:
         except Exception as e:  # noqa: BLE001 - the others still close; the first failure is reported
             failure = failure or e
     for summary in summaries:
-        if summary.line is not None:
-            print(f"\nwarning: {summary.line}" if summary.undelivered else summary.line, file=sys.stderr)
+        if summary.line is not None and summary.undelivered:
+            warn_on_stderr(summary.line)
+        elif summary.line is not None:
+            print(summary.line, file=sys.stderr)
     if failure is not None:
         raise failure
     return summaries
