@@ -23,6 +23,7 @@ from engine.builder import BuildConfig, build_engine
 from engine.builder.graph import InferenceGraph
 from engine.common.images import read_image
 from engine.format import EngineFileError
+from engine.results import Status
 from train.checkpoint import load_model
 from train.data import evaluation_samples, to_model_input
 from train.fit import main as fit_main
@@ -302,7 +303,8 @@ def test_drop_oldest_policy_counts_and_reports_every_dropped_frame(built):
     results = list(engine.run(eng, iter(frames), policy="drop-oldest", queue_size=2, stats=stats))
     assert [r.index for r in results] == list(range(30))  # one result per frame, in order
     dropped = [r for r in results if r.error]
-    assert dropped and all(r.error.startswith("dropped") and r.score is None for r in dropped)
+    assert dropped and all(r.status is Status.DROPPED and r.error.startswith("dropped") and r.score is None
+                           for r in dropped)  # the JSONL's error text stays as it was
     assert stats.dropped == len(dropped) and stats.scored == 30 - len(dropped)
     blocked = list(engine.run(eng, iter(frames), policy="block", queue_size=2))
     assert all(r.error is None for r in blocked) and len(blocked) == 30

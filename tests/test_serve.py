@@ -311,11 +311,12 @@ def test_a_host_faster_than_the_server_drops_the_oldest_and_counts_them(served):
     for (scored or a counted drop), in order."""
     import engine
     from engine.remote import RemoteEngine
+    from engine.results import Status
     path, server = served
     frame = np.full((240, 320, 3), 60, np.uint8)
     stats = engine.StreamStats()
     with RemoteEngine(f"grpc://127.0.0.1:{server.grpc}/{path.stem}") as remote:
         results = list(engine.run(remote, [frame] * 300, policy="drop-oldest", queue_size=4, stats=stats))
     assert [r.index for r in results] == list(range(300))
-    dropped = [r for r in results if r.error and r.error.startswith("dropped")]
+    dropped = [r for r in results if r.status is Status.DROPPED]
     assert stats.dropped == len(dropped) > 0 and stats.scored == 300 - len(dropped)
