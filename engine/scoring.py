@@ -143,8 +143,9 @@ class DeviceScoring:
         return amap, amap if self.image_weights == self.map_weights else weighted(self.image_weights)
 
     def scores(self, score_map) -> object:
-        """The mean of each map's top_k pixels."""
-        return self.torch.topk(score_map.flatten(1), self.top_k, dim=1).values.mean(dim=1)
+        """The mean of each map's top_k pixels (kernels.reference.top_k_mean, the CUDA path's too)."""
+        from kernels.reference import top_k_mean  # torch: loaded only where the device scoring runs
+        return top_k_mean(score_map, self.top_k)
 
     def __call__(self, qmaps: list) -> tuple:
         amap, score_map = self.maps(qmaps)
