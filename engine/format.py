@@ -21,6 +21,7 @@ from engine.common.files import atomic_write
 from engine.header import EngineHeader
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "OLDEST_READABLE", "EngineFileError", "write_engine", "read_engine",
+           "read_engine_file", "engine_id", "ENGINE_ID_DIGITS",
            "upgrade_header"]
 
 MAGIC = b"LFENGINE"
@@ -38,9 +39,12 @@ MAGIC = b"LFENGINE"
 #   7 (2026-12-05) precision bf16-deep (sections onnx_head, onnx_tail); the header unchanged
 #   8 (2026-12-06) torch engines carry the kernels section (the CUDA path's folded flow) and a scoring; a torch
 #     engine of 2-7 has neither and runs as the PyTorch reference on a CPU only
-FORMAT_VERSION = 8
+#   9 (2026-12-06) input_stats (the training frames' statistics: drift alarms) and provenance (engine.tune's
+#     record of a retuned threshold); an older file has neither (None)
+FORMAT_VERSION = 9
 OLDEST_READABLE = 2
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
+ENGINE_ID_DIGITS = 12
 
 
 def _square(v):
@@ -85,7 +89,12 @@ def _to_8(raw: dict) -> dict:
     return raw  # a torch engine keeps its scoring None: no kernels section, the CPU reference only
 
 
-_UPGRADES = {2: _to_3, 3: _to_4, 4: _to_5, 5: _to_6, 6: _to_7, 7: _to_8}  # version -> the step to the next one
+def _to_9(raw: dict) -> dict:
+    return raw  # input_stats and provenance default to None
+
+
+# version -> the step to the next one
+_UPGRADES = {2: _to_3, 3: _to_4, 4: _to_5, 5: _to_6, 6: _to_7, 7: _to_8, 8: _to_9}
 assert set(_UPGRADES) == set(range(OLDEST_READABLE, FORMAT_VERSION))
 
 
@@ -122,6 +131,17 @@ def write_engine(path: str | Path, header: EngineHeader, sections: dict[str, byt
 
 def read_engine(path: str | Path) -> tuple[EngineHeader, dict[str, bytes]]:
     """-> (header, sections), every checksum verified; EngineFileError names the file and the problem."""
+    header, sections, _ = read_engine_file(path)
+    return header, sections
+
+
+def engine_id(blob: bytes) -> str:
+    """An engine's id: the first ENGINE_ID_DIGITS hex digits of its file's SHA-256, as `sha256sum` prints it."""
+    return hashlib.sha256(blob).hexdigest()[:ENGINE_ID_DIGITS]
+
+
+def read_engine_file(path: str | Path) -> tuple[EngineHeader, dict[str, bytes], str]:
+    """-> (header, sections, engine id), all from one read of the file (a file replaced meanwhile cannot mix)."""
     path = Path(path)
     try:
         blob = path.read_bytes()
@@ -160,10 +180,11 @@ def read_engine(path: str | Path) -> tuple[EngineHeader, dict[str, bytes]]:
                 raise EngineFileError(f"{path}: section {s['name']!r} is damaged; rebuild the engine")
             sections[s["name"]] = data
         header = EngineHeader.from_dict(raw)
+        file_id = engine_id(blob)
     except EngineFileError:
         raise
     except ValueError as e:  # the header's schema (engine/header.py) and JSON errors
         raise EngineFileError(f"{path}: malformed engine header ({str(e)[:200]}); rebuild the engine") from None
     except (KeyError, TypeError, RecursionError) as e:
         raise EngineFileError(f"{path}: malformed engine header ({type(e).__name__}); rebuild the engine") from None
-    return header, sections
+    return header, sections, file_id

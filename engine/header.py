@@ -112,6 +112,8 @@ class EngineHeader:
     model_config: dict = field(default_factory=dict)  # train.model.FlowConfig.to_dict() of the model
     model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
     checks: dict = field(default_factory=dict)  # the build's accuracy checks and timings, with numbers
+    input_stats: dict | None = None  # the training frames' statistics (engine.drift.InputStats); None: not recorded
+    provenance: dict | None = None  # engine.tune's record: the parent engine's id, the labels, the rule; None: built
     created: str = ""
     built_on: dict = field(default_factory=dict)  # python, machine, torch of the build
 
@@ -134,8 +136,9 @@ class EngineHeader:
         for name in ("model_config", "checks", "built_on"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a JSON object")
-        if not (self.model_threshold is None or isinstance(self.model_threshold, dict)):
-            raise ValueError("model_threshold must be a JSON object")
+        for name in ("model_threshold", "input_stats", "provenance"):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), dict)):
+                raise ValueError(f"{name} must be a JSON object")
         if not isinstance(self.created, str):
             raise ValueError("created must be a string")
 

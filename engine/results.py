@@ -40,16 +40,25 @@ class Result:
     bgr: bool = False  # frame is OpenCV BGR
     captured_perf: float = field(default=0.0, repr=False)  # perf_counter at capture, for latency
     status: Status = Status.OK  # an error given without a status makes it Status.ERROR
+    engine: str | None = None  # the id of the engine that scored it (ScoringEngine.engine_id); None: not scored
+    threshold: float | None = None  # the threshold it was judged against (that engine's: it changes at a swap)
+    drift: list[str] | None = None  # the drift kinds in force when it was scored (engine.drift); None: not watched
 
     def __post_init__(self):
         if self.error is not None and self.status is Status.OK:
             self.status = Status.ERROR
 
     def to_json(self) -> dict:
+        """The JSONL line: `engine` always, `drift` (false or the kinds in force) where the run watches it."""
+        out = {"index": self.index, "source": self.source, "timestamp": self.timestamp}
         if self.error is not None:
-            return {"index": self.index, "source": self.source, "timestamp": self.timestamp, "error": self.error}
-        return {"index": self.index, "source": self.source, "timestamp": self.timestamp,
-                "score": self.score, "is_anomalous": self.is_anomalous}
+            out["error"] = self.error
+        else:
+            out.update(score=self.score, is_anomalous=self.is_anomalous)
+        out["engine"] = self.engine
+        if self.drift is not None:
+            out["drift"] = list(self.drift) or False
+        return out
 
 
 class ScoringEngine(Protocol):
@@ -58,6 +67,7 @@ class ScoringEngine(Protocol):
     threshold: float
     backend_name: str
     precision: str
+    engine_id: str | None  # the first 12 hex digits of the engine file's SHA-256 (as sha256sum prints it)
 
     def score(self, frames: list[np.ndarray], bgr: bool = False, with_maps: bool = True) -> list[Result]:
         """One Result per frame, in order."""

@@ -18,7 +18,7 @@ from engine import native
 from engine.backends import load_backend, run_batched
 from engine.common.errors import one_line
 from engine.common.geometry import blend_weights, stitch, tile_grid
-from engine.format import EngineFileError, read_engine
+from engine.format import EngineFileError, read_engine_file
 from engine.header import EngineHeader
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
 from engine.results import Result
@@ -40,7 +40,7 @@ class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, busy_wait: bool = True):
         self.path = Path(path)
         self.header: EngineHeader
-        self.header, sections = read_engine(self.path)
+        self.header, sections, self.engine_id = read_engine_file(self.path)  # the id: engine.format.engine_id
         self.input_size: tuple[int, int] = self.header.input_size  # (H, W)
         self.threshold: float = self.header.threshold
         self.backend_name: str = self.header.backend
@@ -139,8 +139,9 @@ class Engine:
     def _verdict(self, score: float, amap: np.ndarray | None) -> Result:
         """A finite score judged against the threshold; a NaN or infinite one is an error result, never a pass."""
         if not math.isfinite(score):
-            return Result(None, None, amap, error=NON_FINITE_SCORE.format(score))
-        return Result(score, score > self.threshold, amap)
+            return Result(None, None, amap, error=NON_FINITE_SCORE.format(score), engine=self.engine_id,
+                          threshold=self.threshold)
+        return Result(score, score > self.threshold, amap, engine=self.engine_id, threshold=self.threshold)
 
     def score(self, frames: list[np.ndarray], bgr: bool = False, with_maps: bool = True) -> list[Result]:
         """Frames -> their Results, all in the engine's batches: each resized whole to the model's input, or,
