@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run
 
-from train.threshold import best_thresholds, from_defects, from_good
+from engine.common.thresholds import MAX_REJECTED, best_thresholds, from_defects, from_good, max_rejected
 
 
 def test_robust_threshold_is_not_set_by_one_extreme_frame():
@@ -23,6 +23,34 @@ def test_threshold_from_defects_separates_them_from_good():
     assert t["good_rejected"] == 0.25 and t["defects_caught"] == 1.0 and 1.2 < t["threshold"] < 1.25
     t = from_defects(np.array([1.0, 1.2]), np.array([2.0, 3.0]))
     assert t["threshold"] == pytest.approx(1.6) and t["defects_caught"] == 1 and t["good_rejected"] == 0
+
+
+def test_max_rejected_is_the_lowest_threshold_within_the_budget():
+    good = np.array([0.5, 0.1, 0.4, 0.2, 0.3, 0.9, 0.8, 0.7, 0.6, 1.0])  # 10 scores, shuffled
+    assert max_rejected(good, 0.0) == 1.0  # rejects none: the highest good score
+    assert max_rejected(good, 0.1) == 0.9  # rejects 1.0 alone
+    assert max_rejected(good, 0.15) == 0.9  # 1.5 frames: still one
+    assert max_rejected(good, 0.2) == 0.8 and max_rejected(good, 0.5) == 0.5
+    assert max_rejected(np.full(50, 2.0), 0.3) == 2.0  # ties: a threshold below them would reject them all
+    assert max_rejected([0.1, 0.2, 0.2, 0.2, 0.3], 0.2) == 0.2  # rejects 0.3 (1 of 5); below 0.2 would reject 4
+    rng = np.random.default_rng(2)  # against brute force: every good score as a threshold, the lowest within budget
+    for budget in (0.0, MAX_REJECTED, 0.07, 0.29, 0.5):
+        good = rng.normal(0, 1, 137).round(1)  # with ties
+        t = max_rejected(good, budget)
+        within = [c for c in good if (good > c).mean() <= budget]
+        assert t == min(within) and (good > t).mean() <= budget
+    assert max_rejected(good) == max_rejected(good, 0.02)
+    for bad in ([], [1.0, np.nan]):
+        with pytest.raises(ValueError, match="good scores"):
+            max_rejected(np.array(bad))
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        max_rejected(good, 1.0)
+
+
+def test_train_reads_the_same_rules():
+    import engine.common.thresholds as run_side
+    import train.threshold as train_side
+    assert all(getattr(train_side, name) is getattr(run_side, name) for name in train_side.__all__)
 
 
 def test_best_thresholds_catch_the_most_defects_within_each_rejection_budget():
