@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from engine.common.errors import (
     run_cli,
 )
 from engine.common.files import check_output
+from engine.reload import ReloadingEngine
 from engine.results import ScoringEngine
 from engine.runtime import Engine
 from engine.sinks import (
@@ -45,6 +47,11 @@ from engine.sources import SourceError, is_live
 from engine.stream import POLICIES, StreamStats, run
 
 __all__ = ["main", "EXIT_SOURCE_FAILED"]
+
+
+def _event_line(text: str) -> None:
+    """An event of the run (an engine swapped or refused) on stderr, on a line of its own."""
+    print(f"\r{text}", file=sys.stderr, flush=True)
 
 
 def _status(stats: StreamStats, stop: threading.Event, period: float = 0.5) -> None:
@@ -83,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                    "frame (default for cameras/streams) or block the reader (default for files)")
     p.add_argument("--threads", type=int, help="backend threads (default: all cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no status line")
+    p.add_argument("--reload", action="store_true", help="follow the engine file: a new file at the same path "
+                   "(written beside it, then renamed over it) is loaded while the line runs and swapped in between "
+                   "batches, no frame lost or scored twice; looked for twice a second, at once on SIGHUP; a file that "
+                   "does not load or fit (input size, tiling) is refused in one line and the running engine stays")
     p.add_argument("--camera-name", help="the camera in MQTT topics and the view's title (default: from --source)")
     line = p.add_argument_group("line integration (engine/sinks/): a slow or absent receiver never stalls the run")
     line.add_argument("--mqtt", metavar="URL", help="mqtt://HOST:PORT/PREFIX (mqtts:// for TLS): a QoS-1 JSON "
@@ -159,9 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--mqtt-heartbeat must be positive")
     if (args.engine is None) == (args.server is None):
         raise UserError("give an engine file or --server URL (one of the two)")
+    if args.reload and args.server:
+        raise UserError("--reload follows a local engine file; a server reloads its own (engine.serve --reload)")
     if args.server:
         from engine.remote import RemoteEngine
         engine = RemoteEngine(args.server, reduce=args.server_send == "reduced")  # unreachable: fails here
+    elif args.reload:
+        engine = ReloadingEngine(args.engine, args.threads, on_event=_event_line)  # a bad first file fails here
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda signum, frame: engine.reload_now())
     else:
         engine = Engine(args.engine, args.threads)  # a bad engine fails here, before any output exists
     stats = StreamStats()

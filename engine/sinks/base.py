@@ -47,9 +47,11 @@ def warn_on_stderr(text: str) -> None:
 
 
 def result_message(result: Result) -> dict:
-    """The JSONL result's keys plus latency_ms (capture to now), the payload of a frame's message."""
+    """The JSONL result's keys plus the threshold it was judged against (it changes when the engine is swapped) and
+    latency_ms (capture to now): the payload of a frame's message."""
     latency = (time.perf_counter() - result.captured_perf) * 1000 if result.captured_perf else None
-    return {**result.to_json(), "latency_ms": None if latency is None else round(latency, 3)}
+    return {**result.to_json(), "threshold": result.threshold,
+            "latency_ms": None if latency is None else round(latency, 3)}
 
 
 def camera_name(source) -> str:

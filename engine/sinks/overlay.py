@@ -19,8 +19,13 @@ def _heat(amap: np.ndarray, threshold: float) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
 
 
-def overlay(result: Result, threshold: float) -> np.ndarray:
-    """The frame with its anomaly map blended on top, and a red border when anomalous: (H, W, 3) uint8 RGB."""
+def overlay(result: Result, threshold: float | None = None) -> np.ndarray:
+    """The frame with its anomaly map blended on top, and a red border when anomalous: (H, W, 3) uint8 RGB.
+    Coloured against the threshold the result was judged by (Result.threshold: it changes when the engine is
+    swapped mid-run), `threshold` where the result carries none."""
+    threshold = result.threshold if result.threshold is not None else threshold
+    if threshold is None:
+        raise ValueError("overlay needs a threshold: the result carries none")
     frame = result.frame
     if frame is None or result.anomaly_map is None:
         raise ValueError("overlay needs the result's frame and anomaly map")
