@@ -14,7 +14,7 @@ setup(
     description="Unsupervised visual inspection at line speed: FastFlow + AltUB, train and deploy",
     python_requires=">=3.10",
     packages=find_packages(include=["train", "train.*", "engine", "engine.*", "kernels", "kernels.*"]),
-    package_data={"engine.sinks": ["view.html"]},  # the live view's page (engine/sinks/view.py)
+    package_data={"engine.sinks": ["view.html", "review.html"]},  # the live view's pages (engine/sinks/view.py)
     ext_modules=[native],
     cmdclass={"build_ext": build_ext},
     install_requires=[

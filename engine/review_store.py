@@ -13,6 +13,7 @@ appends whole lines and rewrites the file atomically when it evicts; labels are 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +29,7 @@ from engine.common.files import atomic_write
 
 __all__ = ["QUEUE", "LABELS", "LABEL_VALUES", "ID_PATTERN", "QueueEntry", "Label", "new_id", "frame_name",
            "overlay_name", "read_queue", "read_labels", "skipped_lines", "append_labels", "labelled_frames",
-           "queue_line", "rewrite_queue"]
+           "append_queue", "queue_line", "rewrite_queue"]
 
 QUEUE = "queue.jsonl"
 LABELS = "labels.jsonl"
@@ -174,24 +175,37 @@ def append_labels(folder: str | Path, ids: list[str], label: str, who: str | Non
         raise UserError(f"{folder / QUEUE}: no queued frame with id {shown}; nothing written")
     when = datetime.now(UTC).isoformat(timespec="seconds")
     labels = [Label(id=i, label=label, when=when, who=who) for i in ids]
-    data = "".join(json.dumps(asdict(x)) + "\n" for x in labels).encode()
-    path = folder / LABELS
+    _append(folder / LABELS, "".join(json.dumps(asdict(x)) + "\n" for x in labels).encode(), lock=True)
+    return labels
+
+
+def append_queue(folder: str | Path, entry: QueueEntry) -> None:
+    """Append the entry's line to queue.jsonl (whole, or nothing: OutputError naming the file)."""
+    _append(Path(folder) / QUEUE, queue_line(entry))
+
+
+def _append(path: Path, data: bytes, lock: bool = False) -> None:
+    """One write of whole lines to the end of `path` (under an exclusive lock if asked); a failed or short write is
+    cut back, so the file never ends in half a line."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise OutputError(f"{path}: cannot write labels ({os_reason(e)}); nothing written") from None
+        raise OutputError(f"{path}: cannot write ({os_reason(e)}); nothing written") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if lock:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         try:
             if os.write(fd, data) != len(data):
-                raise OSError(28, os.strerror(28))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as e:
-            os.ftruncate(fd, size)  # no half line left behind
-            raise OutputError(f"{path}: cannot write labels ({os_reason(e)}); nothing written") from None
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise OutputError(f"{path}: cannot write ({os_reason(e)}); nothing written") from None
     finally:
         os.close(fd)  # also releases the lock
-    return labels
 
 
 def labelled_frames(folder: str | Path) -> list[tuple[QueueEntry, LabelValue]]:

@@ -43,6 +43,7 @@ from engine.sinks import (
     camera_name,
 )
 from engine.sinks.base import warn_on_stderr
+from engine.sinks.review import DEFAULT_MAX_MB, DEFAULT_SAMPLE, ReviewSink
 from engine.sources import SourceError, is_live
 from engine.stream import POLICIES, StreamStats, run
 
@@ -121,13 +122,21 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("--view-hold", type=float, metavar="SECONDS", help="keep serving after the source ends "
                       "(default: until Ctrl-C for folders, files and videos, so a batch can be reviewed; 0 for "
                       "cameras and streams)")
+    review = p.add_argument_group("review (engine/sinks/review.py)")
+    review.add_argument("--review", metavar="DIR", help="keep every flagged frame and a sample of passed ones in DIR "
+                        "(lossless PNG, overlay PNG, a line of DIR/queue.jsonl) for labelling: python -m "
+                        "engine.review DIR, or the view's review page; a folder with a queue is continued")
+    review.add_argument("--review-sample", type=float, default=DEFAULT_SAMPLE, metavar="F", help="share of passed "
+                        "frames kept (the same frames on every run: a hash of the frame's index)")
+    review.add_argument("--review-max-mb", type=float, default=DEFAULT_MAX_MB, metavar="N", help="disk use of DIR "
+                        "at most; past it the oldest unlabelled frames are deleted first, and counted")
     return p
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Every output path checked before anything runs: a bad one fails in one line, with nothing written."""
     for opt, path, folder in (("--out", args.out, False), ("--save-maps", args.save_maps, True),
-                              ("--overlay-video", args.overlay_video, False)):
+                              ("--overlay-video", args.overlay_video, False), ("--review", args.review, True)):
         if path:
             check_output(opt, path, folder)
 
@@ -143,7 +152,8 @@ def _line_sinks(args: argparse.Namespace, engine: ScoringEngine, stats: StreamSt
     try:
         if args.view:
             token = args.view_token or os.environ.get("LINEFLOW_VIEW_TOKEN") or None
-            view = LiveView(args.view, engine.threshold, token, stats, title=camera, hold=hold)
+            view = LiveView(args.view, engine.threshold, token, stats, title=camera, hold=hold,
+                            review_dir=args.review)
             print(f"view: {view.url}", file=sys.stderr, flush=True)
             sinks.append(view)
         if args.mqtt:
@@ -166,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_fps is not None and args.max_fps <= 0:
         raise UserError("--max-fps must be positive")
     _check_outputs(args)
+    if not 0 <= args.review_sample <= 1:
+        raise UserError(f"--review-sample {args.review_sample:g}: a share from 0 to 1")
+    if not args.review_max_mb > 0:
+        raise UserError(f"--review-max-mb {args.review_max_mb:g}: must be positive")
     if args.mqtt_heartbeat <= 0:
         raise UserError("--mqtt-heartbeat must be positive")
     if (args.engine is None) == (args.server is None):
@@ -197,7 +211,7 @@ def _close_all(sinks: list[Sink], completed: bool) -> list[SinkSummary]:
     """Close every sink, the files first (the message sinks may wait for their receivers), each even when one
     before it failed; print their summaries; raise the first failure after all are closed."""
     summaries, failure = [], None
-    for s in sorted(sinks, key=lambda s: not isinstance(s, (JsonlSink, MapSink, VideoSink))):
+    for s in sorted(sinks, key=lambda s: not isinstance(s, (JsonlSink, MapSink, VideoSink, ReviewSink))):
         try:
             summaries.append(s.close(completed))
         except Exception as e:  # noqa: BLE001 - the others still close; the first failure is reported
@@ -213,12 +227,14 @@ def _close_all(sinks: list[Sink], completed: bool) -> list[SinkSummary]:
 
 
 def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats, line_sinks: list[Sink]) -> int:
-    with_maps = bool(args.save_maps or args.overlay_video or args.view)
+    with_maps = bool(args.save_maps or args.overlay_video or args.view or args.review)
     results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
                   with_maps=with_maps, stats=stats)
     sinks: list[Sink] = list(line_sinks)
     try:
         first = next(results, None)  # opens the source: a bad source fails here, before any output exists
+        if args.review:  # first: a folder another run is writing is refused before any output is touched
+            sinks.append(ReviewSink(args.review, args.review_sample, args.review_max_mb))
         if args.out:
             sinks.append(JsonlSink(args.out))
         if args.save_maps:

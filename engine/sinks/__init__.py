@@ -6,7 +6,8 @@
     video.py    VideoSink    an MP4 of overlays (--overlay-video)
     mqtt.py     MqttSink     a QoS-1 message per frame, status and heartbeat topics (--mqtt)
     webhook.py  WebhookSink  an HTTP POST per anomalous frame (--webhook)
-    view.py     LiveView     a live page in the browser (--view)
+    view.py     LiveView     a live page in the browser (--view), with a review page (--review)
+    review.py   ReviewSink   flagged frames and a sample of passed ones kept for labelling (--review)
 
 A file sink that cannot write raises OutputError naming its file, with what it wrote before complete; a
 message sink never stalls the run (bounded queues, drops counted). Heavy imports (OpenCV, paho, uvicorn)
@@ -18,9 +19,10 @@ from engine.sinks.jsonl import JsonlSink
 from engine.sinks.maps import MapSink
 from engine.sinks.mqtt import MqttSink
 from engine.sinks.overlay import overlay
+from engine.sinks.review import ReviewSink
 from engine.sinks.video import VideoSink
 from engine.sinks.view import LiveView
 from engine.sinks.webhook import WebhookSink
 
 __all__ = ["Sink", "SinkSummary", "JsonlSink", "MapSink", "VideoSink", "MqttSink", "WebhookSink", "LiveView",
-           "overlay", "camera_name"]
+           "ReviewSink", "overlay", "camera_name"]

@@ -5,7 +5,13 @@ overlay is drawn and JPEG-encoded in the server's threads, at most `max_fps` tim
 while a page asks, so a viewer never holds back inference. The page long-polls `/frame.jpg?after=SEQ`:
 each answer is the newest overlay, so a slow browser gets fewer frames, never a backlog. It also polls
 `/stats.json` (counters, frames/s, latency p50/p99, drops, errors, the scores and the threshold) and
-shows the last anomalous frames (`/anomaly/N.jpg`).
+shows the last anomalous frames (`/anomaly/N.jpg`), and a banner while the newest result reports drift. The
+threshold shown is the newest result's (an engine swapped mid-run brings its own).
+
+With a review folder (engine.run --review DIR) it also serves `/review`: each queued frame's overlay with two
+buttons that label it good or defect (a JSON POST to `/review/label`, written by engine.review_store.append_labels,
+who = "view"). A label changes a file, so that POST also needs a JSON body (a plain cross-site form cannot send
+one) and, where the browser names its origin, this server's own.
 
 It binds 127.0.0.1 unless told otherwise; bound to any other address it requires a token (given, or
 made up and printed with the page's URL), checked on every request (`?token=` or a Bearer header).
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
+import html
 import ipaddress
 import re
 import secrets
@@ -26,11 +33,14 @@ import time
 from collections import deque
 from dataclasses import replace
 from importlib.resources import files
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from engine.common.errors import UserError
+from engine.common.errors import OutputError, UserError
 from engine.results import Result
+from engine.review_store import ID_PATTERN, append_labels, read_labels, read_queue
 from engine.sinks.base import SinkSummary
 from engine.sinks.overlay import overlay
 
@@ -40,6 +50,8 @@ VIEW_FPS = 8.0  # overlays per second at most, for all viewers together
 VIEW_SIDE = 720  # the overlay's longer side at most, in pixels
 SCORES_KEPT = 2000  # points of the score plot
 ANOMALIES_KEPT = 12
+REVIEW_SIDE = 480  # the review page's overlays, longer side at most
+REVIEW_THUMBNAILS_KEPT = 256
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
@@ -85,7 +97,8 @@ class LiveView:
     serving `hold` seconds (None: until Ctrl-C or SIGTERM), so a finished run can be reviewed."""
 
     def __init__(self, address: str = "127.0.0.1:8080", threshold: float = 1.0, token: str | None = None,
-                 stats=None, title: str = "lineflow", max_fps: float = VIEW_FPS, hold: float | None = 0.0):
+                 stats=None, title: str = "lineflow", max_fps: float = VIEW_FPS, hold: float | None = 0.0,
+                 review_dir: str | Path | None = None):
         host, port = parse_view_address(address)
         if token is not None and not TOKEN_PATTERN.fullmatch(token):
             raise UserError("--view-token: 16 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")
@@ -93,6 +106,8 @@ class LiveView:
             token = secrets.token_urlsafe(18)  # bound beyond this machine: never without a token
         self.token, self.threshold, self.stats, self.title, self.period = token, threshold, stats, title, 1 / max_fps
         self.hold = hold
+        self.review_dir = None if review_dir is None else Path(review_dir)  # None: no review page
+        self.drift: list[str] | None = None  # the newest result's drift kinds (None: not watched)
         self.sock = _bind(host, port)
         self.port = self.sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
@@ -111,6 +126,10 @@ class LiveView:
     # the sink side (the run's thread)
     def write(self, result: Result) -> None:
         with self.lock:
+            if result.threshold is not None:  # the engine may be swapped mid-run: show the one judging now
+                self.threshold = result.threshold
+            if result.drift is not None:
+                self.drift = list(result.drift)
             if result.error is not None:
                 self.errors += 1
                 return
@@ -141,6 +160,7 @@ class LiveView:
         with self.lock:
             out = {"title": self.title, "threshold": self.threshold, "passed": self.passed, "failed": self.failed,
                    "errors": self.errors, "seq": self.seq, "finished": self.finished, "scores": list(self.scores),
+                   "drift": self.drift, "review": self.review_dir is not None,
                    "anomalies": [{"id": seq, "index": r.index, "source": r.source, "score": r.score}
                                  for seq, r in self.anomalies]}
         if s is not None:
@@ -213,8 +233,89 @@ class LiveView:
             return Response(self.anomaly_cache[key], media_type="image/jpeg",
                             headers={"Cache-Control": "max-age=3600"})
 
-        return Starlette(routes=[Route("/", index), Route("/stats.json", stats), Route("/frame.jpg", frame),
-                                 Route("/anomaly/{key:int}.jpg", anomaly)])
+        routes = [Route("/", index), Route("/stats.json", stats), Route("/frame.jpg", frame),
+                  Route("/anomaly/{key:int}.jpg", anomaly)]
+        return Starlette(routes=routes + (self._review_routes(allowed, denied) if self.review_dir else []))
+
+    def _review_thumbnail(self, name: str, side: int = REVIEW_SIDE) -> bytes:
+        """A queued overlay PNG as a JPEG of at most `side` pixels."""
+        import cv2
+        image = cv2.imread(str(self.review_dir / name), cv2.IMREAD_COLOR)
+        if image is None:
+            raise FileNotFoundError(name)
+        h, w = image.shape[:2]
+        scale = min(1.0, side / max(h, w))
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+
+    def _review_items(self) -> list[dict]:
+        labels = read_labels(self.review_dir)
+        return [{"id": e.id, "index": e.index, "source": e.source, "score": e.score, "is_anomalous": e.is_anomalous,
+                 "label": labels[e.id].label if e.id in labels else None} for e in read_queue(self.review_dir)]
+
+    def _review_routes(self, allowed, denied) -> list:
+        """/review (the page), /review.json (the queue with its labels), /review/ID.jpg (an overlay), POST
+        /review/label ({"id", "label"}): every one behind the token."""
+        from starlette.responses import HTMLResponse, JSONResponse, Response
+        from starlette.routing import Route
+
+        page = files("engine.sinks").joinpath("review.html").read_text()
+        thumbnails: dict[str, bytes] = {}
+
+        async def review(request):
+            if not allowed(request):
+                return denied()
+            text = page.replace("{{TITLE}}", html.escape(self.title)).replace("{{TOKEN}}", self.token or "")
+            return HTMLResponse(text, headers={"Cache-Control": "no-store"})
+
+        async def queue(request):
+            if not allowed(request):
+                return denied()
+            return JSONResponse({"title": self.title, "items": await asyncio.to_thread(self._review_items)},
+                                headers={"Cache-Control": "no-store"})
+
+        async def thumbnail(request):
+            if not allowed(request):
+                return denied()
+            key = request.path_params["key"]
+            if key not in thumbnails:
+                found = [e for e in await asyncio.to_thread(read_queue, self.review_dir) if e.id == key]
+                try:
+                    thumbnails[key] = await asyncio.to_thread(self._review_thumbnail, found[0].overlay)
+                except (IndexError, FileNotFoundError):
+                    return Response(status_code=404)
+                while len(thumbnails) > REVIEW_THUMBNAILS_KEPT:
+                    del thumbnails[next(iter(thumbnails))]
+            return Response(thumbnails[key], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+        async def label(request):
+            if not allowed(request):
+                return denied()
+            origin = request.headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+                return JSONResponse({"error": "a label comes from this view's own page"}, status_code=403)
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return JSONResponse({"error": "send the label as JSON"}, status_code=415)
+            try:
+                body = await request.json()
+                key, value = body["id"], body["label"]
+                if not isinstance(key, str) or not ID_PATTERN.fullmatch(key):
+                    raise ValueError(f"bad id {key!r}")
+            except (ValueError, KeyError, TypeError) as e:
+                return JSONResponse({"error": f"expected {{\"id\": ..., \"label\": \"good\" | \"defect\"}} ({e})"},
+                                    status_code=400)
+            try:
+                written = await asyncio.to_thread(append_labels, self.review_dir, [key], value, "view")
+            except UserError as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+            except OutputError as e:
+                return JSONResponse({"error": str(e)}, status_code=500)
+            return JSONResponse({"id": key, "label": written[0].label, "when": written[0].when})
+
+        return [Route("/review", review), Route("/review.json", queue), Route("/review/{key}.jpg", thumbnail),
+                Route("/review/label", label, methods=["POST"])]
 
     def _start(self) -> None:
         import uvicorn

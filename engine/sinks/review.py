@@ -1,0 +1,207 @@
+"""The review queue (engine.run --review DIR): the frames an operator should look at, kept for labelling.
+
+Every flagged frame is kept, and a thin, deterministic sample of the passed ones (a frame is sampled when a hash of
+(seed, index) falls under `sample`: the same frames on every run of the same stream), so labels also show what the
+engine lets through. Each kept frame is its lossless PNG, its overlay PNG and a line of DIR/queue.jsonl, in the
+format engine/review_store.py defines; the PNGs are written before the line, so the queue never names a file that
+is not there. Disk use stays under `max_mb`: past it, the oldest unlabelled entries go first (the queue rewritten
+atomically without them, then their files removed), down to EVICT_TO of the bound so the queue is rewritten
+rarely; labelled entries go only when nothing unlabelled is left. A folder that already holds a queue is
+continued; one other run writing the same folder is refused (a lock on the folder).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from engine.common.errors import OutputError, UserError, os_reason
+from engine.common.files import atomic_write
+from engine.results import Result
+from engine.review_store import (
+    ID_PATTERN,
+    QUEUE,
+    QueueEntry,
+    append_queue,
+    frame_name,
+    new_id,
+    overlay_name,
+    queue_line,
+    read_labels,
+    read_queue,
+    rewrite_queue,
+)
+from engine.sinks.base import SinkSummary
+from engine.sinks.overlay import overlay
+
+__all__ = ["ReviewSink", "DEFAULT_SAMPLE", "DEFAULT_MAX_MB"]
+
+DEFAULT_SAMPLE = 0.02  # share of passed frames kept
+DEFAULT_MAX_MB = 500.0
+EVICT_TO = 0.9  # an eviction frees down to this share of the bound
+PNG_COMPRESSION = 1  # zlib level: fast (a BSD frame and its overlay in a few ms), still lossless
+OWN_FILE = re.compile(rf"\.?({ID_PATTERN.pattern})\.(frame|overlay)\.png(\..*\.tmp)?")  # ours, with atomic temps
+
+
+def sampled(seed: int, index: int, rate: float) -> bool:
+    """Whether the passed frame at `index` is kept: a hash of (seed, index) under `rate` (stable across runs)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < rate * 2**64
+
+
+def lossless_png(frame: np.ndarray, bgr: bool) -> bytes:
+    """The frame as PNG, pixel for pixel: uint8 and uint16 as they are; float frames in [0, 1] (image files) as
+    8-bit when they are exact multiples of 1/255, else 16-bit. Gray stays gray; alpha is dropped (the engine does)."""
+    import cv2
+    a = np.asarray(frame)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 3:
+        a = a[:, :, :3] if bgr else a[:, :, 2::-1]  # OpenCV writes BGR
+    if np.issubdtype(a.dtype, np.floating):
+        scaled = np.clip(a, 0.0, 1.0) * 255.0
+        eight = np.rint(scaled)
+        a = eight.astype(np.uint8) if np.abs(scaled - eight).max() < 1e-3 \
+            else np.rint(np.clip(a, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(a), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise ValueError(f"cannot encode a frame of shape {a.shape} and dtype {a.dtype} as PNG")
+    return data.tobytes()
+
+
+def _overlay_png(result: Result) -> bytes:
+    import cv2
+    rgb = overlay(result, result.threshold)
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION,
+                                                                             PNG_COMPRESSION])
+    return data.tobytes()
+
+
+class ReviewSink:
+    """Keep flagged frames and a sample of passed ones in a review folder (engine/review_store.py's format)."""
+
+    def __init__(self, folder: str | Path, sample: float = DEFAULT_SAMPLE, max_mb: float = DEFAULT_MAX_MB,
+                 seed: int = 0):
+        if not 0.0 <= sample <= 1.0:
+            raise UserError(f"--review-sample {sample:g}: a share from 0 to 1")
+        if not max_mb > 0:
+            raise UserError(f"--review-max-mb {max_mb:g}: must be positive")
+        self.folder, self.sample, self.seed = Path(folder), sample, seed
+        self.max_bytes = int(max_mb * 1e6)
+        self.flagged = self.passed = self.evicted = self.evicted_labelled = 0
+        self.closed = False
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.lock_fd = os.open(self.folder, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise UserError(f"--review {self.folder}: cannot use the folder ({os_reason(e)})") from None
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            raise UserError(f"--review {self.folder}: another run is writing its review queue there") from None
+        except OSError:  # a file system without locks: go on unlocked
+            pass
+        try:
+            self._resume()
+        except BaseException:
+            os.close(self.lock_fd)
+            raise
+
+    def _resume(self) -> None:
+        """Take over what the folder holds: entries whose files are gone leave the queue, files no entry names
+        (left by a crash between a PNG and its line, or mid-eviction) are removed."""
+        self.entries = read_queue(self.folder)
+        present = [e for e in self.entries if (self.folder / e.frame).is_file() and (self.folder / e.overlay).is_file()]
+        if len(present) != len(self.entries) or (self.entries and not self._queue_is_clean()):
+            self.entries = present
+            rewrite_queue(self.folder, self.entries)
+        named = {name for e in self.entries for name in (e.frame, e.overlay)}
+        for path in self.folder.iterdir():
+            if OWN_FILE.fullmatch(path.name) and path.name not in named:
+                path.unlink(missing_ok=True)
+        self.sizes = {e.id: self._size(e.frame) + self._size(e.overlay) for e in self.entries}
+        self.taken = {e.id for e in self.entries} | set(read_labels(self.folder))  # an evicted id keeps its label
+        self.used = sum(self.sizes.values()) + self._size(QUEUE)
+
+    def _queue_is_clean(self) -> bool:
+        """Whether queue.jsonl holds exactly the entries read (no malformed or repeated line to drop)."""
+        return (self.folder / QUEUE).read_bytes() == b"".join(queue_line(e) for e in self.entries)
+
+    def _size(self, name: str) -> int:
+        try:
+            return (self.folder / name).stat().st_size
+        except OSError:
+            return 0
+
+    def write(self, result: Result) -> None:
+        if result.error is not None or self.closed:
+            return
+        if not result.is_anomalous and not sampled(self.seed, result.index, self.sample):
+            return
+        if result.frame is None or result.anomaly_map is None:
+            raise ValueError("ReviewSink needs frames and maps: score with with_maps=True")
+        entry_id = new_id(result.index, self.taken)
+        entry = QueueEntry(id=entry_id, index=result.index, source=result.source, timestamp=result.timestamp,
+                           score=float(result.score), is_anomalous=bool(result.is_anomalous), engine=result.engine,
+                           threshold=result.threshold, frame=frame_name(entry_id), overlay=overlay_name(entry_id))
+        size = 0
+        try:
+            for name, data in ((entry.frame, lossless_png(result.frame, result.bgr)),
+                               (entry.overlay, _overlay_png(result))):
+                with atomic_write(self.folder / name, fsync=False) as f:  # OutputError naming the file
+                    f.write(data)
+                size += len(data)
+            append_queue(self.folder, entry)
+        except OutputError:  # the disk is full: no file without its line left behind
+            for name in (entry.frame, entry.overlay):
+                (self.folder / name).unlink(missing_ok=True)
+            raise
+        self.entries.append(entry)
+        self.taken.add(entry_id)
+        self.sizes[entry_id] = size
+        self.used += size + len(queue_line(entry))
+        self.flagged += entry.is_anomalous
+        self.passed += not entry.is_anomalous
+        if self.used > self.max_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Oldest unlabelled first (then, only if none is left, oldest labelled) until under EVICT_TO x the bound."""
+        labelled = set(read_labels(self.folder))
+        order = [e for e in self.entries if e.id not in labelled] + [e for e in self.entries if e.id in labelled]
+        target, gone = int(EVICT_TO * self.max_bytes), []
+        used = self.used
+        for e in order:
+            if used <= target:
+                break
+            gone.append(e)
+            used -= self.sizes[e.id]
+        gone_ids = {e.id for e in gone}
+        self.entries = [e for e in self.entries if e.id not in gone_ids]
+        rewrite_queue(self.folder, self.entries)  # first the queue, then the files: it never names a missing file
+        for e in gone:
+            for name in (e.frame, e.overlay):
+                try:
+                    (self.folder / name).unlink(missing_ok=True)
+                except OSError as err:
+                    raise OutputError(f"{self.folder / name}: cannot remove ({os_reason(err)})") from None
+            del self.sizes[e.id]
+        self.evicted += len(gone)
+        self.evicted_labelled += len(gone_ids & labelled)
+        self.used = sum(self.sizes.values()) + self._size(QUEUE)
+
+    def close(self, completed: bool = True) -> SinkSummary:
+        if self.closed:
+            return SinkSummary()
+        self.closed = True
+        os.close(self.lock_fd)
+        kept = self.flagged + self.passed
+        evicted = f"{self.evicted} evicted" + (f" ({self.evicted_labelled} labelled)" if self.evicted_labelled else "")
+        return SinkSummary(f"review: {kept} kept ({self.flagged} flagged, {self.passed} passed sampled), {evicted} "
+                           f"to stay under {self.max_bytes / 1e6:g} MB -> {self.folder}")
