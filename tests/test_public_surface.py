@@ -57,12 +57,13 @@ OPTIONS = {
     "engine.run": [
         "--batch", "--camera-name", "--help", "--max-fps", "--mqtt", "--mqtt-ca", "--mqtt-client-id",
         "--mqtt-heartbeat", "--mqtt-password", "--mqtt-queue", "--mqtt-user", "--out", "--overlay-video", "--policy",
-        "--quiet", "--save-maps", "--server", "--server-send", "--source", "--threads", "--view", "--view-hold",
-        "--view-token", "--webhook", "--webhook-all", "--webhook-queue", "--webhook-retries", "--webhook-timeout",
-        "-h", "engine"],
+        "--quiet", "--reload", "--review", "--review-max-mb", "--review-sample", "--save-maps", "--server",
+        "--server-send", "--source", "--threads", "--view", "--view-hold", "--view-token", "--webhook",
+        "--webhook-all", "--webhook-queue", "--webhook-retries", "--webhook-timeout", "-h", "engine"],
     "engine.serve": ["--grpc-port", "--help", "--host", "--http-port", "--instances", "--max-batch",
                      "--max-queue-delay-us", "--metrics-port", "--no-dynamic-batching", "--threads", "-h", "engines"],
     "engine.demo": ["--backend", "--epochs", "--help", "--input-size", "--out", "-h"],
+    "engine.review": ["--defect", "--good", "--help", "--list", "--who", "-h", "folder"],
 }
 
 
