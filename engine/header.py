@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from engine.common.schema import hw_pair, integer, number, strict_kwargs
 from engine.scoring import ScoringSpec
 
-__all__ = ["EngineHeader", "TilingSpec",
+__all__ = ["EngineHeader", "TilingSpec", "Provenance",
            "BACKENDS", "PRECISIONS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "MAPS_GRAPH_BACKENDS",
            "STAGE_PRECISIONS", "PART_PRECISIONS", "INT8_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_ONNX_HEAD", "SECTION_ONNX_TAIL",
@@ -97,6 +97,47 @@ class TilingSpec:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where a retuned engine came from (engine.tune): the header's `provenance` object. The same compiled graph as
+    the engine `parent` (its id, engine.format.engine_id), a threshold set by `rule` at `max_rejected` from
+    `good_scores` good scores (its held-out ones and the labelled good frames'); `labels` counts the decisions used,
+    `labels_sha256` hashes them; `parent_provenance`: the parent's own, when it was retuned too."""
+
+    parent: str
+    labels: dict  # {"good": count, "defect": count}
+    labels_sha256: str
+    rule: str
+    max_rejected: float
+    good_scores: int
+    created: str  # when it was retuned, ISO 8601
+    parent_provenance: dict | None = None
+
+    def __post_init__(self):
+        for name in ("parent", "labels_sha256", "rule", "created"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"provenance.{name} must be a string")
+        if not isinstance(self.labels, dict) or sorted(self.labels) != ["defect", "good"]:
+            raise ValueError("provenance.labels must be a JSON object of counts: good, defect")
+        for kind, count in self.labels.items():
+            integer(f"provenance.labels.{kind}", count, low=0)
+        if not 0 <= number("provenance.max_rejected", self.max_rejected) < 1:
+            raise ValueError("provenance.max_rejected must be in [0, 1)")
+        integer("provenance.good_scores", self.good_scores)
+        if self.parent_provenance is not None:
+            Provenance.from_dict(self.parent_provenance)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Provenance:
+        try:
+            return cls(**strict_kwargs(cls, d, "provenance"))
+        except TypeError as e:
+            raise ValueError(f"provenance: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class EngineHeader:
     """What a built engine is: how to run it (backend, precision, sizes, fusion) and what the build checked."""
 
@@ -113,7 +154,7 @@ class EngineHeader:
     model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
     checks: dict = field(default_factory=dict)  # the build's accuracy checks and timings, with numbers
     input_stats: dict | None = None  # the training frames' statistics (engine.drift.InputStats); None: not recorded
-    provenance: dict | None = None  # engine.tune's record: the parent engine's id, the labels, the rule; None: built
+    provenance: dict | None = None  # engine.tune's record (Provenance.to_dict()); None: as built
     created: str = ""
     built_on: dict = field(default_factory=dict)  # python, machine, torch of the build
 
@@ -139,6 +180,8 @@ class EngineHeader:
         for name in ("model_threshold", "input_stats", "provenance"):
             if not (getattr(self, name) is None or isinstance(getattr(self, name), dict)):
                 raise ValueError(f"{name} must be a JSON object")
+        if self.provenance is not None:
+            Provenance.from_dict(self.provenance)
         if not isinstance(self.created, str):
             raise ValueError("created must be a string")
 
