@@ -90,19 +90,22 @@ class ReloadingEngine:
     def tiling(self):
         return self.current.tiling
 
-    def score(self, frames: list[np.ndarray], bgr: bool = False, with_maps: bool = True) -> list[Result]:
-        """Scored whole by one engine: the one current when the call starts (a swap closing it in between: the
-        new one, so that no frame is lost)."""
+    def _on_current(self, call: Callable[[Engine], object]):
+        """call(engine) on the engine current when the call starts; a swap closing it in between: on the new one,
+        so that no frame is lost (a call is scored whole by one engine)."""
         while True:
             engine = self.current
             try:
-                return engine.score(frames, bgr, with_maps)
+                return call(engine)
             except EngineClosedError:
                 if self._stop.is_set() or engine is self.current:
                     raise
 
-    def infer(self, frames, bgr: bool = False):
-        return self.current.infer(frames, bgr)
+    def score(self, frames: list[np.ndarray], bgr: bool = False, with_maps: bool = True) -> list[Result]:
+        return self._on_current(lambda engine: engine.score(frames, bgr, with_maps))
+
+    def infer(self, frames, bgr: bool = False) -> Result | list[Result]:
+        return self._on_current(lambda engine: engine.infer(frames, bgr))
 
     def reload_now(self) -> None:
         """Look at the file at once (the CLIs' SIGHUP handler); safe to call from a signal handler."""

@@ -97,7 +97,8 @@ class RemoteEngine:
         except Exception as e:  # noqa: BLE001 - tritonclient's exceptions: a server that is not there
             raise UserError(f"--server {url}: the model does not answer ({one_line(e, 200)}); is python -m "
                             f"engine.serve running there with the engine {self.model}.engine?") from None
-        self.threshold = float(self.info["threshold"])
+        self.threshold = float(self.info["threshold"])  # the latest seen: a server with --reload may swap engines
+        self.engine_id: str | None = self.info.get("engine_id")
         self.input_size = tuple(self.info["input_size"])  # (H, W)
         self.tiling = self.info.get("tiling")
         self.backend_name = f"{self.protocol}://{self.host}:{self.port}/{self.model}"
@@ -147,7 +148,7 @@ class RemoteEngine:
                 continue
             sent.append(self._edge(rgb))
             groups.setdefault(sent[i].shape, []).append(i)
-        outputs = ["score", "is_anomalous"] + (["anomaly_map"] if with_maps else [])
+        outputs = ["score", "is_anomalous", ENGINE_INFO] + (["anomaly_map"] if with_maps else [])
         for idx in groups.values():
             with self.lock:
                 wait = self.down_until - time.monotonic()
@@ -180,9 +181,21 @@ class RemoteEngine:
                     h, w = np.asarray(frames[i]).shape[:2]
                     if amap.shape != (h, w):
                         amap = native.resize_maps(amap[None], (h, w))[0]
+                engine_id, threshold = self._scored_by(out[ENGINE_INFO].reshape(-1)[j])
                 results[i] = Result(float(out["score"].reshape(-1)[j]), bool(out["is_anomalous"].reshape(-1)[j]),
-                                    anomaly_map=amap)
+                                    anomaly_map=amap, engine=engine_id, threshold=threshold)
         return results  # type: ignore[return-value]
+
+    def _scored_by(self, info: bytes) -> tuple[str | None, float]:
+        """The id and threshold of the server's engine that scored a frame (they change when the server swaps its
+        engine file: engine.serve --reload)."""
+        try:
+            facts = json.loads(bytes(info))
+            engine_id, threshold = facts.get("engine_id"), float(facts["threshold"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self.engine_id, self.threshold
+        self.engine_id, self.threshold = engine_id, threshold
+        return engine_id, threshold
 
     def infer(self, frames, bgr: bool = False):
         """A frame -> Result; a list of frames -> list of Results (as Engine.infer)."""

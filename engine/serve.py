@@ -9,8 +9,9 @@ health, readiness and Prometheus metrics are Triton's own.
     output  score         FP32  [batch, 1]
             is_anomalous  BOOL  [batch, 1]
             anomaly_map   FP32  [batch, H, W]     only computed when a client asks for it
-            engine_info   BYTES [batch, 1]        the engine's facts as JSON (threshold, input size, tiling,
-                                                  backend): what a thin client (engine.remote) needs
+            engine_info   BYTES [batch, 1]        the facts of the engine that scored the frame, as JSON
+                                                  (engine_id, threshold, input size, tiling, backend): what
+                                                  a thin client (engine.remote) needs
 
 Triton's Python backend needs the system's Python 3.11: run this from `.venv-serve` (made by
 `bash venv-serve.sh`; docs/deploy.md).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -56,13 +58,21 @@ def _check_port(host: str, port: int, option: str) -> None:
             raise UserError(f"{option} {port}: cannot listen on {host}:{port} ({e.strerror})") from None
 
 
+def _engine_info(eng, result) -> bytes:
+    """The facts of the engine that scored `result`, as JSON (what engine.remote needs): its id and threshold
+    change when the engine is swapped (--reload); input size and tiling cannot (a swap that changes them is
+    refused)."""
+    from dataclasses import asdict
+    return json.dumps({"threshold": result.threshold if result.threshold is not None else eng.threshold,
+                       "engine_id": result.engine or eng.engine_id, "input_size": list(eng.input_size),
+                       "backend": eng.backend_name, "precision": eng.precision,
+                       "tiling": None if eng.tiling is None else asdict(eng.tiling)}).encode()
+
+
 def _infer_function(eng):
     """The PyTriton callable of one model instance: every request of a dynamic batch through one engine call."""
-    from dataclasses import asdict
-
     from pytriton.exceptions import PyTritonBadParameterError
-    info = json.dumps({"threshold": eng.threshold, "input_size": list(eng.input_size), "backend": eng.backend_name,
-                       "precision": eng.precision, "tiling": None if eng.tiling is None else asdict(eng.tiling)})
+    infos: dict[tuple, bytes] = {}
 
     def infer(requests):
         frames, counts = [], []
@@ -83,7 +93,10 @@ def _infer_function(eng):
             if wanted is None or "anomaly_map" in wanted:
                 out["anomaly_map"] = np.stack([r.anomaly_map for r in part]).astype(np.float32)
             if wanted is None or ENGINE_INFO in wanted:
-                out[ENGINE_INFO] = np.array([[info.encode()]] * n, dtype=np.object_)
+                for r in part:
+                    if (r.engine, r.threshold) not in infos:
+                        infos[(r.engine, r.threshold)] = _engine_info(eng, r)
+                out[ENGINE_INFO] = np.array([[infos[(r.engine, r.threshold)]] for r in part], dtype=np.object_)
             responses.append(out)
         return responses
     return infer
@@ -110,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dynamic-batching", action="store_true", help="each request on its own (Triton's default "
                    "scheduler), for comparison")
     p.add_argument("--threads", type=int, help="backend threads per instance (default: all cores / instances)")
+    p.add_argument("--reload", action="store_true", help="follow each engine file as engine.run --reload does: a "
+                   "new file at the same path (renamed over it) is swapped in between batches, at once on SIGHUP; "
+                   "clients see the new engine's id and threshold in engine_info")
     return p
 
 
@@ -135,8 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or max(1, default_threads(None) // args.instances)
     # several engines in this process: their runtimes must not spin between calls (each slows the others)
     busy_wait = len(args.engines) * args.instances == 1
-    loaded = {name: [engine.load(path, threads, busy_wait) for _ in range(args.instances)]
+    if args.reload:
+        from engine.reload import ReloadingEngine
+
+        def load(path):
+            return ReloadingEngine(path, threads, busy_wait, on_event=lambda line: print(line, file=sys.stderr,
+                                                                                         flush=True))
+    else:
+        def load(path):
+            return engine.load(path, threads, busy_wait)
+    loaded = {name: [load(path) for _ in range(args.instances)]
               for name, path in zip(names, args.engines)}  # a bad engine fails here, in one line
+    if args.reload and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: [e.reload_now() for es in loaded.values() for e in es])
     config = TritonConfig(http_address=args.host, http_port=args.http_port, grpc_address=args.host,
                           grpc_port=args.grpc_port, metrics_address=args.host, metrics_port=args.metrics_port,
                           exit_on_error=True, log_verbose=0)

@@ -237,6 +237,7 @@ def test_a_thin_camera_host_gets_the_local_engines_results(served, tmp_path):
         assert [g["index"] for g in got] == [w["index"] for w in want]
         assert max(abs(g["score"] - w["score"]) for g, w in zip(got, want)) <= 1e-5
         assert [g["is_anomalous"] for g in got] == [w["is_anomalous"] for w in want]
+        assert {g["engine"] for g in got} == {w["engine"] for w in want} == {want[0]["engine"]}  # the same file
         assert "12 frames sent" in remote.stderr and "(whole)" in remote.stderr
     reduced = _run("--server", f"grpc://127.0.0.1:{server.grpc}/{path.stem}", "--source", folder, "--quiet",
                    "--server-send", "reduced")
@@ -320,3 +321,36 @@ def test_a_host_faster_than_the_server_drops_the_oldest_and_counts_them(served):
     assert [r.index for r in results] == list(range(300))
     dropped = [r for r in results if r.status is Status.DROPPED]
     assert stats.dropped == len(dropped) > 0 and stats.scored == 300 - len(dropped)
+
+
+def test_a_server_with_reload_swaps_its_engine_and_clients_see_the_new_one(served, tmp_path):
+    """engine.serve --reload: the engine file replaced (renamed over), SIGHUP; the next frames are scored by the new
+    engine, and engine.remote's results name it and its threshold."""
+    from dataclasses import replace
+
+    from engine.format import engine_id, read_engine, write_engine
+    from engine.remote import RemoteEngine
+    path, _ = served
+    live = tmp_path / "live_model.engine"
+    live.write_bytes(path.read_bytes())
+    header, sections = read_engine(path)
+    write_engine(tmp_path / "new.engine", replace(header, threshold=header.threshold / 4), sections)
+    server = Server([live], "--reload").start()
+    try:
+        frame = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        remote = RemoteEngine(f"grpc://127.0.0.1:{server.grpc}/live_model")
+        before = remote.infer(frame)
+        os.replace(tmp_path / "new.engine", live)
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        after = remote.infer(frame)
+        while after.engine == before.engine and time.monotonic() < deadline:
+            time.sleep(0.2)
+            after = remote.infer(frame)
+        remote.close()
+        assert (before.engine, after.engine) == (engine_id(path.read_bytes()), engine_id(live.read_bytes()))
+        assert after.threshold == pytest.approx(before.threshold / 4) and remote.threshold == after.threshold
+        assert abs(after.score - before.score) <= 1e-5
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-2000:]
+    assert "reload: live_model.engine: engine" in server.log.read_text()
