@@ -15,7 +15,7 @@ from PIL import Image
 
 from engine.common.errors import UserError
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "MAX_PIXELS", "open_image", "read_image", "images_in"]
+__all__ = ["DataError", "IMAGE_SUFFIXES", "MAX_PIXELS", "open_image", "read_image", "images_in", "to_rgb_float"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 MAX_PIXELS = 100_000_000  # larger headers are refused before decoding (decompression bombs)
@@ -73,3 +73,29 @@ def images_in(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name; hidden files skipped."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.startswith("."))
+
+
+def to_rgb_float(frame: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """A frame -> (H, W, 3) float32 RGB in [0, 1].
+
+    uint8 / uint16 / float in [0, 1]; HxW gray, HxWx1, HxWx3 (RGB, or BGR with bgr=True), HxWx4 (alpha dropped).
+    """
+    a = np.asarray(frame)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"frame of shape {a.shape}: expected HxW, HxWx1, HxWx3 or HxWx4")
+    a = a[:, :, :3]
+    if bgr:
+        a = a[:, :, ::-1]
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("frame holds NaN or infinite values")
+        return np.clip(a, 0.0, 1.0).astype(np.float32)
+    raise ValueError(f"frame dtype {a.dtype}: expected uint8, uint16 or float in [0, 1]")
