@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from engine.common.frame_stats import InputStats
 from engine.common.schema import hw_pair, integer, number, strict_kwargs
 from engine.scoring import ScoringSpec
 
@@ -153,7 +154,7 @@ class EngineHeader:
     model_config: dict = field(default_factory=dict)  # train.model.FlowConfig.to_dict() of the model
     model_threshold: dict | None = None  # how the threshold was set (quantile, held-out images, ...)
     checks: dict = field(default_factory=dict)  # the build's accuracy checks and timings, with numbers
-    input_stats: dict | None = None  # the training frames' statistics (engine.drift.InputStats); None: not recorded
+    input_stats: dict | None = None  # the training frames' statistics (InputStats.to_dict()); None: not recorded
     provenance: dict | None = None  # engine.tune's record (Provenance.to_dict()); None: as built
     created: str = ""
     built_on: dict = field(default_factory=dict)  # python, machine, torch of the build
@@ -182,6 +183,8 @@ class EngineHeader:
                 raise ValueError(f"{name} must be a JSON object")
         if self.provenance is not None:
             Provenance.from_dict(self.provenance)
+        if self.input_stats is not None:
+            InputStats.from_dict(self.input_stats)
         if not isinstance(self.created, str):
             raise ValueError("created must be a string")
 

@@ -20,6 +20,7 @@ import torch
 
 from engine.common.errors import UserError
 from engine.common.files import atomic_write
+from engine.common.frame_stats import InputStats
 from engine.common.schema import strict_kwargs
 from train.model import FastFlow, FlowConfig
 
@@ -37,7 +38,9 @@ FORMAT = "lineflow-model"
 #     the threshold records its rule (only the quantile before) and its held-out scores
 #   5 (2026-12-03) + pool_scales ("all": every scale was averaged before)
 #   6 (2026-12-03) + blur_mode ("fixed": one sigma for the whole map before); written as 6 from 2026-12-06
-FORMAT_VERSION = 6
+#   7 (2026-12-06) + input_stats (the training frames' statistics, engine.common.frame_stats: drift alarms); an
+#     older file has none (None: the engines built from it watch their scores only)
+FORMAT_VERSION = 7
 OLDEST_READABLE = 3
 # the key each version added to the config: a file that wrote format_version 1 is the version before the first it lacks
 _ADDED_BY = {2: "feature_pool", 3: "map_scales", 4: "tile_scale", 5: "pool_scales", 6: "blur_mode"}
@@ -141,9 +144,11 @@ class ModelMeta:
     history: list[dict] | None = None  # per epoch: losses, held-out NLL, ...
     data: DataInfo | None = None
     timing: dict | None = None  # seconds: feature caching, the whole fit
+    input_stats: InputStats | None = None  # the training frames' statistics (train/input_stats.py); None: before 7
 
     def __post_init__(self):
-        for name, kind in (("threshold", Threshold), ("data", DataInfo), ("train_config", dict), ("timing", dict)):
+        for name, kind in (("threshold", Threshold), ("data", DataInfo), ("train_config", dict), ("timing", dict),
+                           ("input_stats", InputStats)):
             v = getattr(self, name)
             if v is not None and not isinstance(v, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, not {type(v).__name__}")
@@ -157,14 +162,16 @@ class ModelMeta:
         """The metadata's dict (without format, format_version and config) -> ModelMeta; unknown keys and wrong types
         raise ValueError."""
         d = strict_kwargs(cls, d, "model metadata")
-        threshold, data = d.get("threshold"), d.get("data")
+        threshold, data, stats = d.get("threshold"), d.get("data"), d.get("input_stats")
         return cls(**{**d, "threshold": None if threshold is None else Threshold.from_dict(threshold),
-                      "data": None if data is None else DataInfo.from_dict(data)})
+                      "data": None if data is None else DataInfo.from_dict(data),
+                      "input_stats": None if stats is None else InputStats.from_dict(stats)})
 
     def to_dict(self) -> dict:
         return _dropped_none({"threshold": None if self.threshold is None else self.threshold.to_dict(),
                               "train_config": self.train_config, "epoch": self.epoch, "history": self.history,
-                              "data": None if self.data is None else asdict(self.data), "timing": self.timing})
+                              "data": None if self.data is None else asdict(self.data), "timing": self.timing,
+                              "input_stats": None if self.input_stats is None else self.input_stats.to_dict()})
 
 
 def checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
@@ -226,7 +233,11 @@ def _to_6(meta: dict) -> dict:
     return _with_config(meta, blur_mode="fixed")
 
 
-_UPGRADES = {3: _to_4, 4: _to_5, 5: _to_6}  # version -> the step to the next one
+def _to_7(meta: dict) -> dict:
+    return meta  # input_stats absent: None (not recorded)
+
+
+_UPGRADES = {3: _to_4, 4: _to_5, 5: _to_6, 6: _to_7}  # version -> the step to the next one
 assert set(_UPGRADES) == set(range(OLDEST_READABLE, FORMAT_VERSION))
 
 

@@ -35,6 +35,7 @@ from engine.common.images import images_in, read_image
 from train.backbones import BACKBONES, create_backbone
 from train.checkpoint import DataInfo, ModelMeta, Threshold, save_model
 from train.data import SIZE_GROUPS_MAX, image_sizes, size_weights, train_images
+from train.input_stats import input_stats
 from train.model import BLUR_MODES, FUSIONS, IMAGE_SCALES, MAP_SCALES, POOL_SCALES, FastFlow, FlowConfig
 from train.threshold import THRESHOLD_RULES, from_defects, from_good
 from train.tiles import FrameTiles, flow_frames, frame_tiles, score_frames
@@ -378,12 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     t_features = time.perf_counter() - t_start
     print(f"features cached in {t_features:.1f} s ({len(train_feats[0])} training tiles, "
           f"{sum(f.numel() * 4 for f in train_feats) / 2**20:.0f} MiB)")
+    frame_stats = input_stats(paths)  # every good training frame, held-out too: what drift alarms compare with
 
     def meta(epoch: int, hold_scores: np.ndarray, history: list[dict]) -> ModelMeta:
         return ModelMeta(threshold=Threshold.from_dict(from_good(hold_scores, cfg.threshold_rule)),
                          train_config=asdict(cfg), epoch=epoch, history=history,
                          data=DataInfo(str(Path(args.data).resolve()), len(fit_paths), len(hold_paths)),
-                         timing={"features_s": t_features, "total_s": time.perf_counter() - t_start})
+                         timing={"features_s": t_features, "total_s": time.perf_counter() - t_start},
+                         input_stats=frame_stats)
 
     on_epoch = None
     if args.epoch_checkpoints:

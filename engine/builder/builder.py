@@ -389,6 +389,7 @@ class _HeaderSpec:
             batch=self.batch, scoring=self.scoring,
             tiling=TilingSpec(cfg.tile_scale, cfg.tile_overlap, cfg.image_score_top) if cfg.tile_scale else None,
             model_config=cfg.to_dict(), model_threshold=threshold.to_dict(), checks=checks or {},
+            input_stats=None if self.meta.input_stats is None else self.meta.input_stats.to_dict(),
             created=datetime.now(UTC).isoformat(),
             built_on={"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__})
 
