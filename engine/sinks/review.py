@@ -25,6 +25,7 @@ from engine.common.files import atomic_write
 from engine.results import Result
 from engine.review_store import (
     ID_PATTERN,
+    LABELS,
     QUEUE,
     QueueEntry,
     append_queue,
@@ -127,7 +128,7 @@ class ReviewSink:
                 path.unlink(missing_ok=True)
         self.sizes = {e.id: self._size(e.frame) + self._size(e.overlay) for e in self.entries}
         self.taken = {e.id for e in self.entries} | set(read_labels(self.folder))  # an evicted id keeps its label
-        self.used = sum(self.sizes.values()) + self._size(QUEUE)
+        self.used = sum(self.sizes.values()) + self._size(QUEUE) + self._size(LABELS)
 
     def _queue_is_clean(self) -> bool:
         """Whether queue.jsonl holds exactly the entries read (no malformed or repeated line to drop)."""
@@ -194,7 +195,7 @@ class ReviewSink:
             del self.sizes[e.id]
         self.evicted += len(gone)
         self.evicted_labelled += len(gone_ids & labelled)
-        self.used = sum(self.sizes.values()) + self._size(QUEUE)
+        self.used = sum(self.sizes.values()) + self._size(QUEUE) + self._size(LABELS)
 
     def close(self, completed: bool = True) -> SinkSummary:
         if self.closed:
