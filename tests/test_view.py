@@ -146,3 +146,75 @@ def test_bad_view_options_are_bad_input_before_any_frame(line, tmp_path, option,
         proc = cli(line["engine"], "--source", line["frames"], "--out", out, *args)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert why in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
+
+
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_the_review_page_labels_a_frame_in_a_browser_behind_the_token(line, tmp_path):  # noqa: F811
+    """engine.run --view --review: each queued frame on /review with two buttons; clicking "defect" appends the
+    label to DIR/labels.jsonl; every review route asks for the token; a cross-site POST is refused."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+    from engine.review_store import LABELS, read_queue
+    port, token, rev = free_port(), "review-token-0123456789", tmp_path / "rev"
+    proc = cli(line["engine"], "--source", line["frames"], "--quiet", "--max-fps", "60", "--view",
+               f"127.0.0.1:{port}", "--view-token", token, "--view-hold", "30", "--review", rev, wait=False)
+    try:
+        _wait_up(port, proc)
+        base = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while len(read_queue(rev)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first = read_queue(rev)[0].id
+        assert _get(base + "review")[0] == 401 and _get(base + "review.json")[0] == 401
+        assert _get(base + f"review/{first}.jpg")[0] == 401
+        assert _post(base + "review/label", {"id": first, "label": "good"})[0] == 401
+        assert _post(base + f"review/label?token={token}", {"id": first, "label": "good"},
+                     {"Origin": "http://evil.example"})[0] == 403
+        assert _post(base + f"review/label?token={token}", {"id": "no-such-id", "label": "good"})[0] == 400
+        assert not (rev / LABELS).exists()
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            page.goto(base + f"review?token={token}")
+            assert "lineflow review" in page.title()
+            item = page.locator(f"figure.item[data-id='{first}']")
+            item.wait_for(timeout=15000)
+            item.locator("button.defect").click()
+            page.wait_for_function(f"document.querySelector(\"figure[data-id='{first}']\").dataset.label === 'defect'",
+                                   timeout=10000)
+            assert item.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")  # the overlay shows
+            browser.close()
+        labels = [json.loads(line) for line in (rev / LABELS).read_text().splitlines()]
+        assert [(x["id"], x["label"], x["who"]) for x in labels] == [(first, "defect", "view")]
+    finally:
+        proc.terminate()  # ends the hold: a normal end of the run
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 143) and "Traceback" not in stderr, stderr
+
+
+def test_the_view_follows_each_results_threshold_and_reports_drift():
+    import numpy as np
+
+    from engine.results import Result
+    from engine.sinks.view import LiveView
+    view = LiveView(f"127.0.0.1:{free_port()}", threshold=1.0)
+    try:
+        frame, amap = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)
+        view.write(Result(0.5, False, amap, frame=frame, threshold=2.5, drift=[]))
+        stats = json.loads(_get(view.url + "stats.json")[1])
+        assert stats["threshold"] == 2.5 and stats["drift"] == [] and stats["review"] is False
+        assert _get(view.url + "review")[0] == 404  # no review folder, no review page
+        view.write(Result(3.0, True, amap, frame=frame, threshold=2.75, drift=["input"]))
+        stats = json.loads(_get(view.url + "stats.json")[1])
+        assert stats["threshold"] == 2.75 and stats["drift"] == ["input"]
+    finally:
+        view.close()
