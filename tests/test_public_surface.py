@@ -63,6 +63,7 @@ OPTIONS = {
     "engine.serve": ["--grpc-port", "--help", "--host", "--http-port", "--instances", "--max-batch",
                      "--max-queue-delay-us", "--metrics-port", "--no-dynamic-batching", "--threads", "-h", "engines"],
     "engine.demo": ["--backend", "--epochs", "--help", "--input-size", "--out", "-h"],
+    "engine.tune": ["--defects", "--good", "--help", "--max-rejected", "--out", "--review", "-h", "-o", "engine"],
     "engine.review": ["--defect", "--good", "--help", "--list", "--who", "-h", "folder"],
 }
 
