@@ -176,7 +176,8 @@ def _report(record: dict, budget: float, engine: Path) -> str:
              f"held-out, {good} labelled good): {record['after']['threshold']:.4f}, rejecting "
              f"{record['good_scores_rejected']} of them"]
     if defect:
-        lines.append(f"it catches {_share(record['after']['defects_caught'], defect)} of the labelled defects")
+        caught = record["after"]["defects_caught"]
+        lines.append(f"it catches {caught} of the {defect} labelled defects ({caught / defect:.1%})")
     return "\n".join(lines) + f"\non the labelled frames ({good} good, {defect} defect):\n{table}"
 
 
