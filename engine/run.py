@@ -28,6 +28,7 @@ from engine.common.errors import (
     run_cli,
 )
 from engine.common.files import check_output
+from engine.drift import DriftEvent, DriftMonitor
 from engine.reload import ReloadingEngine
 from engine.results import ScoringEngine
 from engine.runtime import Engine
@@ -95,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(written beside it, then renamed over it) is loaded while the line runs and swapped in between "
                    "batches, no frame lost or scored twice; looked for twice a second, at once on SIGHUP; a file that "
                    "does not load or fit (input size, tiling) is refused in one line and the running engine stays")
+    p.add_argument("--no-drift", action="store_true", help="do not watch for drift (default: the frames against "
+                   "the engine's training frames, and the scores against its held-out good scores; each change one "
+                   "line on stderr, the kinds in force on every JSONL line, MQTT PREFIX/CAMERA/drift; never a verdict "
+                   "changed: docs/line-loop.md)")
     p.add_argument("--camera-name", help="the camera in MQTT topics and the view's title (default: from --source)")
     line = p.add_argument_group("line integration (engine/sinks/): a slow or absent receiver never stalls the run")
     line.add_argument("--mqtt", metavar="URL", help="mqtt://HOST:PORT/PREFIX (mqtts:// for TLS): a QoS-1 JSON "
@@ -226,10 +231,29 @@ def _close_all(sinks: list[Sink], completed: bool) -> list[SinkSummary]:
     return summaries
 
 
+def _drift_monitor(args: argparse.Namespace, engine: ScoringEngine) -> DriftMonitor | None:
+    """The run's drift monitor, following the engine across swaps (None: --no-drift, or a server's engine, whose
+    header is on the server)."""
+    if args.no_drift or not isinstance(engine, (Engine, ReloadingEngine)):
+        return None
+    return DriftMonitor.for_engine(engine)
+
+
+def _drift_events(drift: DriftMonitor, index: int | None, sinks: list[Sink]) -> None:
+    """The drift changes up to frame `index`: a line each on stderr, and to the MQTT sinks."""
+    events: list[DriftEvent] = drift.events_until(index)
+    for event in events:
+        _event_line(event.line())
+        for s in sinks:
+            if isinstance(s, MqttSink):
+                s.drift(event)
+
+
 def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats, line_sinks: list[Sink]) -> int:
     with_maps = bool(args.save_maps or args.overlay_video or args.view or args.review)
+    drift = _drift_monitor(args, engine)
     results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
-                  with_maps=with_maps, stats=stats)
+                  with_maps=with_maps, stats=stats, drift=drift)
     sinks: list[Sink] = list(line_sinks)
     try:
         first = next(results, None)  # opens the source: a bad source fails here, before any output exists
@@ -245,6 +269,10 @@ def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats,
         results.close()  # joins the stream's threads
         _close_all(sinks, completed=False)
         raise
+    if drift is None and not args.no_drift:
+        print("drift: off (the engine's training statistics and held-out scores stay on the server)", file=sys.stderr)
+    for note in drift.notes if drift is not None else ():  # said once, after the source opened
+        print(f"drift: {note}", file=sys.stderr)
     stop = threading.Event()
     status = threading.Thread(target=_status, args=(stats, stop), daemon=True)
     if not args.quiet:
@@ -256,6 +284,8 @@ def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats,
     try:
         for r in itertools.chain([first] if first is not None else [], results):
             anomalous += bool(r.is_anomalous)
+            if drift is not None:
+                _drift_events(drift, r.index, sinks)
             for s in sinks:
                 s.write(r)
             if args.out is None and r.error is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.common.errors import RunError, one_line
+from engine.drift import DriftMonitor
 from engine.results import Result, ScoringEngine, Status
 from engine.runtime import Engine, EngineClosedError
 from engine.sources import Frame, SourceError, is_live, open_source
@@ -141,7 +142,7 @@ def _next_batch(q_in: queue.Queue, batch_size: int, stop: threading.Event, sourc
 
 
 def _infer(engine: ScoringEngine, q_in: queue.Queue, q_out: queue.Queue, batch_size: int, with_maps: bool,
-           stop: threading.Event, source: str, frame_timeout: float | None) -> None:
+           stop: threading.Event, source: str, frame_timeout: float | None, drift: DriftMonitor | None) -> None:
     try:
         done, failures = False, 0
         while not done:
@@ -178,6 +179,8 @@ def _infer(engine: ScoringEngine, q_in: queue.Queue, q_out: queue.Queue, batch_s
                 r.captured_perf = f.perf
                 r.frame = f.image if with_maps else None
                 r.bgr = f.bgr
+                if drift is not None:  # here, where the frames are: in frame order, before any sink sees it
+                    drift.observe(f.image, r)
                 if not _put(q_out, r, stop):
                     return
             if done:
@@ -188,13 +191,16 @@ def _infer(engine: ScoringEngine, q_in: queue.Queue, q_out: queue.Queue, batch_s
 
 def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1, policy: str | None = None,
         max_fps: float | None = None, with_maps: bool = True, bgr: bool = False, queue_size: int = 8,
-        stats: StreamStats | None = None, frame_timeout: float | None = -1.0) -> Iterator[Result]:
+        stats: StreamStats | None = None, frame_timeout: float | None = -1.0,
+        drift: DriftMonitor | None = None) -> Iterator[Result]:
     """Score every frame of `source` (see engine.sources.open_source) in order; yields Results.
 
     policy: "block" or "drop-oldest" (default: drop-oldest for cameras and streams, block otherwise).
     frame_timeout: seconds without a frame after which the source counts as lost (SourceError); default
     LIVE_FRAME_TIMEOUT_S for cameras and streams, None (wait forever) otherwise.
     Each result also carries `.frame` (the input image, when with_maps) for overlay sinks.
+    drift: a DriftMonitor (engine.drift) that watches every scored frame and score in the inference thread and sets
+    each result's `.drift`; a dropped frame carries the kinds in force when it is handed over.
     Closing the generator (or leaving the loop) stops and joins the inference thread before it returns.
     """
     # an Engine or engine.remote.RemoteEngine (a Triton server), or an engine file's path
@@ -216,7 +222,7 @@ def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1,
     capture = threading.Thread(target=_capture, args=(frames, q_in, policy, max_fps, stop, dropped, stats),
                                name="lineflow-capture", daemon=True)  # may hang inside a camera's read()
     inference = threading.Thread(target=_infer, args=(engine, q_in, q_out, batch_size, with_maps, stop, name,
-                                                      frame_timeout), name="lineflow-inference", daemon=True)
+                                                      frame_timeout, drift), name="lineflow-inference", daemon=True)
     capture.start()
     inference.start()
 
@@ -229,7 +235,8 @@ def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1,
             stats.dropped += 1
             stats.frames += 1
             r = Result(None, None, index=f.index, source=f.source, timestamp=f.timestamp,
-                       error="dropped: inference was slower than the source", status=Status.DROPPED)
+                       error="dropped: inference was slower than the source", status=Status.DROPPED,
+                       drift=None if drift is None else drift.in_force())
             yield r
 
     pending: list[Result] = []

@@ -19,12 +19,14 @@ def tiny_model(demo_dir, tmp_path_factory):
     return out
 
 
-def test_fit_writes_a_weights_only_model(tiny_model):
+def test_fit_writes_a_weights_only_model(tiny_model, demo_dir):
     payload = torch.load(tiny_model, weights_only=True)
     meta = payload["meta"]
     assert meta["config"]["input_size"] == [128, 128] and meta["config"]["altub"] is True
     assert meta["threshold"]["n_images"] >= 1 and np.isfinite(meta["threshold"]["threshold"])
     assert len(meta["history"]) == 2
+    # the statistics drift alarms compare with (engine.common.frame_stats): every good training frame, held out too
+    assert meta["input_stats"]["n_frames"] == len(list((demo_dir / "train" / "good").iterdir()))
 
 
 def test_evaluate_prints_and_writes_metrics(tiny_model, demo_dir, tmp_path):

@@ -10,6 +10,8 @@ MQTT topics, under the URL's prefix (a line) and a camera name:
     PREFIX/CAMERA/result      one JSON message per frame: the JSONL result's keys plus latency_ms (QoS 1)
     PREFIX/CAMERA/status      "online" (retained), "offline" on a clean close or as the broker's last will
     PREFIX/CAMERA/heartbeat   every few seconds: frames/s, frames, scored, dropped, errors, messages waiting
+    PREFIX/CAMERA/drift       retained, at each change of the drift kinds in force (engine.drift.DriftEvent.to_json:
+                              the kinds, the change, the measured numbers, the frame index, the time) (QoS 1)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 from engine.common.errors import UserError
 from engine.common.net import resolve, url_port
+from engine.drift import DriftEvent
 from engine.results import Result
 from engine.sinks.base import FLUSH_TIMEOUT_S, SinkSummary, result_message, warn_on_stderr
 
@@ -89,6 +92,7 @@ class MqttSink:
         camera = re.sub(r"[^A-Za-z0-9_-]+", "_", camera) or "camera"
         base = f"{target.prefix}/{camera}"
         self.topic, self.status_topic, self.heartbeat_topic = f"{base}/result", f"{base}/status", f"{base}/heartbeat"
+        self.drift_topic = f"{base}/drift"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"lineflow-{camera}",
                                   protocol=mqtt.MQTTv311, clean_session=True)
         user = username or target.username
@@ -239,6 +243,11 @@ class MqttSink:
             info = self.client.publish(self.topic, payload, qos=1)  # kept by paho until PUBACK, resent after reconnects
             with self.lock:
                 self.unacked.add(info.mid)
+
+    def drift(self, event: DriftEvent) -> None:
+        """A change of the drift kinds in force: retained, so that a controller connecting later reads the state; paho
+        keeps it (QoS 1) through an outage. Not counted with the frames' messages."""
+        self.client.publish(self.drift_topic, json.dumps(event.to_json()), qos=1, retain=True)
 
     @property
     def undelivered(self) -> int:
