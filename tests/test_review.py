@@ -84,6 +84,7 @@ def test_every_flagged_frame_is_kept_and_the_passed_sample_depends_only_on_seed_
         sink = ReviewSink(tmp_path / name, sample=0.2, seed=seed)
         for r in results:
             sink.write(r)
+            sink.flush()  # the test writes faster than a line: no frame left behind for the writer thread
         sink.close()
         kept[name] = [e.index for e in read_queue(tmp_path / name)]
     flagged = {r.index for r in results if r.is_anomalous}
@@ -99,11 +100,13 @@ def test_disk_stays_under_the_bound_evicting_the_oldest_unlabelled_first(tmp_pat
     sink = ReviewSink(rev, sample=0.0, max_mb=0.3)  # about 15 entries of two 64x64 noise PNGs
     for i in range(4):
         sink.write(_result(i, True, rng))
+    sink.flush()
     append_labels(rev, [e.id for e in read_queue(rev)[:2]], "good", "tester")  # the two oldest are labelled
     labelled = {e.id for e in read_queue(rev)[:2]}
     for i in range(4, 60):
         sink.write(_result(i, True, rng))
         sink.write(_result(1000 + i, False, rng))  # passed, not sampled at 0.0: never kept
+        sink.flush()
         used = sum(p.stat().st_size for p in rev.iterdir())
         assert used <= 0.3e6
     summary = sink.close().line
@@ -123,6 +126,7 @@ def test_a_reopened_folder_drops_what_a_crash_left_and_one_writer_at_a_time(tmp_
     sink = ReviewSink(rev)
     for i in range(3):
         sink.write(_result(i, True, rng))
+    sink.flush()
     with pytest.raises(UserError, match="another run is writing its review queue there"):
         ReviewSink(rev)
     sink.close()
@@ -196,3 +200,28 @@ def test_frames_are_written_pixel_for_pixel():
     assert np.array_equal(decode(lossless_png(as_read, bgr=False))[:, :, ::-1], eight)
     deep = sixteen.astype(np.float32) / 65535.0
     assert decode(lossless_png(deep, bgr=False)).dtype == np.uint16
+
+
+def test_the_run_never_waits_for_the_writer_and_a_full_disk_is_raised_naming_the_file(tmp_path, monkeypatch):
+    import threading
+
+    import engine.sinks.review as review
+    rng, release = np.random.default_rng(0), threading.Event()
+    slow = review.lossless_png
+    monkeypatch.setattr(review, "lossless_png", lambda *a: release.wait(10) and slow(*a))  # a writer stuck
+    sink = ReviewSink(tmp_path / "rev")
+    for i in range(review.BACKLOG + 6):
+        sink.write(_result(i, True, rng))  # returns at once: the first waits in the writer, BACKLOG more queue
+    release.set()
+    assert ", 5 not kept (the writer was behind)" in sink.close().line and len(read_queue(tmp_path / "rev")) == 17
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    sink = ReviewSink(tmp_path / "rev2")
+    monkeypatch.setattr(review.os, "replace", full)  # atomic_write's last step
+    sink.write(_result(0, True, rng))
+    sink.flush()
+    with pytest.raises(OSError, match=r"rev2/000000-\w+\.frame\.png: cannot write \(No space left on device\)"):
+        sink.write(_result(1, True, rng))
+    with pytest.raises(OSError, match="No space left"):
+        sink.close()

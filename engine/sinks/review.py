@@ -8,6 +8,11 @@ is not there. Disk use stays under `max_mb`: past it, the oldest unlabelled entr
 atomically without them, then their files removed), down to EVICT_TO of the bound so the queue is rewritten
 rarely; labelled entries go only when nothing unlabelled is left. A folder that already holds a queue is
 continued; one other run writing the same folder is refused (a lock on the folder).
+
+Encoding a frame and its overlay as PNG takes a BSD frame (1130x460) tens of milliseconds, so it happens in the
+sink's own thread: `write` only decides and hands the result over, and the other sinks' messages are not held
+back. Past BACKLOG frames waiting, a frame is not kept, and counted (the line never waits for its review queue;
+the JSONL still has every verdict). A write error (disk full) is raised at the next `write` or at `close`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import queue
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +52,7 @@ __all__ = ["ReviewSink", "DEFAULT_SAMPLE", "DEFAULT_MAX_MB"]
 DEFAULT_SAMPLE = 0.02  # share of passed frames kept
 DEFAULT_MAX_MB = 500.0
 EVICT_TO = 0.9  # an eviction frees down to this share of the bound
+BACKLOG = 16  # frames waiting for the writer thread at most
 PNG_COMPRESSION = 1  # zlib level: fast (a BSD frame and its overlay in a few ms), still lossless
 OWN_FILE = re.compile(rf"\.?({ID_PATTERN.pattern})\.(frame|overlay)\.png(\..*\.tmp)?")  # ours, with atomic temps
 
@@ -94,8 +102,9 @@ class ReviewSink:
             raise UserError(f"--review-max-mb {max_mb:g}: must be positive")
         self.folder, self.sample, self.seed = Path(folder), sample, seed
         self.max_bytes = int(max_mb * 1e6)
-        self.flagged = self.passed = self.evicted = self.evicted_labelled = 0
-        self.closed = False
+        self.flagged = self.passed = self.evicted = self.evicted_labelled = self.behind = 0
+        self.closed, self.failure = False, None
+        self.waiting: queue.Queue = queue.Queue(BACKLOG)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.lock_fd = os.open(self.folder, os.O_RDONLY | os.O_CLOEXEC)
@@ -113,6 +122,8 @@ class ReviewSink:
         except BaseException:
             os.close(self.lock_fd)
             raise
+        self.thread = threading.Thread(target=self._work, name="lineflow-review", daemon=True)
+        self.thread.start()
 
     def _resume(self) -> None:
         """Take over what the folder holds: entries whose files are gone leave the queue, files no entry names
@@ -141,12 +152,39 @@ class ReviewSink:
             return 0
 
     def write(self, result: Result) -> None:
+        """Hand a flagged or sampled frame to the writer thread; return at once."""
+        if self.failure is not None:
+            raise self.failure
         if result.error is not None or self.closed:
             return
         if not result.is_anomalous and not sampled(self.seed, result.index, self.sample):
             return
         if result.frame is None or result.anomaly_map is None:
             raise ValueError("ReviewSink needs frames and maps: score with with_maps=True")
+        try:
+            self.waiting.put_nowait(result)
+        except queue.Full:
+            self.behind += 1
+
+    def flush(self) -> None:
+        """Wait until every frame handed over is written (or has failed)."""
+        self.waiting.join()
+
+    def _work(self) -> None:
+        while True:
+            result = self.waiting.get()
+            try:
+                if result is None:
+                    return
+                if self.failure is None:
+                    self._keep(result)
+            except OutputError as e:  # raised in the run's thread, at its next write or at close
+                self.failure = e
+            finally:
+                self.waiting.task_done()
+
+    def _keep(self, result: Result) -> None:
+        """The frame's PNG, its overlay's, then its queue line; evict past the bound."""
         entry_id = new_id(result.index, self.taken)
         entry = QueueEntry(id=entry_id, index=result.index, source=result.source, timestamp=result.timestamp,
                            score=float(result.score), is_anomalous=bool(result.is_anomalous), engine=result.engine,
@@ -198,11 +236,17 @@ class ReviewSink:
         self.used = sum(self.sizes.values()) + self._size(QUEUE) + self._size(LABELS)
 
     def close(self, completed: bool = True) -> SinkSummary:
+        """Write what is waiting (BACKLOG frames at most), let go of the folder, say what was kept."""
         if self.closed:
             return SinkSummary()
         self.closed = True
+        self.waiting.put(None)
+        self.thread.join()
         os.close(self.lock_fd)
+        if self.failure is not None:
+            raise self.failure
         kept = self.flagged + self.passed
         evicted = f"{self.evicted} evicted" + (f" ({self.evicted_labelled} labelled)" if self.evicted_labelled else "")
-        return SinkSummary(f"review: {kept} kept ({self.flagged} flagged, {self.passed} passed sampled), {evicted} "
-                           f"to stay under {self.max_bytes / 1e6:g} MB -> {self.folder}")
+        behind = f", {self.behind} not kept (the writer was behind)" if self.behind else ""
+        return SinkSummary(f"review: {kept} kept ({self.flagged} flagged, {self.passed} passed sampled){behind}, "
+                           f"{evicted} to stay under {self.max_bytes / 1e6:g} MB -> {self.folder}")
