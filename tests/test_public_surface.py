@@ -21,7 +21,7 @@ import engine
 ALL = ["Engine", "EngineFileError", "Result", "StreamStats", "load", "run"]
 LOAD = ["path", "threads=None", "busy_wait=True"]
 RUN = ["engine_or_path", "source", "batch_size=1", "policy=None", "max_fps=None", "with_maps=True", "bgr=False",
-       "queue_size=8", "stats=None", "frame_timeout=-1.0"]
+       "queue_size=8", "stats=None", "frame_timeout=-1.0", "drift=None"]
 ENGINE_METHODS = {
     "__enter__": ["self"],
     "__exit__": ["self", "*exc"],
@@ -56,7 +56,8 @@ OPTIONS = {
     "engine.build": ["--backend", "--batch", "--calib", "--help", "--out", "--precision", "-h", "-o", "model"],
     "engine.run": [
         "--batch", "--camera-name", "--help", "--max-fps", "--mqtt", "--mqtt-ca", "--mqtt-client-id",
-        "--mqtt-heartbeat", "--mqtt-password", "--mqtt-queue", "--mqtt-user", "--out", "--overlay-video", "--policy",
+        "--mqtt-heartbeat", "--mqtt-password", "--mqtt-queue", "--mqtt-user", "--no-drift", "--out", "--overlay-video",
+        "--policy",
         "--quiet", "--reload", "--review", "--review-max-mb", "--review-sample", "--save-maps", "--server",
         "--server-send", "--source", "--threads", "--view", "--view-hold", "--view-token", "--webhook",
         "--webhook-all", "--webhook-queue", "--webhook-retries", "--webhook-timeout", "-h", "engine"],
