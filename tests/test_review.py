@@ -3,6 +3,7 @@ format (engine/review_store.py) reads back what was written, last label wins, di
 in a browser is in tests/test_view.py."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -210,8 +211,12 @@ def test_the_run_never_waits_for_the_writer_and_a_full_disk_is_raised_naming_the
     slow = review.lossless_png
     monkeypatch.setattr(review, "lossless_png", lambda *a: release.wait(10) and slow(*a))  # a writer stuck
     sink = ReviewSink(tmp_path / "rev")
-    for i in range(review.BACKLOG + 6):
-        sink.write(_result(i, True, rng))  # returns at once: the first waits in the writer, BACKLOG more queue
+    sink.write(_result(0, True, rng))
+    deadline = time.monotonic() + 10
+    while sink.waiting.qsize() and time.monotonic() < deadline:  # until the writer holds it, stuck
+        time.sleep(0.01)
+    for i in range(1, review.BACKLOG + 6):
+        sink.write(_result(i, True, rng))  # returns at once: BACKLOG wait, 5 are not kept
     release.set()
     assert ", 5 not kept (the writer was behind)" in sink.close().line and len(read_queue(tmp_path / "rev")) == 17
 
