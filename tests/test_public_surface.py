@@ -44,11 +44,12 @@ JSONL_SCORED = ["index", "source", "timestamp", "score", "is_anomalous"]
 JSONL_ERROR = ["index", "source", "timestamp", "error"]
 OPTIONS = {
     "train.fit": [
-        "--altub-every", "--backbone", "--backbone-weights", "--balance-sizes", "--base-lr", "--batch-size",
-        "--blur-mode", "--blur-sigma", "--clamp", "--data", "--device", "--epoch-checkpoints", "--epochs",
-        "--feature-pool", "--flow-steps", "--fusion", "--help", "--hidden-ratio", "--image-scales",
+        "--add-good", "--altub-every", "--backbone", "--backbone-weights", "--balance-sizes", "--base-lr",
+        "--batch-size", "--blur-mode", "--blur-sigma", "--clamp", "--data", "--device", "--epoch-checkpoints",
+        "--epochs", "--feature-pool", "--flow-steps", "--fusion", "--help", "--hidden-ratio", "--image-scales",
         "--image-score-top", "--input-size", "--lr", "--lr-schedule", "--map-scales", "--no-altub", "--out",
-        "--pool-scales", "--seed", "--threshold-defects", "--threshold-rule", "--tile-overlap", "--tile-scale", "-h"],
+        "--pool-scales", "--resume", "--seed", "--threshold-defects", "--threshold-rule", "--tile-overlap",
+        "--tile-scale", "-h"],
     "train.evaluate": ["--batch-size", "--data", "--device", "--help", "--image-score-top", "--json", "--protocol",
                        "-h", "model"],
     "train.demo_data": ["--help", "--overwrite", "--seed", "--size", "--test-defect", "--test-good", "--train", "-h",

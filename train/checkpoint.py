@@ -25,7 +25,8 @@ from engine.common.schema import strict_kwargs
 from train.model import FastFlow, FlowConfig
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "OLDEST_READABLE", "ModelFileError", "ModelMeta", "Threshold", "DataInfo",
-           "save_model", "load_model", "load_model_bytes", "upgrade_checkpoint", "written_version", "checksum"]
+           "Resume", "save_model", "load_model", "load_model_bytes", "upgrade_checkpoint", "written_version",
+           "checksum"]
 
 FORMAT = "lineflow-model"
 # The versions of model.pt's metadata, and what each changed (every file before version 6 wrote format_version 1;
@@ -40,7 +41,9 @@ FORMAT = "lineflow-model"
 #   6 (2026-12-03) + blur_mode ("fixed": one sigma for the whole map before); written as 6 from 2026-12-06
 #   7 (2026-12-06) + input_stats (the training frames' statistics, engine.common.frame_stats: drift alarms); an
 #     older file has none (None: the engines built from it watch their scores only)
-FORMAT_VERSION = 7
+#   8 (2026-12-06) + resumed (train.fit --resume's record of each relearning: the parent model's SHA-256, the good
+#     frames added, the run; train/resume.py); an older file has none (never resumed)
+FORMAT_VERSION = 8
 OLDEST_READABLE = 3
 # the key each version added to the config: a file that wrote format_version 1 is the version before the first it lacks
 _ADDED_BY = {2: "feature_pool", 3: "map_scales", 4: "tile_scale", 5: "pool_scales", 6: "blur_mode"}
@@ -135,6 +138,40 @@ class DataInfo:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """One `train.fit --resume` (train/resume.py): the model it continued, the good frames it added, its run."""
+
+    parent_sha256: str  # of the parent model file, as sha256sum prints it
+    added: str  # the folder of new good frames (a later --resume reads them again: they are part of the training)
+    n_added: int
+    n_added_holdout: int  # of those, held out with the parent's held-out frames (they set the threshold)
+    epochs: int
+    parent_threshold: float | None = None
+    train_config: dict | None = None  # the resumed run's TrainConfig
+    seconds: float | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.parent_sha256, str) and len(self.parent_sha256) == 64
+                and all(c in "0123456789abcdef" for c in self.parent_sha256)):
+            raise ValueError("resumed.parent_sha256 must be 64 lowercase hex digits")
+        if not isinstance(self.added, str):
+            raise ValueError("resumed.added must be a string")
+        for name in ("n_added", "n_added_holdout", "epochs"):
+            _number(f"resumed.{name}", getattr(self, name), int)
+        _number("resumed.parent_threshold", self.parent_threshold)
+        _number("resumed.seconds", self.seconds)
+        if self.train_config is not None and not isinstance(self.train_config, dict):
+            raise ValueError("resumed.train_config must be a dict")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Resume:
+        try:
+            return cls(**strict_kwargs(cls, d, "resumed"))
+        except TypeError as e:
+            raise ValueError(f"resumed: {e}") from None
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """What model.pt says besides the weights and the config: the threshold, and train.fit's record of the fit."""
 
@@ -145,6 +182,7 @@ class ModelMeta:
     data: DataInfo | None = None
     timing: dict | None = None  # seconds: feature caching, the whole fit
     input_stats: InputStats | None = None  # the training frames' statistics (train/input_stats.py); None: before 7
+    resumed: list[Resume] | None = None  # each train.fit --resume that led to this model, oldest first; None: none
 
     def __post_init__(self):
         for name, kind in (("threshold", Threshold), ("data", DataInfo), ("train_config", dict), ("timing", dict),
@@ -156,22 +194,30 @@ class ModelMeta:
         if self.history is not None and not (isinstance(self.history, list)
                                              and all(isinstance(row, dict) for row in self.history)):
             raise ValueError("history must be a list of dicts")
+        if self.resumed is not None and not (isinstance(self.resumed, list)
+                                             and all(isinstance(r, Resume) for r in self.resumed)):
+            raise ValueError("resumed must be a list of Resume records")
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelMeta:
         """The metadata's dict (without format, format_version and config) -> ModelMeta; unknown keys and wrong types
         raise ValueError."""
         d = strict_kwargs(cls, d, "model metadata")
-        threshold, data, stats = d.get("threshold"), d.get("data"), d.get("input_stats")
+        threshold, data, stats, resumed = d.get("threshold"), d.get("data"), d.get("input_stats"), d.get("resumed")
+        if resumed is not None and not isinstance(resumed, list):
+            raise ValueError("resumed must be a list")
         return cls(**{**d, "threshold": None if threshold is None else Threshold.from_dict(threshold),
                       "data": None if data is None else DataInfo.from_dict(data),
-                      "input_stats": None if stats is None else InputStats.from_dict(stats)})
+                      "input_stats": None if stats is None else InputStats.from_dict(stats),
+                      "resumed": None if resumed is None else [Resume.from_dict(r) for r in resumed]})
 
     def to_dict(self) -> dict:
         return _dropped_none({"threshold": None if self.threshold is None else self.threshold.to_dict(),
                               "train_config": self.train_config, "epoch": self.epoch, "history": self.history,
                               "data": None if self.data is None else asdict(self.data), "timing": self.timing,
-                              "input_stats": None if self.input_stats is None else self.input_stats.to_dict()})
+                              "input_stats": None if self.input_stats is None else self.input_stats.to_dict(),
+                              "resumed": None if self.resumed is None
+                              else [_dropped_none(asdict(r)) for r in self.resumed]})
 
 
 def checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
@@ -237,7 +283,11 @@ def _to_7(meta: dict) -> dict:
     return meta  # input_stats absent: None (not recorded)
 
 
-_UPGRADES = {3: _to_4, 4: _to_5, 5: _to_6, 6: _to_7}  # version -> the step to the next one
+def _to_8(meta: dict) -> dict:
+    return meta  # resumed absent: None (never resumed)
+
+
+_UPGRADES = {3: _to_4, 4: _to_5, 5: _to_6, 6: _to_7, 7: _to_8}  # version -> the step to the next one
 assert set(_UPGRADES) == set(range(OLDEST_READABLE, FORMAT_VERSION))
 
 

@@ -229,11 +229,19 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
 
 
 def _parser() -> argparse.ArgumentParser:
+    from train.resume import RESUME_EPOCHS, RESUME_LR_FACTOR, RESUME_SCHEDULE  # it imports this module
     d, m = TrainConfig(), FlowConfig()
     p = argparse.ArgumentParser(prog="python -m train.fit", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--data", required=True, help="MVTec-layout folder (uses train/good) or a folder of good images")
+    p.add_argument("--data", help="MVTec-layout folder (uses train/good) or a folder of good images (with --resume: "
+                   "where the model's training frames are now, if not where it was trained)")
     p.add_argument("--out", required=True, help="model file to write (written atomically)")
+    p.add_argument("--resume", metavar="MODEL",
+                   help="relearn MODEL (a model.pt train.fit wrote) on its training frames plus --add-good's, its "
+                   f"backbone, input and scoring kept, the threshold re-derived by its rule; then --epochs defaults "
+                   f"to {RESUME_EPOCHS}, the learning rates to {RESUME_LR_FACTOR:g} x the model's ({RESUME_SCHEDULE}) "
+                   "(train/resume.py)")
+    p.add_argument("--add-good", metavar="DIR", help="with --resume: a folder of new good frames")
     p.add_argument("--backbone", default=m.backbone, choices=sorted(BACKBONES), help="frozen feature extractor")
     p.add_argument("--backbone-weights", metavar="PATH",
                    help="ImageNet checkpoint (torchvision/timm) for resnet18 / wide_resnet50_2")
@@ -326,6 +334,11 @@ def _report_sizes(model: FastFlow, feats: list[torch.Tensor], frames: list[Frame
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.resume or args.add_good:
+        from train import resume  # imports this module: the resumed run is train.fit's fit on more frames
+        return resume.main(args, resume.given_options(_parser(), argv))
+    if not args.data:
+        raise UserError("--data DIR is required (or --resume MODEL --add-good DIR)")
     for name in ("epochs", "batch_size", "flow_steps", "altub_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
