@@ -3,10 +3,10 @@
 Two kinds, each over a rolling window of the stream's scored frames, in frame order:
 
     input   the window's median of each frame statistic (engine.common.frame_stats: per-channel brightness and
-            contrast, frame area and aspect) against the training frames' range (their 5-95 % quantiles, widened by
-            a margin), as the engine header's `input_stats` records it. A median leaves the range only when most of
-            the window does: one odd frame, or a rare setting the training saw now and then, raises nothing; a new
-            frame size, lighting or camera gain raises it within half a window.
+            contrast, frame area and aspect, in log units) against the training frames' range (quantiles, widened
+            by a margin), as the engine header's `input_stats` records it. A median leaves the range only when most
+            of the window does: one odd frame, or a rare setting the training saw now and then, raises nothing; a
+            new frame size, lighting or camera gain raises it within half a window.
     score   the window's median score against the held-out good scores the engine carries
             (header.model_threshold["holdout_scores"]): above their 90 % quantile means most recent frames score
             like the worst tenth of good ones (a few defects, which the median ignores, raise nothing).
@@ -34,25 +34,27 @@ from engine.common.frame_stats import CHANNELS, STATS_METHOD, InputStats, frame_
 from engine.header import EngineHeader
 from engine.results import Result, Status
 
-__all__ = ["DriftMonitor", "DriftEvent", "DriftSettings", "KINDS", "INPUT_WINDOW", "INPUT_LEVELS", "INPUT_MARGIN",
-           "INPUT_FLOOR", "SCORE_WINDOW", "SCORE_LEVEL", "SCORE_CLEAR_LEVEL", "MIN_HOLDOUT_SCORES"]
+__all__ = ["DriftMonitor", "DriftEvent", "DriftSettings", "KINDS", "INPUT_WINDOW", "INPUT_LEVELS", "SIZE_LEVELS",
+           "INPUT_MARGIN", "INPUT_FLOOR", "SCORE_WINDOW", "SCORE_LEVEL", "SCORE_CLEAR_LEVEL", "MIN_HOLDOUT_SCORES"]
 
 KINDS = ("input", "score")
 # Input: the median of the last INPUT_WINDOW frames. Odd, so the median is a frame's own value; 9 frames raise a
 # change of setting on its 5th frame (issue 44 asks within 10) and need 5 odd frames in 9 to raise without one.
 INPUT_WINDOW = 9
-# the training frames' range of each statistic: its quantiles at these levels. Under the training distribution
-# a median of 9 frames leaves [q5, q95] only if 5 of the 9 frames lie beyond one end: odds of about 2e-5 a window
-# for independent frames; a setting that makes under 5 % of the training frames (BSD's later capture setting)
-# lies outside it, so a window of it alone raises.
-INPUT_LEVELS = (0.05, 0.95)
-# the range widened each side by this share of its width: frames of a line come in runs (MTD's six lighting
-# levels, BSD's soiling that builds up over days), so a window is not an independent draw (docs/line-loop.md)
+# The training range of brightness and contrast: their 1 % and 99 % quantiles (a few odd training frames do not
+# widen it, as the minimum and maximum would). They vary in runs on a line (BSD's soiling builds up over days, MTD
+# has six lighting levels), so a window of the training's darkest frames sits near its end: hence the margin.
+INPUT_LEVELS = (0.01, 0.99)
+# The training range of frame area and aspect: their 5 % and 95 % quantiles. Sizes come in settings; one that made
+# under 5 % of the training frames (BSD's later capture setting: 3 %) lies outside, so a window of it raises (the
+# model underfits such a setting: docs/lab/search-rounds.md, round 18). Hand-cut tiles of many sizes (MTD) span it.
+SIZE_LEVELS = (0.05, 0.95)
+# Both ranges are compared in log units (a gain, an exposure or a zoom multiplies) and widened each side by this
+# share of their width ...
 INPUT_MARGIN = 0.25
-# ... and by at least this much for brightness and contrast (of the [0, 1] scale, about 2.5 grey levels of 255):
-# training frames all alike (a range of width 0) still tolerate sensor noise. Sizes get no floor: a frame size the
-# training never had is drift.
-INPUT_FLOOR = 0.01
+# ... and, for brightness and contrast, by at least this much (log units: 5 %), so that training frames all alike
+# (a range of width 0) still tolerate sensor noise. Sizes get no floor: a size the training never had is drift.
+INPUT_FLOOR = 0.05
 # Score: the median of the last SCORE_WINDOW scored frames against the held-out good scores' SCORE_LEVEL quantile
 # (raise above it) and SCORE_CLEAR_LEVEL quantile (clear at or below it). 25 frames: a median of 25 good frames
 # passes the 90 % quantile only if 13 of them do (odds about 1e-7 for independent frames); defects under half the
@@ -60,7 +62,9 @@ INPUT_FLOOR = 0.01
 SCORE_WINDOW = 25
 SCORE_LEVEL = 0.9
 SCORE_CLEAR_LEVEL = 0.75
+EVENTS_KEPT = 1000  # changes waiting for events_until (a caller that never asks loses the oldest, not memory)
 MIN_HOLDOUT_SCORES = 5  # fewer held-out scores than this carry no distribution: score drift is off
+LOG_FLOOR = 1e-3  # brightness or contrast below this (of the [0, 1] scale) is black: compared as this
 NUMBERS = (*(f"brightness {c}" for c in CHANNELS), *(f"contrast {c}" for c in CHANNELS), "area", "aspect")
 
 
@@ -70,6 +74,7 @@ class DriftSettings:
 
     input_window: int = INPUT_WINDOW
     input_levels: tuple[float, float] = INPUT_LEVELS
+    size_levels: tuple[float, float] = SIZE_LEVELS
     input_margin: float = INPUT_MARGIN
     input_floor: float = INPUT_FLOOR
     score_window: int = SCORE_WINDOW
@@ -109,23 +114,28 @@ class HeaderedEngine(Protocol):
     engine_id: str | None
 
 
-def _fmt(name: str, v: float) -> str:
-    return f"{v:.0f} px" if name == "area" else f"{v:.3g}"
+def _fmt(name: str, *values: float) -> str:
+    """A value or a range of a statistic, as the event's text shows it."""
+    return "-".join(f"{v:.0f}" if name == "area" else f"{v:.3g}" for v in values) + (" px" if name == "area" else "")
+
+
+def _logged(numbers) -> np.ndarray:
+    """Statistics in log units: a change of gain, exposure or lighting multiplies brightness and contrast, a zoom the
+    area, so a margin is a factor (values below LOG_FLOOR, black, count as it)."""
+    return np.log(np.maximum(np.asarray(numbers, dtype=np.float64), LOG_FLOOR))
 
 
 class _InputWatch:
-    """The input kind: each live frame's statistics (log area and log aspect, so that a margin is relative) against
-    the training range of each."""
+    """The input kind: each live frame's statistics (NUMBERS, in log units) against the training range of each."""
 
     def __init__(self, stats: InputStats, s: DriftSettings):
-        lo, hi = (np.array([*stats.at("brightness", q), *stats.at("contrast", q), math.log(stats.at("area", q)),
-                            math.log(stats.at("aspect", q))]) for q in s.input_levels)
+        lo, hi = (_logged([*stats.at("brightness", q), *stats.at("contrast", q), stats.at("area", qs),
+                           stats.at("aspect", qs)]) for q, qs in zip(s.input_levels, s.size_levels))
         floor = np.array([s.input_floor] * 6 + [0.0, 0.0])
         widen = s.input_margin * (hi - lo) + floor
         self.stats, self.lo, self.hi = stats, lo, hi
         self.raise_lo, self.raise_hi = lo - widen, hi + widen
         self.clear_lo, self.clear_hi = lo - widen / 2, hi + widen / 2
-        self.levels = s.input_levels
 
     def outside(self, median: np.ndarray, raised: bool) -> np.ndarray:
         lo, hi = (self.clear_lo, self.clear_hi) if raised else (self.raise_lo, self.raise_hi)
@@ -134,10 +144,9 @@ class _InputWatch:
     def numbers(self, median: np.ndarray, which: np.ndarray) -> dict:
         out = {}
         for i in np.flatnonzero(which):
-            name, conv = NUMBERS[i], (math.exp if i >= 6 else float)
-            out[name] = {"window": round(conv(median[i]), 6), "training": [round(conv(self.lo[i]), 6),
-                                                                          round(conv(self.hi[i]), 6)],
-                         "bounds": [round(conv(self.raise_lo[i]), 6), round(conv(self.raise_hi[i]), 6)]}
+            out[NUMBERS[i]] = {"window": round(math.exp(median[i]), 6),
+                               "training": [round(math.exp(self.lo[i]), 6), round(math.exp(self.hi[i]), 6)],
+                               "bounds": [round(math.exp(self.raise_lo[i]), 6), round(math.exp(self.raise_hi[i]), 6)]}
         return out
 
 
@@ -169,7 +178,7 @@ class DriftMonitor:
         self.scores: deque = deque(maxlen=settings.score_window)
         self.raised: set[str] = set()
         self.out: dict[str, dict] = {}  # per kind in force, what raised it (cleared events report those numbers)
-        self.events: deque[DriftEvent] = deque()
+        self.events: deque[DriftEvent] = deque(maxlen=EVENTS_KEPT)
         self.notes: list[str] = []  # why a kind is not watched, for the caller to print once
         self._lock = threading.Lock()
         self.input: _InputWatch | None = None
@@ -195,29 +204,29 @@ class DriftMonitor:
         stays (it does not depend on the engine); the scores' window restarts unless the held-out scores are the
         same (a retuned threshold over the same graph scores alike). A kind the new engine cannot watch is dropped
         (a cleared event says so where it was in force)."""
-        notes = []
+        off: dict[str, str] = {}  # kind -> why it is not watched
         stats = header.input_stats
         if stats is None:
-            notes.append("input drift off: the engine carries no statistics of its training frames (built from a "
-                         "model.pt before format 7; rebuild from a model trained with this lineflow)")
+            off["input"] = ("input drift off: the engine carries no statistics of its training frames (built from a "
+                            "model.pt before format 7; rebuild from a model trained with this lineflow)")
             new_input = None
         elif stats.get("method") != STATS_METHOD:
-            notes.append(f"input drift off: the engine's training statistics were computed as {stats.get('method')!r}, "
-                         f"this lineflow computes {STATS_METHOD!r}")
+            off["input"] = (f"input drift off: the engine's training statistics were computed as "
+                            f"{stats.get('method')!r}, this lineflow computes {STATS_METHOD!r}")
             new_input = None
         else:
             new_input = _InputWatch(InputStats.from_dict(stats), self.settings)
         holdout = _holdout_scores(header)
         if holdout is None:
-            notes.append(f"score drift off: the engine carries fewer than {MIN_HOLDOUT_SCORES} held-out good scores")
+            off["score"] = f"score drift off: the engine carries fewer than {MIN_HOLDOUT_SCORES} held-out good scores"
         with self._lock:
             if self.score is not None and (holdout is None or holdout != self.score.holdout):
                 self.scores.clear()
             self.input = new_input
             self.score = None if holdout is None else _ScoreWatch(holdout, self.settings)
-            self.engine_id, self.notes = engine_id, notes
+            self.engine_id, self.notes = engine_id, list(off.values())
             for kind in sorted(self.raised - set(self.watching)):
-                self._change(kind, False, at, {}, f"not watched by engine {engine_id} ({notes[0]})")
+                self._change(kind, False, at, {}, f"not watched by engine {engine_id} ({off[kind]})")
 
     def observe(self, frame: np.ndarray | None, result: Result) -> None:
         """Take one result and its frame (results in frame order; dropped frames skipped): update the windows,
@@ -235,7 +244,7 @@ class DriftMonitor:
         with self._lock:
             if stats is not None and size is not None and self.input is not None:
                 h, w = size
-                self.input_frames.append(np.concatenate([stats, [math.log(h * w), math.log(w / h)]]))
+                self.input_frames.append(_logged([*stats, h * w, w / h]))
                 self.frame_sizes.append((h, w))
                 self._decide_input(result)
             if result.status is Status.OK and self.score is not None and result.score is not None:
@@ -274,11 +283,11 @@ class DriftMonitor:
         numbers = watch.numbers(median, which)
         sizes = Counter(self.frame_sizes).most_common(1)[0][0]
         parts = [f"{name} {_fmt(name, v['window'])}" + (f" (frames {sizes[1]}x{sizes[0]})" if name == "area" else "")
-                 + f" {'vs' if not raised else 'back near'} training {_fmt(name, v['training'][0])}-"
-                 f"{_fmt(name, v['training'][1])}" for name, v in numbers.items()]
-        lo, hi = (round(q * 100) for q in watch.levels)
-        text = "; ".join(parts) + (f" (median of the last {s.input_window} frames; training: {lo}-{hi} % of "
-                                   f"{watch.stats.n_frames} frames, raised beyond {s.input_margin:g} of that width)")
+                 + f" {'vs' if not raised else 'back near'} training {_fmt(name, *v['training'])}"
+                 for name, v in numbers.items()]
+        (lo, hi), (slo, shi) = ([f"{q * 100:g}" for q in levels] for levels in (s.input_levels, s.size_levels))
+        text = "; ".join(parts) + (f" (median of the last {s.input_window} frames; training: the {lo}-{hi} % "
+                                   f"quantiles of {watch.stats.n_frames} frames, sizes {slo}-{shi} %)")
         self._change("input", not raised, result, numbers, text)
 
     def _decide_score(self, result: Result) -> None:
