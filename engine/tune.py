@@ -40,7 +40,6 @@ from engine.runtime import Engine
 __all__ = ["main", "LabelledFrame", "labelled_frames", "labels_sha256", "holdout_scores", "retune", "RULE"]
 
 RULE = "max-rejected"
-BATCH = 8  # frames decoded and scored at a time: a bounded memory, a progress bar that moves
 
 
 @dataclass(frozen=True)
@@ -118,16 +117,15 @@ def holdout_scores(header: EngineHeader, path: Path) -> np.ndarray:
 
 
 def _score(eng: Engine, frames: list[LabelledFrame]) -> np.ndarray:
-    """Each frame's image score, decoded as engine.run decodes image files (engine.common.images.read_image)."""
+    """Each frame's image score as engine.run gives it for an image file: decoded by engine.common.images.read_image,
+    scored one frame a call (engine.run's default batch; a frame's score can move in the last bits with its
+    batch-mates, and a threshold set at a good frame's score must pass that frame when the line scores it)."""
     scores = []
-    with tqdm(total=len(frames), desc="scoring labelled frames", unit="frame", file=sys.stderr, leave=False) as bar:
-        for start in range(0, len(frames), BATCH):
-            chunk = frames[start:start + BATCH]
-            for f, r in zip(chunk, eng.score([read_image(f.path) for f in chunk], with_maps=False)):
-                if r.error is not None:
-                    raise UserError(f"{f.path}: the engine gives it no score ({r.error})")
-                scores.append(r.score)
-            bar.update(len(chunk))
+    for f in tqdm(frames, desc="scoring labelled frames", unit="frame", file=sys.stderr, leave=False):
+        result = eng.score([read_image(f.path)], with_maps=False)[0]
+        if result.error is not None:
+            raise UserError(f"{f.path}: the engine gives it no score ({result.error})")
+        scores.append(result.score)
     return np.asarray(scores, dtype=np.float64)
 
 

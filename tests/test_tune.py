@@ -28,8 +28,9 @@ GOOD, DEFECTS, REVIEWED = range(0, 10), range(10, 15), range(15, 20)  # frames 1
 
 
 def _scores(path, frames) -> np.ndarray:
+    """As engine.tune and engine.run score image files: decoded by read_image, one frame a call."""
     with engine.load(path) as eng:
-        return np.array([r.score for r in eng.score([read_image(p) for p in frames], with_maps=False)])
+        return np.array([eng.score([read_image(p)], with_maps=False)[0].score for p in frames])
 
 
 def _queue(folder, frames, labels) -> None:
