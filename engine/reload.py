@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class ReloadingEngine:
         self._identity = _file_identity(self.path)
         self.current = Engine(self.path, threads, busy_wait)  # a bad first file fails here, as without --reload
         self.swaps, self.refused = 0, 0
+        self.load_seconds: list[float] = []  # per swap: loading the new engine, while the old one scored
         self._refused_identity: tuple | None = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self._swap_lock = threading.Lock()
@@ -127,6 +129,7 @@ class ReloadingEngine:
         """Load the file if it holds another engine than the current one and swap it in; True on a swap."""
         with self._swap_lock:
             identity = identity or _file_identity(self.path)
+            started = time.perf_counter()
             try:
                 new = Engine(self.path, self.threads, self.busy_wait)
             except UserError as e:  # EngineFileError: missing, half written, damaged, a backend not here
@@ -143,13 +146,15 @@ class ReloadingEngine:
                 new.close()
                 return self._refuse(identity, f"{self.path}: {misfit}")
             self.current = new  # one assignment: the next batch runs on it
+            self.load_seconds.append(time.perf_counter() - started)
             self._identity, self._refused_identity = identity, None
             self.swaps += 1
             old.close()  # after its calls in flight
             if self.on_swap is not None:
                 self.on_swap(old, new)
             self.on_event(f"reload: {self.path.name}: engine {old.engine_id} -> {new.engine_id} ({new.backend_name} "
-                          f"{new.precision}, threshold {old.threshold:.4f} -> {new.threshold:.4f})")
+                          f"{new.precision}, threshold {old.threshold:.4f} -> {new.threshold:.4f}; loaded in "
+                          f"{self.load_seconds[-1]:.1f} s beside the running engine)")
             return True
 
     @staticmethod

@@ -100,11 +100,16 @@ def main() -> None:
     engines = [r[1] for r in rows]
     latency = np.array([r[2] for r in rows])
     changes = [i for i in range(1, len(rows)) if engines[i] != engines[i - 1]]
+    done = np.array([r[3] for r in rows])
+    interval = np.diff(done)
     around = [float(latency[max(0, i - 3):i + 3].max()) for i in changes]
     quiet = np.ones(len(rows), bool)
     for i in changes:
         quiet[max(0, i - 30):i + 30] = False
     batch_ms = float(np.median(infer_s) * 1000)
+    quiet_interval = float(np.median(interval[quiet[1:]])) * 1000
+    # the swap itself: the gap between the old engine's last result and the new one's first, over the usual gap
+    swap_gap = [float(interval[i - 1]) * 1000 - quiet_interval for i in changes]
     out = {"model": args.model, "engine": f"{args.backend} {args.precision}", "frames_asked": args.frames,
            "capacity_fps": capacity, "fps": fps, "batch": args.batch, "delivered": len(rows),
            "indices_once_in_order": index == list(range(args.frames)), "engine_changes": len(changes),
@@ -113,11 +118,15 @@ def main() -> None:
            "latency_p99_ms": float(np.percentile(latency[quiet], 99)) if quiet.any() else None,
            "latency_at_swaps_ms": around, "batch_inference_median_ms": batch_ms,
            "pause_at_swaps_ms": [x - float(np.median(latency[quiet])) for x in around],
-           "wall_s": wall, "machine": os.uname().machine, "cores": os.cpu_count()}
-    out["pause_within_one_batch"] = bool(around) and max(out["pause_at_swaps_ms"]) <= batch_ms
-    print(json.dumps({k: v for k, v in out.items() if k not in ("latency_at_swaps_ms", "pause_at_swaps_ms")},
-                     indent=1))
-    print("pause at each swap (ms over the median latency):", " ".join(f"{x:.1f}" for x in out["pause_at_swaps_ms"]))
+           "interval_median_ms": quiet_interval, "swap_gap_over_median_ms": swap_gap,
+           "swap_gap_within_one_batch": bool(swap_gap) and max(swap_gap) <= batch_ms,
+           "load_s": eng.load_seconds, "wall_s": wall, "machine": os.uname().machine, "cores": os.cpu_count()}
+    out["latency_rise_within_one_batch"] = bool(around) and max(out["pause_at_swaps_ms"]) <= batch_ms
+    lists = ("latency_at_swaps_ms", "pause_at_swaps_ms", "swap_gap_over_median_ms", "load_s")
+    print(json.dumps({k: v for k, v in out.items() if k not in lists}, indent=1))
+    print("the swap's gap over the median gap (ms):", " ".join(f"{x:.1f}" for x in swap_gap))
+    print("latency rise around each swap (ms over the median):", " ".join(f"{x:.0f}" for x in out["pause_at_swaps_ms"]))
+    print("loading each new engine (s, while the old one scored):", " ".join(f"{x:.1f}" for x in eng.load_seconds))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
