@@ -49,15 +49,15 @@ class Result:
             self.status = Status.ERROR
 
     def to_json(self) -> dict:
-        """The JSONL line: `engine` always, `drift` (false or the kinds in force) where the run watches it."""
+        """The JSONL line: `engine`, the engine that scored it; `drift`, false or the kinds in force (null: not
+        watched, e.g. an engine without held-out scores or training statistics)."""
         out = {"index": self.index, "source": self.source, "timestamp": self.timestamp}
         if self.error is not None:
             out["error"] = self.error
         else:
             out.update(score=self.score, is_anomalous=self.is_anomalous)
         out["engine"] = self.engine
-        if self.drift is not None:
-            out["drift"] = list(self.drift) or False
+        out["drift"] = None if self.drift is None else list(self.drift) or False
         return out
 
 

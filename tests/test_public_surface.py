@@ -34,14 +34,15 @@ ENGINE_METHODS = {
     "run_summary": ["self"],
     "score": ["self", "frames", "bgr=False", "with_maps=True"],
 }
-ENGINE_ATTRIBUTES = ["backend", "backend_name", "header", "input_size", "max_batch", "path", "precision", "threshold",
-                     "tiling"]
+ENGINE_ATTRIBUTES = ["backend", "backend_name", "engine_id", "header", "input_size", "max_batch", "path", "precision",
+                     "threshold", "tiling"]
 RESULT_FIELDS = [("score", "<required>"), ("is_anomalous", "<required>"), ("anomaly_map", "None"), ("index", "0"),
                  ("source", "''"), ("timestamp", "None"), ("error", "None"), ("frame", "None"), ("bgr", "False"),
-                 ("captured_perf", "0.0"), ("status", "<Status.OK: 'ok'>")]
+                 ("captured_perf", "0.0"), ("status", "<Status.OK: 'ok'>"), ("engine", "None"), ("threshold", "None"),
+                 ("drift", "None")]
 STATUS = ["ok", "error", "dropped"]
-JSONL_SCORED = ["index", "source", "timestamp", "score", "is_anomalous"]
-JSONL_ERROR = ["index", "source", "timestamp", "error"]
+JSONL_SCORED = ["index", "source", "timestamp", "score", "is_anomalous", "engine", "drift"]
+JSONL_ERROR = ["index", "source", "timestamp", "error", "engine", "drift"]
 OPTIONS = {
     "train.fit": [
         "--add-good", "--altub-every", "--backbone", "--backbone-weights", "--balance-sizes", "--base-lr",
@@ -63,7 +64,8 @@ OPTIONS = {
         "--server-send", "--source", "--threads", "--view", "--view-hold", "--view-token", "--webhook",
         "--webhook-all", "--webhook-queue", "--webhook-retries", "--webhook-timeout", "-h", "engine"],
     "engine.serve": ["--grpc-port", "--help", "--host", "--http-port", "--instances", "--max-batch",
-                     "--max-queue-delay-us", "--metrics-port", "--no-dynamic-batching", "--threads", "-h", "engines"],
+                     "--max-queue-delay-us", "--metrics-port", "--no-dynamic-batching", "--reload", "--threads", "-h",
+                     "engines"],
     "engine.demo": ["--backend", "--epochs", "--help", "--input-size", "--out", "-h"],
     "engine.tune": ["--defects", "--good", "--help", "--max-rejected", "--out", "--review", "-h", "-o", "engine"],
     "engine.review": ["--defect", "--good", "--help", "--list", "--who", "-h", "folder"],
