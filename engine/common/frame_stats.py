@@ -20,8 +20,9 @@ from engine.common.schema import integer, number, strict_kwargs
 
 __all__ = ["SAMPLE_SIDE", "STATS_METHOD", "QUANTILES", "SIZES_KEPT", "CHANNELS", "frame_stats", "InputStats"]
 
-# a grid of at most 64 x 64 pixels: the mean and standard deviation of a channel within ~1 % of the whole frame's
-# on BSD and MTD, at a few microseconds a frame (docs/line-loop.md, "Drift alarms")
+# a grid of at most 64 x 64 pixels: training and the run side measure the same grid of a frame, so the numbers
+# compare exactly; against the whole frame's, a BSD frame's are within 1 % (small MTD tiles' contrast within 16 %).
+# Its cost on a live frame: docs/line-loop.md, "Drift alarms"
 SAMPLE_SIDE = 64
 STATS_METHOD = f"grid{SAMPLE_SIDE}-rgb-mean-std"  # recorded with the summary: another formula is not comparable
 QUANTILES = (0.0, 0.005, 0.01, 0.025, 0.05, 0.25, 0.5, 0.75, 0.95, 0.975, 0.99, 0.995, 1.0)  # the summary's levels
