@@ -63,7 +63,7 @@ def test_engine_of_the_previous_format_loads_as_a_square_model(lean_engines, tmp
                 "checks", "scoring", "backend", "precision", "format_version", "sections"}
     path = lean_engines[0]
     head = json.loads(path.read_bytes()[20:20 + struct.unpack_from("<Q", path.read_bytes(), 12)[0]])
-    assert set(head) == old_keys | {"tiling"} and head["input_size"] == [64, 64]
+    assert set(head) == old_keys | {"tiling", "input_stats", "provenance"} and head["input_size"] == [64, 64]
     old = tmp_path / "old.engine"
     _reseal_header(path, old, _as_format_3, version=3)
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
