@@ -2,7 +2,7 @@
 in seconds and without training.
 
 The threshold a build carries was set at training time from a few dozen held-out good images; an operator's
-labels are more, and from the line itself. The new threshold is the lowest that rejects at most --max-rejected of
+labels come from the line itself. The new threshold is the lowest that rejects at most --max-rejected of
 the good scores: the held-out ones the engine carries plus those of the frames labelled good
 (engine.common.thresholds.max_rejected). Frames labelled defect never move it; the command says what it catches.
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from engine import review_store
 from engine.common.cli import HelpFormatter
-from engine.common.errors import UserError, run_cli
+from engine.common.errors import EXIT_BAD_INPUT, EXIT_OUTPUT_FAILED, UserError, run_cli
 from engine.common.files import check_output
 from engine.common.images import images_in, read_image
 from engine.common.thresholds import MAX_REJECTED, max_rejected
@@ -188,7 +188,9 @@ def _parser() -> argparse.ArgumentParser:
                     "those of the frames labelled good); frames labelled defect do not move it, and the command "
                     "says how many of them it catches. Prints good rejected and defects caught on the labelled "
                     "frames before and after. Writes a new engine file: the same compiled graph, a new header "
-                    "recording the parent engine, the labels and the rule.")
+                    "recording the parent engine, the labels and the rule.",
+        epilog=f"exit status: 0 written; {EXIT_BAD_INPUT} bad engine, labels or option (one line, nothing written); "
+               f"{EXIT_OUTPUT_FAILED} the file could not be written (a file at -o stays as it was)")
     p.add_argument("engine", help="the engine file to retune (written by python -m engine.build or engine.tune)")
     p.add_argument("-o", "--out", required=True,
                    help="the new engine file (written atomically; it may be ENGINE itself)")
