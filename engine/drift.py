@@ -224,7 +224,9 @@ class DriftMonitor:
                 self.scores.clear()
             self.input = new_input
             self.score = None if holdout is None else _ScoreWatch(holdout, self.settings)
-            self.engine_id, self.notes = engine_id, list(off.values())
+            self.engine_id = engine_id
+            self.notes = list(off.values()) if len(off) < len(KINDS) else [
+                "off: the engine carries neither statistics of its training frames nor held-out good scores"]
             for kind in sorted(self.raised - set(self.watching)):
                 self._change(kind, False, at, {}, f"not watched by engine {engine_id} ({off[kind]})")
 
