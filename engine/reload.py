@@ -45,14 +45,13 @@ def _file_identity(path: Path) -> tuple | None:
 class ReloadingEngine:
     """engine.Engine's interface (ScoringEngine) over whichever engine the file at `path` holds now.
 
-    `on_event(line)` gets one line per swap or refusal (the CLIs print it on stderr); `on_swap(old, new)` is
-    called after each swap, in the watcher's thread (engine.run re-bases its drift monitor there)."""
+    `on_event(line)` gets one line per swap or refusal (the CLIs print it on stderr). Whatever follows the engine
+    (a drift monitor, the sinks) reads each result's `engine` and `threshold`."""
 
     def __init__(self, path: str | Path, threads: int | None = None, busy_wait: bool = True,
-                 poll_s: float = RELOAD_POLL_S, on_event: Callable[[str], None] = lambda line: None,
-                 on_swap: Callable[[Engine, Engine], None] | None = None):
+                 poll_s: float = RELOAD_POLL_S, on_event: Callable[[str], None] = lambda line: None):
         self.path, self.threads, self.busy_wait, self.poll_s = Path(path), threads, busy_wait, poll_s
-        self.on_event, self.on_swap = on_event, on_swap
+        self.on_event = on_event
         self._identity = _file_identity(self.path)
         self.current = Engine(self.path, threads, busy_wait)  # a bad first file fails here, as without --reload
         self.swaps, self.refused = 0, 0
@@ -150,8 +149,6 @@ class ReloadingEngine:
             self._identity, self._refused_identity = identity, None
             self.swaps += 1
             old.close()  # after its calls in flight
-            if self.on_swap is not None:
-                self.on_swap(old, new)
             self.on_event(f"reload: {self.path.name}: engine {old.engine_id} -> {new.engine_id} ({new.backend_name} "
                           f"{new.precision}, threshold {old.threshold:.4f} -> {new.threshold:.4f}; loaded in "
                           f"{self.load_seconds[-1]:.1f} s beside the running engine)")

@@ -273,6 +273,9 @@ def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats,
         print("drift: off (the engine's training statistics and held-out scores stay on the server)", file=sys.stderr)
     for note in drift.notes if drift is not None else ():  # said once, after the source opened
         print(f"drift: {note}", file=sys.stderr)
+    for s in sinks:
+        if isinstance(s, MqttSink):  # a state an earlier run left retained does not outlive it
+            s.drift_at_start(drift.watching if drift is not None else (), engine.engine_id)
     stop = threading.Event()
     status = threading.Thread(target=_status, args=(stats, stop), daemon=True)
     if not args.quiet:

@@ -262,3 +262,25 @@ def test_the_drift_state_is_a_retained_mqtt_message(watched, broker):
     msg = json.loads(got[0][0])
     assert "input" in msg["drift"] and msg["index"] >= 20 and msg["time"] > 0
     assert msg["kind"] in ("input", "score") and msg["state"] == "raised" and msg["numbers"]
+    steady = cli(watched["dir"] / "scored.engine", "--source", watched["stream"], "--quiet", "--camera-name", "cam",
+                 "--mqtt", f"mqtt://127.0.0.1:{broker}/plant/line1", "--no-drift")  # the next run: the alarm goes
+    assert steady.returncode == 0, steady.stderr
+    assert _retained(broker, "plant/line1/cam/drift") == {"drift": None, "state": "started", "watching": []}
+
+
+def _retained(port: int, topic: str) -> dict:
+    """The retained message on `topic`, as a late subscriber reads it: its drift, state and watching keys."""
+    import paho.mqtt.client as mqtt
+    got = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="later")
+    client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topic, qos=1)
+    client.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    assert got, f"no retained message on {topic}"
+    return {k: got[0].get(k) for k in ("drift", "state", "watching")}

@@ -10,7 +10,8 @@ MQTT topics, under the URL's prefix (a line) and a camera name:
     PREFIX/CAMERA/result      one JSON message per frame: the JSONL result's keys plus latency_ms (QoS 1)
     PREFIX/CAMERA/status      "online" (retained), "offline" on a clean close or as the broker's last will
     PREFIX/CAMERA/heartbeat   every few seconds: frames/s, frames, scored, dropped, errors, messages waiting
-    PREFIX/CAMERA/drift       retained, at each change of the drift kinds in force (engine.drift.DriftEvent.to_json:
+    PREFIX/CAMERA/drift       retained, at the start of a run (none in force: "state" "started") and at each
+                              change of the drift kinds in force (engine.drift.DriftEvent.to_json:
                               the kinds, the change, the measured numbers, the frame index, the time) (QoS 1)
 """
 
@@ -243,6 +244,14 @@ class MqttSink:
             info = self.client.publish(self.topic, payload, qos=1)  # kept by paho until PUBACK, resent after reconnects
             with self.lock:
                 self.unacked.add(info.mid)
+
+    def drift_at_start(self, watching: tuple[str, ...], engine: str | None) -> None:
+        """The state at the start of a run, retained: none in force (or null: nothing watched), so that the state a
+        run before left (an alarm raised yesterday) does not outlive it."""
+        state = {"drift": False if watching else None, "kind": None, "state": "started", "index": None,
+                 "time": time.time(), "engine": engine, "numbers": {}, "watching": list(watching),
+                 "text": f"run started, watching {' and '.join(watching)} drift" if watching else "drift not watched"}
+        self.client.publish(self.drift_topic, json.dumps(state), qos=1, retain=True)
 
     def drift(self, event: DriftEvent) -> None:
         """A change of the drift kinds in force: retained, so that a controller connecting later reads the state; paho
