@@ -16,7 +16,7 @@ a window hovering at the bound does not flap). Each change is a DriftEvent with 
 observed Result carries the kinds in force (`result.drift`). Nothing here changes a verdict. An engine without
 `input_stats` (built before model format 7) watches its scores only; one without held-out scores its input only.
 The defaults were chosen on the shared data, label-free (docs/line-loop.md, "Drift alarms";
-docs/scripts/line_loop_drift.py reproduces them).
+research/line_loop_drift.py reproduces them).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ NUMBERS = (*(f"brightness {c}" for c in CHANNELS), *(f"contrast {c}" for c in CH
 
 @dataclass(frozen=True)
 class DriftSettings:
-    """The alarms' windows and bounds (the module's constants; docs/scripts/line_loop_drift.py tries others)."""
+    """The alarms' windows and bounds (the module's constants; research/line_loop_drift.py tries others)."""
 
     input_window: int = INPUT_WINDOW
     input_levels: tuple[float, float] = INPUT_LEVELS

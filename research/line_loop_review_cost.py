@@ -2,7 +2,7 @@
 thread's work per kept frame (the frame's lossless PNG, the overlay and its PNG, the queue line), disk per kept
 frame, and scoring with maps on the same frames for scale.
 
-    python docs/scripts/line_loop_review_cost.py BSD.engine --data ../shared/data/bsd [--frames 20]
+    python research/line_loop_review_cost.py BSD.engine --data ../shared/data/bsd [--frames 20]
 
 Every frame is kept (--review-sample 1: the worst case, as when every frame is flagged), written one at a time
 (flush after each) so that the writer's time per frame is measured alone. Prints the CPU and the load average
@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import engine
-import engine.sinks.review as review
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+import engine.sinks.review as review  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Issue 44's drift target: BSD streamed in capture order raises input drift within 10 frames of the later capture
 setting's first frame and none before it; MTD's good frames raise none; and the line-loop check's part 3.
 
-    python docs/scripts/line_loop_drift.py [--models bsd.pt mtd.pt] [--line-loop] [--work DIR] [--json OUT]
+    python research/line_loop_drift.py [--models bsd.pt mtd.pt] [--line-loop] [--work DIR] [--json OUT]
 
 Per model: where its model.pt predates input_stats (format < 7), the statistics are computed with train's own
 function (train.input_stats) over the training folder the model records (meta.data.root, train/good) and written
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.common.frame_stats import frame_stats  # noqa: E402

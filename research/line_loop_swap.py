@@ -1,7 +1,7 @@
 """Issue 44's swap target: 20 engine swaps during a 2,000-frame run, no frame lost or scored twice, the pause at a
 swap at most one batch's time.
 
-    python docs/scripts/line_loop_swap.py MODEL.pt --data ../shared/data/mtd [--backend openvino --precision fp32]
+    python research/line_loop_swap.py MODEL.pt --data ../shared/data/mtd [--backend openvino --precision fp32]
 
 Builds an engine of MODEL.pt (cached beside --work), writes a second file with the same sections and another
 threshold (as engine.tune does), and streams --frames frames (the data's images cycled, held in memory) at
@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.format import engine_id, read_engine, write_engine
-from engine.reload import ReloadingEngine
-from engine.stream import StreamStats, run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.format import engine_id, read_engine, write_engine  # noqa: E402
+from engine.reload import ReloadingEngine  # noqa: E402
+from engine.stream import StreamStats, run  # noqa: E402
 
 
 def frames_of(data: Path, n: int) -> list[np.ndarray]:

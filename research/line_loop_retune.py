@@ -2,7 +2,7 @@
 rejects at most 2 % of good frames and catches at least 80 % of defects on the evaluation half (or comes within 2
 points of the best threshold at <= 2 % rejected there), with a spread of good rejected over seeds of at most 2 points.
 
-    python docs/scripts/line_loop_retune.py [--models ../models/bsd-s0.pt ../models/mtd-s0.pt] [--work DIR]
+    python research/line_loop_retune.py [--models ../models/bsd-s0.pt ../models/mtd-s0.pt] [--work DIR]
                                             [--json OUT] [--labels 20] [--timing-frames 60]
 
 Per model.pt, with the commands a line runs:
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.common.images import read_image  # noqa: E402
