@@ -181,7 +181,9 @@ class RemoteEngine:
                     h, w = np.asarray(frames[i]).shape[:2]
                     if amap.shape != (h, w):
                         amap = native.resize_maps(amap[None], (h, w))[0]
-                engine_id, threshold = self._scored_by(out[ENGINE_INFO].reshape(-1)[j])
+                info = out.get(ENGINE_INFO)  # a server that sends none: the facts it gave at connection
+                engine_id, threshold = (self.engine_id, self.threshold) if info is None else \
+                    self._scored_by(info.reshape(-1)[j])
                 results[i] = Result(float(out["score"].reshape(-1)[j]), bool(out["is_anomalous"].reshape(-1)[j]),
                                     anomaly_map=amap, engine=engine_id, threshold=threshold)
         return results  # type: ignore[return-value]
