@@ -12,10 +12,10 @@ from conftest import run
 
 from engine.common.errors import UserError
 from engine.common.images import images_in
+from engine.common.thresholds import from_good
 from train.checkpoint import FORMAT_VERSION, DataInfo, load_model, save_model
 from train.fit import extract_features, main, score_cached
 from train.resume import added_split, training_frames
-from train.threshold import from_good
 from train.tiles import flow_frames
 
 TINY = ["--input-size", "64", "--backbone", "efficientnet_lite0", "--flow-steps", "2", "--batch-size", "8"]

@@ -3,7 +3,7 @@
 A line changes (a new capture setting, lighting, material) and its good frames start to fail. Rather than a full
 refit, the flow continues from model.pt's weights and AltUB base on the frames it was trained on plus the new good
 ones, with the same frozen backbone and features cached for the run (train.fit.extract_features), for a few epochs;
-the threshold is then re-derived by the model's own rule (train/threshold.py) on its held-out good frames.
+the threshold is then re-derived by the model's own rule (engine/common/thresholds.py) on its held-out good frames.
 
 Which frames. model.pt records its training folder and train.fit's split (ModelMeta.data; train_config's
 holdout_fraction and seed): the split is drawn again and checked against the recorded counts, so the threshold is
@@ -34,11 +34,11 @@ import torch
 from engine.common.errors import UserError
 from engine.common.files import check_output
 from engine.common.images import images_in
+from engine.common.thresholds import THRESHOLD_RULES, from_good
 from train.checkpoint import DataInfo, ModelMeta, Resume, Threshold, load_model, save_model
 from train.data import image_sizes, train_images
 from train.fit import TrainConfig, _draw_weights, extract_features, fit, score_cached, split_holdout
 from train.input_stats import input_stats
-from train.threshold import THRESHOLD_RULES, from_good
 from train.tiles import flow_frames
 
 __all__ = ["RESUME_EPOCHS", "RESUME_LR_FACTOR", "RESUME_SCHEDULE", "RESUME_OPTIONS", "given_options",
@@ -175,6 +175,8 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
                                     meta.train_config["seed"])
     cfg = resume_config(meta.train_config, given, args)
     rule = threshold_rule(meta)
+    old_threshold = meta.threshold.threshold if meta.threshold else None
+    was = "none" if old_threshold is None else f"{old_threshold:.4f}"
     print(f"lineflow: resuming {parent_path} (sha256 {parent_sha256[:12]}, {meta.epoch} epochs) on {len(fit_paths)} "
           f"training + {len(hold_paths)} held-out good frames from {root} and {len(add_fit)} + {len(add_hold)} new "
           f"from {added}; {cfg.epochs} epochs at lr {cfg.lr:g} (base {cfg.base_lr:g}, {cfg.lr_schedule}), "
@@ -190,12 +192,16 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
     t_features = time.perf_counter() - t_start
     model.eval()
     before_nll, before = score_cached(model, flow_frames(model, hold_feats, hold_frames, device))
+    first = sum(len(w.starts) for w in train_frames[:len(fit_paths)])  # the added frames' tiles follow the old ones'
+    added_feats = [f[first:] for f in train_feats], train_frames[len(fit_paths):]
+    added_before = score_cached(model, flow_frames(model, *added_feats, device))[1]
     print(f"features cached in {t_features:.1f} s; held-out good frames' median score (old / new) "
-          f"{_medians(before, len(hold_paths))}, nll {before_nll.mean():.4f}, threshold {meta.threshold.threshold:.4f}")
+          f"{_medians(before, len(hold_paths))}, nll {before_nll.mean():.4f}, threshold {was}")
 
     weights = _draw_weights(image_sizes(fit_paths + add_fit), train_frames) if cfg.balance_sizes else None
     history, hold_scores = fit(model, train_feats, hold_feats, hold_frames, cfg, device, weights=weights)
     threshold = rederive_threshold(meta, hold_scores)
+    added_after = score_cached(model, flow_frames(model, *added_feats, device))[1]
     if not math.isfinite(threshold["threshold"]):
         raise RuntimeError("held-out scores are not finite; training failed")
     # drift alarms then compare the line with every frame the model now takes as good, the new ones too
@@ -203,7 +209,7 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
     seconds = time.perf_counter() - t_start
     n_before = meta.epoch or 0
     record = Resume(parent_sha256, str(added.resolve()), len(add_fit) + len(add_hold), len(add_hold), cfg.epochs,
-                    meta.threshold.threshold if meta.threshold else None, asdict(cfg), seconds)
+                    old_threshold, asdict(cfg), seconds)
     rows = [{**row, "epoch": n_before + row["epoch"], "resume": len(meta.resumed or ()) + 1} for row in history]
     info = replace(meta, threshold=Threshold.from_dict(threshold), epoch=n_before + cfg.epochs,
                    history=(meta.history or []) + rows,
@@ -213,6 +219,10 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
     print(f"held-out good frames' median score (old / new) {_medians(before, len(hold_paths))} before, "
           f"{_medians(hold_scores, len(hold_paths))} after; nll {before_nll.mean():.4f} -> "
           f"{history[-1]['holdout_nll']:.4f}")
-    print(f"wrote {out}  (threshold {meta.threshold.threshold:.4f} -> {threshold['threshold']:.4f}, rule {rule}, "
+    if old_threshold is not None:  # the label-free reading of what relearning did for the frames it was given
+        print(f"new good frames trained on: {int((added_before > old_threshold).sum())} of {len(add_fit)} above the "
+              f"threshold before (median score {np.median(added_before):.4f}), "
+              f"{int((added_after > threshold['threshold']).sum())} after ({np.median(added_after):.4f})")
+    print(f"wrote {out}  (threshold {was} -> {threshold['threshold']:.4f}, rule {rule}, "
           f"{len(hold_scores)} held-out good frames; {seconds:.0f} s in all)")
     return 0
