@@ -12,11 +12,12 @@ model's fraction and seed) where it holds out at least one (round(fraction x n) 
 and their held-out share joins the held-out set: the new threshold also reads the conditions the line has now.
 Frames added by earlier resumes (ModelMeta.resumed) are read again from their folders and split the same way.
 
-The optimiser restarts. model.pt holds no optimiser state, and Adam's moments at the end of an annealed run belong to
-a learning rate of zero; a fresh Adam's first steps move every weight by about its learning rate, so the resumed run
-starts at RESUME_LR_FACTOR x the model's rates and decays them to 0 along a half cosine over RESUME_EPOCHS epochs:
-chosen by the held-out good frames' likelihood and the old training frames' median score (the forgetting measure),
-no defect labels (docs/line-loop.md, "Relearn").
+The optimiser restarts: model.pt holds no optimiser state (and Adam's moments at the end of an annealed run belong to
+a learning rate near zero). A fresh Adam's first steps move every weight by about its learning rate, which at the
+model's own rates undoes much of the fit, so the resumed run starts at RESUME_LR_FACTOR x the model's rates, flow and
+base, and decays them to 0 along a half cosine over RESUME_EPOCHS epochs: the setting with the best held-out
+likelihood of good frames among those that keep the old training frames' median score within 5 % and the run within
+3 minutes on 2 cores; no defect labels (docs/line-loop.md, "Relearn": every setting measured).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from train.tiles import flow_frames
 __all__ = ["RESUME_EPOCHS", "RESUME_LR_FACTOR", "RESUME_SCHEDULE", "RESUME_OPTIONS", "given_options",
            "added_split", "training_frames", "resume_config", "threshold_rule", "rederive_threshold", "main"]
 
-RESUME_EPOCHS = 2  # passes over old + new training frames (docs/line-loop.md, "Relearn": the settings measured)
-RESUME_LR_FACTOR = 0.3  # the resumed run's learning rates, flow and base, as a share of the model's own
+RESUME_EPOCHS = 3  # passes over old + new training frames (docs/line-loop.md, "Relearn": the settings measured)
+RESUME_LR_FACTOR = 0.1  # the resumed run's learning rates, flow and base, as a share of the model's own
 RESUME_SCHEDULE = "cosine"
 # the options --resume takes; every other one would change the model, its split or its threshold rule
 RESUME_OPTIONS = ("resume", "add_good", "data", "out", "epochs", "batch_size", "lr", "base_lr", "lr_schedule",
