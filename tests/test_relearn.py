@@ -31,7 +31,17 @@ def parent(demo_dir, tmp_path_factory):
 
 def _scores(model, paths):
     feats = extract_features(model, paths, torch.device("cpu"), "test")
-    return score_cached(model.eval(), flow_frames(model, *feats, torch.device("cpu")))[1]
+    return score_cached(model.eval(), flow_frames(model, *feats, torch.device("cpu")))
+
+
+def _forgotten(parent_path, resumed_path) -> tuple[float, float]:
+    """The parent's training frames under the resumed model: the rise of their mean NLL per dimension (the exact
+    likelihood: scores are in held-out units, which follow a broken flow) and the share above the new threshold."""
+    old, meta = load_model(parent_path)
+    new, new_meta = load_model(resumed_path)
+    _, fit_paths, _ = training_frames(parent_path, meta, None)
+    (nll_before, _), (nll_after, scores) = _scores(old, fit_paths), _scores(new, fit_paths)
+    return float(nll_after.mean() - nll_before.mean()), float((scores > new_meta.threshold.threshold).mean())
 
 
 def test_resumed_model_records_its_parent_and_rederives_the_threshold_on_the_same_held_out_frames(parent, tmp_path):
@@ -53,16 +63,15 @@ def test_resumed_model_records_its_parent_and_rederives_the_threshold_on_the_sam
     # by the resumed model
     _, fit_paths, hold_paths = training_frames(parent["model"], old_meta, None)
     _, add_hold = added_split(images_in(parent["added"]), 0.1, 0)
-    held_out = _scores(new, hold_paths + add_hold)
+    held_out = _scores(new, hold_paths + add_hold)[1]
     np.testing.assert_allclose(meta.threshold.holdout_scores, held_out, rtol=1e-4, atol=1e-5)
     assert meta.threshold.rule == old_meta.threshold.rule == "robust"
     assert meta.threshold.threshold == pytest.approx(from_good(held_out, "robust")["threshold"], rel=1e-4)
     assert meta.threshold.threshold != old_meta.threshold.threshold
 
-    # forgetting, loosely: the old training frames' median score stays within a quarter of the threshold's height
-    # above it (a flow trained away from its frames, e.g. at 30 x the learning rate, fails this)
-    before, after = np.median(_scores(old, fit_paths)), np.median(_scores(new, fit_paths))
-    assert after <= before + 0.25 * abs(old_meta.threshold.threshold), (before, after)
+    # forgetting, loosely (the next test shows the bound fails for a flow trained away from its frames)
+    nll_rise, failed = _forgotten(parent["model"], out)
+    assert nll_rise <= 0.05 and failed <= 0.1, (nll_rise, failed)
 
     # resumed again: the frames the first resume added are part of the training, read from their folder
     again = tmp_path / "r2.pt"
@@ -71,6 +80,14 @@ def test_resumed_model_records_its_parent_and_rederives_the_threshold_on_the_sam
     assert [r.parent_sha256 for r in second.resumed] == [record.parent_sha256,
                                                          hashlib.sha256(out.read_bytes()).hexdigest()]
     assert second.threshold.n_images == meta.threshold.n_images + 1
+
+
+def test_the_forgetting_bound_fails_for_a_flow_trained_away_from_its_frames(parent, tmp_path):
+    out = tmp_path / "r.pt"
+    main(["--resume", str(parent["model"]), "--add-good", str(parent["added"]), "--out", str(out), "--epochs", "2",
+          "--lr", "0.1", "--base-lr", "1"])  # 1,000 x the default rate
+    nll_rise, failed = _forgotten(parent["model"], out)
+    assert nll_rise > 0.05 or failed > 0.1, (nll_rise, failed)
 
 
 @pytest.mark.parametrize("option", [["--backbone", "resnet18"], ["--input-size", "128"], ["--flow-steps", "4"],
