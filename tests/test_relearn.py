@@ -73,13 +73,25 @@ def test_resumed_model_records_its_parent_and_rederives_the_threshold_on_the_sam
     nll_rise, failed = _forgotten(parent["model"], out)
     assert nll_rise <= 0.05 and failed <= 0.1, (nll_rise, failed)
 
-    # resumed again: the frames the first resume added are part of the training, read from their folder
+    # resumed again: the frames the first resume added are part of the training, read from their folder again; 5
+    # new frames are too few to hold one out (round(10 % of 5) = 0)
+    with pytest.raises(UserError, match="added these frames already"):
+        main(["--resume", str(out), "--add-good", str(parent["added"]), "--out", str(tmp_path / "x.pt")])
+    more = tmp_path / "more"
+    more.mkdir()
+    for i, path in enumerate(images_in(parent["added"])[:5]):
+        shutil.copy(path, more / f"new_{i}{path.suffix}")
     again = tmp_path / "r2.pt"
-    main(["--resume", str(out), "--add-good", str(parent["added"]), "--out", str(again), "--epochs", "1"])
+    main(["--resume", str(out), "--add-good", str(more), "--out", str(again), "--epochs", "1"])
     second = load_model(again)[1]
     assert [r.parent_sha256 for r in second.resumed] == [record.parent_sha256,
                                                          hashlib.sha256(out.read_bytes()).hexdigest()]
-    assert second.threshold.n_images == meta.threshold.n_images + 1
+    assert (second.resumed[1].n_added, second.resumed[1].n_added_holdout) == (5, 0)
+    assert second.threshold.n_images == meta.threshold.n_images and second.input_stats.n_frames == 24 + 9 + 5
+    gone = replace(meta, resumed=[replace(record, added=str(tmp_path / "gone"))])
+    save_model(tmp_path / "m3.pt", new, gone)
+    with pytest.raises(UserError, match=f"added from {tmp_path / 'gone'} are not there as they were"):
+        main(["--resume", str(tmp_path / "m3.pt"), "--add-good", str(more), "--out", str(tmp_path / "x.pt")])
 
 
 def test_the_forgetting_bound_fails_for_a_flow_trained_away_from_its_frames(parent, tmp_path):

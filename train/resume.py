@@ -94,7 +94,11 @@ def training_frames(model_path: Path, meta: ModelMeta, data: str | None) -> tupl
         raise UserError(f"{model_path}: its training folder {root} is not here (trained elsewhere?); "
                         "--data DIR: where its training frames are now")
     paths = train_images(root)
-    cfg = TrainConfig(**meta.train_config)
+    try:
+        cfg = TrainConfig(**meta.train_config)
+    except TypeError:
+        raise UserError(f"{model_path}: its training settings are not this lineflow's ({sorted(meta.train_config)}): "
+                        "cannot resume it; train a model with python -m train.fit") from None
     if len(paths) != meta.data.n_train + meta.data.n_holdout:
         raise UserError(f"{root}: {len(paths)} good training images, but {model_path} was trained on "
                         f"{meta.data.n_train + meta.data.n_holdout}: its held-out split cannot be kept; "
@@ -172,6 +176,9 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
     parent_sha256 = _sha256(parent_path)
     root, fit_paths, hold_paths = training_frames(parent_path, meta, args.data)
     added = Path(args.add_good)
+    if any(Path(earlier.added) == added.resolve() for earlier in meta.resumed or ()):
+        raise UserError(f"{added}: an earlier --resume of {parent_path} added these frames already (they are part of "
+                        "its training); --add-good takes a folder of frames not added before")
     add_fit, add_hold = added_split(_added_frames(added), meta.train_config["holdout_fraction"],
                                     meta.train_config["seed"])
     cfg = resume_config(meta.train_config, given, args)
