@@ -25,9 +25,11 @@ from engine.common.errors import (
     EXIT_SOURCE_FAILED,
     EXIT_TERMINATED,
     UserError,
+    deferred_signals,
     run_cli,
 )
 from engine.common.files import check_output
+from engine.common.redact import redacted_stderr, restore_stderr
 from engine.drift import DriftEvent, DriftMonitor
 from engine.reload import ReloadingEngine
 from engine.results import ScoringEngine
@@ -43,7 +45,7 @@ from engine.sinks import (
     WebhookSink,
     camera_name,
 )
-from engine.sinks.base import warn_on_stderr
+from engine.sinks.base import FLUSH_TIMEOUT_S, warn_on_stderr
 from engine.sinks.review import DEFAULT_MAX_MB, DEFAULT_SAMPLE, ReviewSink
 from engine.sources import SourceError, is_live
 from engine.stream import POLICIES, StreamStats, run
@@ -175,6 +177,11 @@ def _line_sinks(args: argparse.Namespace, engine: ScoringEngine, stats: StreamSt
 
 
 def main(argv: list[str] | None = None) -> int:
+    with redacted_stderr():  # a password in a URL never shows, in our lines or in OpenCV's, FFmpeg's and paho's
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.batch < 1:
         raise UserError("--batch must be at least 1")
@@ -207,27 +214,58 @@ def main(argv: list[str] | None = None) -> int:
     if stats.capture_stuck:  # a source hanging inside read() cannot be joined: leave without tearing it down
         print("note: the source's reader hung and was abandoned", file=sys.stderr)
         sys.stdout.flush()
-        sys.stderr.flush()
+        restore_stderr()  # os._exit skips the redirection's own end
         os._exit(code)
     return code
 
 
+FILE_SINKS = (JsonlSink, MapSink, VideoSink, ReviewSink)
+
+
 def _close_all(sinks: list[Sink], completed: bool) -> list[SinkSummary]:
-    """Close every sink, the files first (the message sinks may wait for their receivers), each even when one
-    before it failed; print their summaries; raise the first failure after all are closed."""
-    summaries, failure = [], None
-    for s in sorted(sinks, key=lambda s: not isinstance(s, (JsonlSink, MapSink, VideoSink, ReviewSink))):
+    """Close every sink: the files first, one after another; then the message sinks (MQTT, webhook) together, each
+    flushing for at most FLUSH_TIMEOUT_S, so all are done within it; the live view last (after a completed run it may
+    serve on for review until Ctrl-C). Signals wait until the files and messages are done (engine.common.errors:
+    deferred_signals), and a failure in one close skips none of the others. Prints the summaries; raises the first
+    failure, or the signal, after all are closed."""
+    files = [s for s in sinks if isinstance(s, FILE_SINKS)]
+    views = [s for s in sinks if isinstance(s, LiveView)]
+    messages = [s for s in sinks if s not in files and s not in views]
+    closed: dict[int, SinkSummary] = {}
+    failures: list[BaseException] = []
+
+    def close(sink: Sink, done: bool) -> None:
         try:
-            summaries.append(s.close(completed))
-        except Exception as e:  # noqa: BLE001 - the others still close; the first failure is reported
-            failure = failure or e
+            closed[id(sink)] = sink.close(done)
+        except BaseException as e:  # noqa: BLE001 - the others still close; the first failure is reported
+            failures.append(e)
+
+    with deferred_signals() as signals:
+        for s in files:
+            close(s, completed)
+        threads = [threading.Thread(target=close, args=(s, completed), name="lineflow-close", daemon=True)
+                   for s in messages]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S + 1.0  # each flush is bounded; this bounds a broken one
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        late = [s for s, t in zip(messages, threads) if t.is_alive()]
+    for s in views:  # outside the deferral: Ctrl-C ends a review hold
+        close(s, completed and not signals.signalled)
+    summaries = [closed[id(s)] for s in sinks if id(s) in closed]
     for summary in summaries:
         if summary.line is not None and summary.undelivered:
             warn_on_stderr(summary.line)
         elif summary.line is not None:
             print(summary.line, file=sys.stderr)
-    if failure is not None:
-        raise failure
+    for s in late:
+        warn_on_stderr(f"{type(s).__name__} did not close within {FLUSH_TIMEOUT_S + 1:g} s; its messages in flight "
+                       "are lost")
+    signals.raise_pending()
+    interrupts = [e for e in failures if isinstance(e, KeyboardInterrupt)]
+    if interrupts or failures:
+        raise (interrupts or failures)[0]
     return summaries
 
 
@@ -299,14 +337,15 @@ def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats,
         failure = e
     finally:  # also on Ctrl-C, SIGTERM and a sink's failure: the threads joined, every sink closed
         elapsed = time.perf_counter() - t0
-        stop.set()
-        results.close()
-        if not args.quiet:
-            print(f"\r{stats.line()}", file=sys.stderr)
         in_flight = sys.exc_info()[0] is not None  # Ctrl-C, SIGTERM or a sink's failure: that is what is reported
+        with deferred_signals():  # a second signal waits: the stream's threads are joined before the sinks close
+            stop.set()
+            results.close()
+            if not args.quiet:
+                print(f"\r{stats.line()}", file=sys.stderr)
         try:
             summaries = _close_all(sinks, completed=failure is None and not in_flight)
-        except Exception:
+        except (Exception, KeyboardInterrupt):  # a failure or signal in the cleanup: reported, unless one already is
             if not in_flight:
                 raise
     undelivered = sum(s.undelivered for s in summaries)

@@ -4,13 +4,14 @@ while its backend threads are busy: one line, the documented code, only whole re
 Each test here failed before the change that it came with (issue 18's closing note lists them).
 """
 
+import re
 import signal
 import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import clean_exit, mid_run, python_process, valid_lines, wait_lines
+from conftest import clean_exit, free_port, interruptible, mid_run, python_process, valid_lines, wait_lines
 from PIL import Image
 
 import engine
@@ -96,3 +97,31 @@ def test_backend_threads_busy_at_sigterm_no_abort(tiny, tmp_path):
     assert proc.returncode == EXIT_TERMINATED, (proc.returncode, stderr)
     clean_exit(stderr, EXIT_TERMINATED)
     valid_lines(out)
+
+
+def test_sigterm_with_receivers_unreachable_exits_in_time_with_files_whole(tiny, tmp_path):
+    """Issue 45, finding 4: with the MQTT broker and the webhook receiver unreachable, SIGTERM (then a second one,
+    as an impatient supervisor sends) ends the run within 8 s, under Docker's 10 s grace: the JSONL whole, the video
+    finished, every sink's summary printed. Before: the message sinks closed one after another (5 s each), and the
+    second signal skipped the sinks after the one it interrupted."""
+    cv2 = pytest.importorskip("cv2", reason="the overlay video needs OpenCV")
+    pytest.importorskip("paho.mqtt", reason="the MQTT sink needs paho-mqtt")
+    out, video = tmp_path / "r.jsonl", tmp_path / "o.mp4"
+    proc = python_process("-m", "engine.run", str(tiny["engine"]), "--source", str(tiny["frames"]), "--out", str(out),
+                          "--overlay-video", str(video), "--mqtt", f"mqtt://127.0.0.1:{free_port()}/p",
+                          "--webhook", f"http://127.0.0.1:{free_port()}/x", "--webhook-all", "--max-fps", "20",
+                          "--quiet", preexec_fn=interruptible)
+    wait_lines(out, 5, proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    took = time.monotonic() - t0
+    clean_exit(stderr, EXIT_TERMINATED)
+    assert proc.returncode == EXIT_TERMINATED, (proc.returncode, stderr)
+    assert took < 8, f"exited {took:.1f} s after SIGTERM: {stderr}"
+    assert len(valid_lines(out)) >= 5
+    assert cv2.VideoCapture(str(video)).read()[0], "the overlay video is not finished"
+    for summary in (r"mqtt \S+: \d+ of \d+ messages delivered", r"webhook \S+: \d+ delivered"):
+        assert re.search(summary, stderr), f"a sink's summary is missing: {stderr}"
