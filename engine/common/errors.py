@@ -15,7 +15,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 
-from engine.common.redact import redact
+from engine.common.redact import redact, restore_stderr
 
 __all__ = ["UserError", "OutputError", "RunError", "Terminated", "run_cli", "EXIT_BAD_INPUT", "EXIT_SOURCE_FAILED",
            "EXIT_OUTPUT_FAILED", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_INTERNAL", "os_reason", "one_line",
@@ -82,6 +82,7 @@ def _on_signal(signum, frame) -> None:
     _signals.count += 1
     if _signals.count >= SIGNALS_TO_QUIT_AT_ONCE:
         os.write(2, b"\nquitting at once: outputs may be incomplete\n")
+        restore_stderr()  # what waits in the redaction's pipe is delivered first
         os._exit(EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED)
     if _signals.raised or _signals.deferring:
         _signals.pending = _signals.pending or signum
