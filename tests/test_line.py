@@ -329,7 +329,7 @@ def test_results_written_before_the_first_connection_go_out_first_and_in_order(m
                 handed.append(json.loads(payload)["index"])
                 time.sleep(0.001)  # the writer and the heartbeat thread interleave here if they can
             self.mid += 1
-            return type("Info", (), {"mid": self.mid, "wait_for_publish": lambda self, timeout=None: None})()
+            return type("Info", (), {"mid": self.mid, "rc": 0, "wait_for_publish": lambda self, timeout=None: None})()
 
         def __getattr__(self, name):  # username_pw_set, will_set, connect_async, loop_start, disconnect...
             return lambda *a, **k: None
@@ -387,7 +387,8 @@ def test_results_written_around_a_reconnect_wait_behind_what_paho_resends(monkey
                     self.payloads[self.mid], self.store[self.mid] = payload, None
                     if self.up:
                         self.wire.append(self.mid)
-                return type("Info", (), {"mid": self.mid, "wait_for_publish": lambda self, timeout=None: None})()
+                return type("Info", (), {"mid": self.mid, "rc": 0,
+                                         "wait_for_publish": lambda self, timeout=None: None})()
 
         def deliver(self):
             """The broker receives what is on the wire and acknowledges it."""
@@ -446,3 +447,302 @@ def test_results_written_around_a_reconnect_wait_behind_what_paho_resends(monkey
     assert delivered(9)
     sink.close()
     assert list(dict.fromkeys(fake.arrived)) == list(range(9)), fake.arrived  # in order of first arrival
+
+
+class _RawReceiver:
+    """A webhook receiver on a raw socket: its first reply is `first` (malformed HTTP), every later one a 200; the
+    POSTed JSON bodies are collected."""
+
+    def __init__(self, first: bytes):
+        self.first, self.bodies = first, []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    self.bodies.append(json.loads(body))
+                    reply = self.first if len(self.bodies) == 1 else b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                    conn.sendall(reply)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("reply", [b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + b"X: y\r\n" * 200 + b"\r\n", b""],
+                         ids=["bad-status-line", "line-too-long", "too-many-headers", "no-reply"])
+def test_a_malformed_http_reply_does_not_stop_the_webhooks(reply):
+    """http.client's BadStatusLine, LineTooLong, HTTPException and RemoteDisconnected are failed attempts of one
+    POST (retried), never the end of the sender thread: every later message is still delivered."""
+    from engine.results import Result
+    from engine.sinks import WebhookSink
+    receiver, warnings = _RawReceiver(reply), []
+    sink = WebhookSink(receiver.url, every_frame=True, retries=1, warn=warnings.append, flush_timeout=5)
+    try:
+        for i in range(3):
+            sink.write(Result(0.5, False, None, index=i))
+        summary = sink.close()
+    finally:
+        receiver.close()
+    assert sink.thread.is_alive() is False and (sink.sent, sink.failed, summary.undelivered) == (3, 0, 0), warnings
+    assert [b["index"] for b in receiver.bodies] == [0, 0, 1, 2]  # the first POST retried after the bad reply
+    assert len(warnings) == 1 and "retrying" in warnings[0]
+
+
+def test_a_sender_thread_that_meets_an_unexpected_error_goes_on(receiver, monkeypatch):
+    """Whatever a POST raises, it is a failed delivery counted and said, and the thread takes the next message."""
+    import urllib.request
+
+    from engine.results import Result
+    from engine.sinks import WebhookSink
+    handler, url = receiver
+    real, calls = urllib.request.OpenerDirector.open, []
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("something nobody expected")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", flaky)
+    warnings: list[str] = []
+    sink = WebhookSink(url, every_frame=True, retries=0, warn=warnings.append, flush_timeout=5)
+    for i in range(2):
+        sink.write(Result(0.5, False, None, index=i))
+    sink.close()
+    assert (sink.sent, sink.failed) == (1, 1) and [b["index"] for b in handler.bodies] == [1]
+    assert any("something nobody expected" in w for w in warnings), warnings
+
+
+def test_a_webhook_redirect_is_a_failed_delivery_never_followed():
+    """A 301/302/303 would turn the POST into a GET elsewhere (headers forwarded) whose 200 counted as delivered:
+    it is a failed delivery, not retried (the receiver's answer would be the same), said once with the status and
+    where it pointed (password hidden)."""
+    from engine.results import Result
+    from engine.sinks import WebhookSink
+    seen: list[str] = []
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append("POST")
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            who = "user:s3cr3t@" if seen.count("POST") > 1 else ""  # the second points at a URL with a password
+            self.send_header("Location", f"http://{who}127.0.0.1:{self.server.server_address[1]}/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self):
+            seen.append("GET")
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    warnings: list[str] = []
+    try:
+        sink = WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/hook", every_frame=True, retries=3,
+                           warn=warnings.append, flush_timeout=5)
+        sink.write(Result(0.5, False, None, index=0))
+        sink.write(Result(0.5, False, None, index=1))
+        summary = sink.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["POST", "POST"]  # never followed, never retried
+    assert (sink.sent, sink.failed, sink.attempts, summary.undelivered) == (0, 2, 2, 2)
+    assert warnings and all("302" in w and "s3cr3t" not in w and "\n" not in w for w in warnings), warnings
+    assert "user:***@127.0.0.1" in warnings[-1], warnings
+    assert "0 delivered, 2 failed" in summary.line
+
+
+def test_the_webhook_url_password_never_shows(receiver):
+    """Its warnings, its summary and its errors name the URL with the password hidden."""
+    from engine.common.errors import UserError
+    from engine.results import Result
+    from engine.sinks import WebhookSink
+    with pytest.raises(UserError) as bad:
+        WebhookSink("ftp://user:s3cr3t@127.0.0.1/x")
+    assert "s3cr3t" not in str(bad.value) and "user:***@" in str(bad.value)
+    with pytest.raises(UserError) as bad:
+        WebhookSink("http://user:s3cr3t@127.0.0.1:notaport/x")
+    assert "s3cr3t" not in str(bad.value)
+    warnings: list[str] = []
+    sink = WebhookSink(f"http://user:s3cr3t@127.0.0.1:{free_port()}/x", every_frame=True, retries=0,
+                       warn=warnings.append, flush_timeout=2)
+    sink.write(Result(0.5, False, None))
+    summary = sink.close()
+    assert warnings and summary.undelivered == 1
+    assert not any("s3cr3t" in text for text in [*warnings, summary.line]), (warnings, summary.line)
+
+
+@pytest.mark.parametrize("url", ["mqtt://user:s3cr3t@bad host:x/p", "http://user:s3cr3t@127.0.0.1/p",
+                                 "mqtt://user:s3cr3t@127.0.0.1:1883", "mqtt://user:s3cr3t@127.0.0.1/p?x=1",
+                                 "mqtt://user:s3cr3t@127.0.0.1:99999/p"])
+def test_a_malformed_broker_url_never_prints_its_password(url):
+    from engine.common.errors import UserError
+    from engine.sinks.mqtt import parse_mqtt_url
+    with pytest.raises(UserError) as bad:
+        parse_mqtt_url(url)
+    assert "s3cr3t" not in str(bad.value) and "user:***@" in str(bad.value)
+
+
+def test_the_mqtt_queue_stays_within_the_message_ids():
+    """paho numbers the messages in flight 1..65535: a larger queue would reuse an id still in flight."""
+    from engine.common.errors import UserError
+    from engine.sinks import MqttSink
+    for bad in (0, 65_536, 1_000_000):
+        with pytest.raises(UserError, match="--mqtt-queue") as e:
+            MqttSink(f"mqtt://127.0.0.1:{free_port()}/p", queue_limit=bad, warn=lambda s: None)
+        assert "\n" not in str(e.value)
+    MqttSink(f"mqtt://127.0.0.1:{free_port()}/p", queue_limit=65_535, warn=lambda s: None, flush_timeout=0.1).close()
+
+
+def test_a_publish_paho_refuses_is_counted_as_dropped(monkeypatch):
+    """paho refuses a publish with MQTT_ERR_QUEUE_SIZE (its queue full, or the message id still in flight): that
+    result never goes out, so it is dropped and counted, said once; MQTT_ERR_NO_CONN keeps a QoS-1 message in paho's
+    store (resent on connect), so it still waits. Every message is delivered, dropped or not delivered."""
+    import paho.mqtt.client as mqtt
+
+    from engine.results import Result
+    from engine.sinks import MqttSink
+    ok = type("Code", (), {"is_failure": False})()
+
+    class FakeClient:
+        def __init__(self, *a, **k):
+            self.mid, self.results = 0, 0
+
+        def publish(self, topic, payload, qos=0, retain=False):
+            self.mid += 1
+            rc = mqtt.MQTT_ERR_SUCCESS
+            if topic.endswith("/result"):
+                self.results += 1
+                if self.results in (2, 5):
+                    rc = mqtt.MQTT_ERR_QUEUE_SIZE
+                elif self.results == 4:
+                    rc = mqtt.MQTT_ERR_NO_CONN
+            return type("Info", (), {"mid": self.mid, "rc": rc,
+                                     "wait_for_publish": lambda self, timeout=None: None})()
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(mqtt, "Client", FakeClient)
+    warnings: list[str] = []
+    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=warnings.append, flush_timeout=0.2)
+    sink._on_connect(sink.client, None, None, ok)
+    deadline = time.monotonic() + 5
+    while sink.holding and time.monotonic() < deadline:  # connected: results go straight to paho
+        time.sleep(0.01)
+    for i in range(6):
+        sink.write(Result(0.5, False, None, index=i))
+    for mid in range(1, sink.client.mid + 1):  # the broker acknowledges every message paho sent
+        sink._on_publish(sink.client, None, mid)
+    summary = sink.close()
+    assert (sink.published, sink.acked, sink.dropped) == (4, 4, 2), summary.line
+    assert summary.undelivered == 2 and "4 of 6 messages delivered" in summary.line and "2 dropped" in summary.line
+    assert sum("refused" in w for w in warnings) == 1, warnings
+
+
+class _Silent:
+    """A TCP listener that accepts and never answers (a broker or receiver that hangs)."""
+
+    def __init__(self):
+        self.server, self.conns = socket.create_server(("127.0.0.1", 0)), []
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.conns.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.server.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize("receivers", ["refused", "silent"])
+def test_message_sinks_close_within_their_flush_timeout_when_receivers_are_away(receivers):
+    """With the broker and the webhook receiver unreachable (nothing listens) or hanging (they accept and never
+    answer), each close returns within its flush_timeout (1 s) plus 0.5 s, closed side by side in threads, as
+    engine.run closes them; every message is counted as not delivered."""
+    from engine.results import Result
+    from engine.sinks import MqttSink, WebhookSink
+    silent = _Silent() if receivers == "silent" else None
+    port = silent.port if silent else free_port()
+    try:
+        sinks = [MqttSink(f"mqtt://127.0.0.1:{port}/plant", warn=lambda s: None, flush_timeout=1.0),
+                 WebhookSink(f"http://127.0.0.1:{port}/x", every_frame=True, warn=lambda s: None, flush_timeout=1.0)]
+        time.sleep(0.3)  # paho is in its connect attempts
+        for i in range(5):
+            for s in sinks:
+                s.write(Result(0.5, False, None, index=i))
+        took, summaries = {}, {}
+
+        def close(s):
+            t0 = time.monotonic()
+            summaries[type(s).__name__] = s.close()
+            took[type(s).__name__] = time.monotonic() - t0
+
+        threads = [threading.Thread(target=close, args=(s,)) for s in sinks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        if silent:
+            silent.close()
+    assert set(took) == {"MqttSink", "WebhookSink"} and max(took.values()) < 1.5, took
+    assert all(s.undelivered == 5 for s in summaries.values()), summaries
+
+
+def test_an_mqtt_close_is_bounded_whatever_paho_is_doing(monkeypatch):
+    """paho's disconnect and loop_stop may wait on a connect attempt (its connect timeout is 5 s): close waits for
+    them only within its budget."""
+    import paho.mqtt.client as mqtt
+
+    from engine.sinks import MqttSink
+
+    class StuckClient:
+        def __init__(self, *a, **k):
+            pass
+
+        def loop_stop(self):
+            time.sleep(5)
+
+        def disconnect(self):
+            time.sleep(5)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(mqtt, "Client", StuckClient)
+    sink = MqttSink("mqtt://127.0.0.1:1883/plant", warn=lambda s: None, flush_timeout=1.0)
+    t0 = time.monotonic()
+    sink.close()
+    assert time.monotonic() - t0 < 1.5

@@ -4,7 +4,10 @@
 broker acknowledges it, resent after a reconnect; those written while no connection is up wait in the
 sink, in order). Past the bound new messages are dropped and counted, never silently. A broker that is
 absent or goes away is not an error of the run: it is a warning, the messages wait (bounded), and
-`close()` says how many were delivered, waited, were dropped or never arrived.
+`close()` says how many were delivered, waited, were dropped or never arrived. A message paho refuses
+(its store full, or the message id still in flight) is dropped and counted too. `close()` takes at most its
+flush_timeout plus CLOSE_SLACK_S, whatever paho's connection attempts are doing; every line the sink prints
+names URLs with the password hidden (engine.common.redact).
 
 MQTT topics, under the URL's prefix (a line) and a camera name:
     PREFIX/CAMERA/result      one JSON message per frame: the JSONL result's keys plus latency_ms (QoS 1)
@@ -27,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from engine.common.errors import UserError
+from engine.common.errors import UserError, one_line
 from engine.common.net import resolve, url_port
+from engine.common.redact import redact
 from engine.drift import DriftEvent
 from engine.results import Result
 from engine.sinks.base import FLUSH_TIMEOUT_S, SinkSummary, result_message, warn_on_stderr
@@ -36,6 +40,8 @@ from engine.sinks.base import FLUSH_TIMEOUT_S, SinkSummary, result_message, warn
 __all__ = ["MqttSink", "MqttTarget", "parse_mqtt_url"]
 
 MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+MQTT_QUEUE_MAX = 65_535  # MQTT's message ids are 16 bits (paho numbers them 1..65535): more in flight would collide
+CLOSE_SLACK_S = 0.3  # what close may take beyond flush_timeout: the offline status and paho's disconnect
 
 
 @dataclass(frozen=True)
@@ -50,18 +56,19 @@ class MqttTarget:
 
 def parse_mqtt_url(url: str) -> MqttTarget:
     """mqtt://[USER[:PASSWORD]@]HOST[:PORT]/PREFIX (mqtts:// for TLS); UserError naming what is wrong."""
+    shown = redact(url)
     parts = urlsplit(url)
     if parts.scheme not in MQTT_PORTS:
-        raise UserError(f"--mqtt {url}: the URL must start with mqtt:// or mqtts://")
-    port = url_port(parts, MQTT_PORTS[parts.scheme], f"--mqtt {url}")
+        raise UserError(f"--mqtt {shown}: the URL must start with mqtt:// or mqtts://")
+    port = url_port(parts, MQTT_PORTS[parts.scheme], f"--mqtt {shown}")
     if not parts.hostname:
-        raise UserError(f"--mqtt {url}: no broker host (mqtt://HOST:PORT/PREFIX)")
+        raise UserError(f"--mqtt {shown}: no broker host (mqtt://HOST:PORT/PREFIX)")
     prefix = parts.path.strip("/")
     if not prefix or "#" in url or "+" in prefix or "//" in prefix:  # '#' would start a URL fragment
-        raise UserError(f"--mqtt {url}: the path is the topic prefix (say /plant/line1), without # or + "
+        raise UserError(f"--mqtt {shown}: the path is the topic prefix (say /plant/line1), without # or + "
                         "and without empty levels")
     if parts.query:
-        raise UserError(f"--mqtt {url}: no query is understood")
+        raise UserError(f"--mqtt {shown}: no query is understood")
     return MqttTarget(parts.hostname, port, prefix, parts.scheme == "mqtts",
                       unquote(parts.username) if parts.username else None,
                       unquote(parts.password) if parts.password else None)
@@ -83,11 +90,15 @@ class MqttSink:
             raise UserError(f"--mqtt-ca {ca_file}: no such file")
         if ca_file is not None and not target.tls:
             raise UserError("--mqtt-ca is for mqtts:// brokers (TLS)")
-        if queue_limit < 1:
-            raise UserError("--mqtt-queue must be at least 1")
+        if not 1 <= queue_limit <= MQTT_QUEUE_MAX:
+            raise UserError(f"--mqtt-queue {queue_limit}: from 1 to {MQTT_QUEUE_MAX:,} (MQTT numbers the messages in "
+                            "flight with 16-bit ids; more would reuse one still in flight)")
         resolve(target.host, target.port, "--mqtt")
         import paho.mqtt.client as mqtt
-        self.target, self.warn, self.stats, self.queue_limit = target, warn, stats, queue_limit
+        self.target, self.warn_to, self.stats, self.queue_limit = target, warn, stats, queue_limit
+        # what publish() may answer for a frame's message that paho keeps: sent, or (QoS 1) held until connected
+        self.kept_codes, self.error_string = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN), mqtt.error_string
+        self.refused = 0  # frames' messages paho refused (counted in dropped)
         self.flush_timeout = flush_timeout
         self.address = f"{target.host}:{target.port}"
         camera = re.sub(r"[^A-Za-z0-9_-]+", "_", camera) or "camera"
@@ -100,7 +111,10 @@ class MqttSink:
         if user:
             self.client.username_pw_set(user, password or target.password)
         if target.tls:
-            self.client.tls_set(ca_certs=ca_file)
+            try:
+                self.client.tls_set(ca_certs=ca_file)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: not a CA certificate
+                raise UserError(f"--mqtt-ca {ca_file}: cannot use it as the broker's CA ({one_line(e)})") from None
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.lock = threading.Lock()
@@ -154,6 +168,14 @@ class MqttSink:
     def _on_connect_fail(self, client, userdata) -> None:
         self._outage(f"cannot reach the broker at {self.address}")
 
+    def warn(self, text: str) -> None:
+        """A warning with URLs redacted (a reason may quote paho's or the system's text); a stderr that is gone does
+        not end paho's thread."""
+        try:
+            self.warn_to(redact(text))
+        except (OSError, ValueError):
+            pass
+
     def _outage(self, why: str) -> None:
         if not self.outage_reported and not self.closed:
             self.outage_reported = True
@@ -195,10 +217,28 @@ class MqttSink:
                     self.holding = False
                     return
                 payload = self.backlog[0]
-            info = self.client.publish(self.topic, payload, qos=1)
             with self.lock:
                 self.backlog.popleft()
-                self.unacked.add(info.mid)
+            self._hand(payload)
+
+    def _hand(self, payload: str) -> None:
+        """Publish a frame's message (call under publish_lock); one paho refuses is dropped and counted, said once."""
+        try:
+            info = self.client.publish(self.topic, payload, qos=1)
+            code, mid = info.rc, info.mid
+        except ValueError as e:  # paho's own checks (a payload over MQTT's 256 MB)
+            code, mid = one_line(e), None
+        with self.lock:
+            if code in self.kept_codes:
+                self.unacked.add(mid)
+                return
+            self.published -= 1
+            self.dropped += 1
+            self.refused += 1
+            first = self.refused == 1
+        if first:
+            why = code if isinstance(code, str) else self.error_string(code)
+            self.warn(f"mqtt: paho refused a message ({why}); it is dropped and counted, and so is any later one")
 
     def _beat(self, period: float) -> None:
         next_beat = time.monotonic() + period
@@ -241,9 +281,7 @@ class MqttSink:
                 if self.holding:  # a disconnect since: wait behind what paho holds
                     self.backlog.append(payload)
                     return
-            info = self.client.publish(self.topic, payload, qos=1)  # kept by paho until PUBACK, resent after reconnects
-            with self.lock:
-                self.unacked.add(info.mid)
+            self._hand(payload)  # kept by paho until PUBACK, resent after reconnects
 
     def drift_at_start(self, watching: tuple[str, ...], engine: str | None) -> None:
         """The state at the start of a run, retained: none in force (or null: nothing watched), so that the state a
@@ -266,29 +304,40 @@ class MqttSink:
     def summary(self) -> str:
         pending = self.pending
         return (f"mqtt {self.address}/{self.topic}: {self.acked} of {self.published + self.dropped} messages "
-                f"delivered, {self.waited} waited for the broker, {self.dropped} dropped (queue full), "
+                f"delivered, {self.waited} waited for the broker, {self.dropped} dropped (queue full"
+                f"{', or refused by paho' if self.refused else ''}), "
                 f"{pending + self.dropped} not delivered")
 
     def close(self, completed: bool = True) -> SinkSummary:
         """Wait up to `flush_timeout` s for unacknowledged messages (a broker away may come back), mark the camera
-        offline (retained), disconnect."""
+        offline (retained), disconnect: all within flush_timeout + CLOSE_SLACK_S, whatever paho is doing (its
+        disconnect and loop_stop can wait on a connection attempt); thread-safe beside other sinks' closes."""
         if self.closed:
             return SinkSummary(self.summary(), self.undelivered)
+        flush_end = time.monotonic() + self.flush_timeout
         self.stop.set()
         self.wake.set()
-        self.heartbeat.join()
-        deadline = time.monotonic() + self.flush_timeout
-        while self.pending and time.monotonic() < deadline:  # a broker away may be back within the timeout
-            with self.publish_lock:
-                self._release_backlog()
+        self.heartbeat.join(max(0.0, flush_end - time.monotonic()))
+        while self.pending and time.monotonic() < flush_end:  # a broker away may be back within the timeout
+            if self.publish_lock.acquire(timeout=max(0.0, flush_end - time.monotonic())):
+                try:
+                    self._release_backlog()
+                finally:
+                    self.publish_lock.release()
             time.sleep(0.05)
         self.closed = True
+        end = max(flush_end, time.monotonic()) + CLOSE_SLACK_S
+        ender = threading.Thread(target=self._disconnect, args=(end,), name="lineflow-mqtt-close", daemon=True)
+        ender.start()
+        ender.join(max(0.0, end - time.monotonic()))  # past it paho's daemon thread is left to the process's end
+        return SinkSummary(self.summary(), self.undelivered)
+
+    def _disconnect(self, end: float) -> None:
         if self.connected:
             info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
             try:
-                info.wait_for_publish(timeout=1.0)
+                info.wait_for_publish(timeout=max(0.05, end - time.monotonic() - 0.1))
             except (RuntimeError, ValueError):
                 pass
         self.client.disconnect()
         self.client.loop_stop()
-        return SinkSummary(self.summary(), self.undelivered)
