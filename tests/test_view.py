@@ -218,3 +218,67 @@ def test_the_view_follows_each_results_threshold_and_reports_drift():
         assert stats["threshold"] == 2.75 and stats["drift"] == ["input"]
     finally:
         view.close()
+
+
+def _status_with_host(port: int, host: str | None, path: str = "/stats.json") -> int:
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_a_loopback_view_answers_only_to_loopback_names():
+    """DNS rebinding: a page at evil.example rebinds its name to 127.0.0.1 and reads the view, its requests naming
+    evil.example in Host. Bound to loopback, the view answers only to loopback names and addresses (any port: an
+    SSH tunnel's local port differs) and refuses the rest with 421 Misdirected Request."""
+    from engine.sinks.view import LiveView
+    view = LiveView("127.0.0.1:0")
+    try:
+        port = view.port
+        for own in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost.:{port}", f"[::1]:{port}", "127.0.0.1",
+                    f"127.1.2.3:{port}", "localhost:9000"):
+            assert _status_with_host(port, own) == 200, own
+        for foreign in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil",
+                        "0.0.0.0", "user@127.0.0.1", "127.0.0.1:x", "", None):
+            for path in ("/", "/stats.json", "/frame.jpg?after=0", "/nothing-here"):
+                assert _status_with_host(port, foreign, path) in (400, 421), (foreign, path)
+        assert _status_with_host(port, "evil.example") == 421
+    finally:
+        view.close()
+
+
+def test_the_camera_name_is_escaped_in_the_pages(tmp_path):
+    """--camera-name lands in the pages' HTML title and heading: escaped, never markup; in JSON as plain data."""
+    from engine.sinks.view import LiveView
+    name = '</title><script>alert("x")</script>&'
+    view = LiveView("127.0.0.1:0", title=name, review_dir=tmp_path)
+    try:
+        for page in ("", "review"):
+            status, body = _get(view.url + page)
+            assert status == 200 and b"<script>alert" not in body, page
+            assert b"&lt;/title&gt;&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in body, page
+        assert json.loads(_get(view.url + "stats.json")[1])["title"] == name
+        assert json.loads(_get(view.url + "review.json")[1])["title"] == name
+    finally:
+        view.close()
+
+
+def test_the_views_labels_hide_a_urls_password():
+    import numpy as np
+
+    from engine.results import Result
+    from engine.sinks.view import LiveView
+    view = LiveView("127.0.0.1:0", threshold=1.0)
+    try:
+        frame, amap = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)
+        view.write(Result(3.0, True, amap, source="rtsp://user:s3cr3t@cam/x", frame=frame))
+        body = _get(view.url + "stats.json")[1]
+        assert b"s3cr3t" not in body and json.loads(body)["anomalies"][0]["source"] == "rtsp://user:***@cam/x"
+    finally:
+        view.close()

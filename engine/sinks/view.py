@@ -15,6 +15,11 @@ one) and, where the browser names its origin, this server's own.
 
 It binds 127.0.0.1 unless told otherwise; bound to any other address it requires a token (given, or
 made up and printed with the page's URL), checked on every request (`?token=` or a Bearer header).
+Bound to loopback it answers only requests whose Host names loopback (localhost, 127.0.0.0/8, ::1; any
+port, so an SSH tunnel's works): a web page whose name an attacker rebinds to 127.0.0.1 (DNS rebinding)
+sends its own name and gets 421 Misdirected Request. Beyond loopback there is no Host check (the box may
+be reached by any name or address, through NAT or a proxy); the token, which such a page cannot know,
+guards it. The camera name is HTML-escaped where it lands in a page, and sources' URLs are redacted.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from engine.common.errors import OutputError, UserError
+from engine.common.redact import redact
 from engine.results import Result
 from engine.review_store import ID_PATTERN, append_labels, read_labels, read_queue
 from engine.sinks.base import SinkSummary
@@ -73,6 +79,26 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _loopback_host_header(host: str | None) -> bool:
+    """Whether a request's Host header names this machine's loopback (any port): localhost, 127.0.0.0/8, [::1]."""
+    if not host:
+        return False
+    try:
+        parts = urlsplit(f"//{host}")
+        name, _ = parts.hostname, parts.port  # .port raises on a port that is not a number
+    except ValueError:
+        return False
+    if name is None or parts.netloc != host or parts.username is not None:
+        return False
+    name = name[:-1] if name.endswith(".") else name  # "localhost." is the same name, fully qualified
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -92,6 +118,30 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _fill(page: str, title: str, token: str | None) -> str:
+    """A page with its token (A-Z, a-z, 0-9, '_', '-': safe in a JS string) and the camera name, HTML-escaped."""
+    return page.replace("{{TOKEN}}", token or "").replace("{{TITLE}}", html.escape(title))
+
+
+def _loopback_only(app):
+    """`app` behind a Host check: a request whose Host does not name loopback gets 421 (every path, before routing).
+    421 Misdirected Request says what is wrong (this server does not answer to that name), where 403 would read
+    as a missing permission."""
+    from starlette.responses import PlainTextResponse
+
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if not _loopback_host_header(host):
+                refusal = PlainTextResponse("this view answers to localhost, 127.0.0.1 and [::1] only\n",
+                                            status_code=421)
+                await refusal(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return checked
+
+
 class LiveView:
     """Serve the run at http://HOST:PORT/; `write` every result, `close` at the end: after a completed run it keeps
     serving `hold` seconds (None: until Ctrl-C or SIGTERM), so a finished run can be reviewed."""
@@ -105,6 +155,7 @@ class LiveView:
         if token is None and not _loopback(host):
             token = secrets.token_urlsafe(18)  # bound beyond this machine: never without a token
         self.token, self.threshold, self.stats, self.title, self.period = token, threshold, stats, title, 1 / max_fps
+        self.host_checked = _loopback(host)  # loopback: answer only to loopback names (DNS rebinding)
         self.hold = hold
         self.review_dir = None if review_dir is None else Path(review_dir)  # None: no review page
         self.drift: list[str] | None = None  # the newest result's drift kinds (None: not watched)
@@ -161,7 +212,7 @@ class LiveView:
             out = {"title": self.title, "threshold": self.threshold, "passed": self.passed, "failed": self.failed,
                    "errors": self.errors, "seq": self.seq, "finished": self.finished, "scores": list(self.scores),
                    "drift": self.drift, "review": self.review_dir is not None,
-                   "anomalies": [{"id": seq, "index": r.index, "source": r.source, "score": r.score}
+                   "anomalies": [{"id": seq, "index": r.index, "source": redact(str(r.source)), "score": r.score}
                                  for seq, r in self.anomalies]}
         if s is not None:
             p50, p99 = s.latency_ms(50), s.latency_ms(99)
@@ -190,8 +241,7 @@ class LiveView:
         async def index(request):
             if not allowed(request):
                 return denied()
-            return HTMLResponse(page.replace("{{TITLE}}", self.title).replace("{{TOKEN}}", self.token or ""),
-                                headers={"Cache-Control": "no-store"})
+            return HTMLResponse(_fill(page, self.title, self.token), headers={"Cache-Control": "no-store"})
 
         async def stats(request):
             return JSONResponse(self._stats()) if allowed(request) else denied()
@@ -235,7 +285,8 @@ class LiveView:
 
         routes = [Route("/", index), Route("/stats.json", stats), Route("/frame.jpg", frame),
                   Route("/anomaly/{key:int}.jpg", anomaly)]
-        return Starlette(routes=routes + (self._review_routes(allowed, denied) if self.review_dir else []))
+        app = Starlette(routes=routes + (self._review_routes(allowed, denied) if self.review_dir else []))
+        return _loopback_only(app) if self.host_checked else app
 
     def _review_thumbnail(self, name: str, side: int = REVIEW_SIDE) -> bytes:
         """A queued overlay PNG as a JPEG of at most `side` pixels."""
@@ -252,8 +303,9 @@ class LiveView:
 
     def _review_items(self) -> list[dict]:
         labels = read_labels(self.review_dir)
-        return [{"id": e.id, "index": e.index, "source": e.source, "score": e.score, "is_anomalous": e.is_anomalous,
-                 "label": labels[e.id].label if e.id in labels else None} for e in read_queue(self.review_dir)]
+        return [{"id": e.id, "index": e.index, "source": redact(str(e.source)), "score": e.score,
+                 "is_anomalous": e.is_anomalous, "label": labels[e.id].label if e.id in labels else None}
+                for e in read_queue(self.review_dir)]
 
     def _review_routes(self, allowed, denied) -> list:
         """/review (the page), /review.json (the queue with its labels), /review/ID.jpg (an overlay), POST
@@ -267,8 +319,7 @@ class LiveView:
         async def review(request):
             if not allowed(request):
                 return denied()
-            text = page.replace("{{TITLE}}", html.escape(self.title)).replace("{{TOKEN}}", self.token or "")
-            return HTMLResponse(text, headers={"Cache-Control": "no-store"})
+            return HTMLResponse(_fill(page, self.title, self.token), headers={"Cache-Control": "no-store"})
 
         async def queue(request):
             if not allowed(request):
