@@ -12,6 +12,10 @@ then the identity, so what differs from sending the whole frame is the rounding 
 to uint8 (measured in docs/deploy.md); the maps come back at the input size and are resized to the
 frame here, as the engine does.
 
+A frame the server could not score (a non-finite score: engine_info's "error" says so) is an error result
+naming the server's reason, never a verdict: every score becomes a Result through engine.results.verdict,
+here as in the local engine, so a NaN from any server is an error result too.
+
 A server that fails or goes away never ends the run: the frames of a failed call get error results,
 in order, and the server is tried again after a backoff (0.5 s doubling to 5 s); meanwhile frames get
 error results at once. A frame the server refuses is an error result for that frame's request only.
@@ -20,6 +24,7 @@ error results at once. A frame the server refuses is an error result for that fr
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from urllib.parse import urlsplit
@@ -29,8 +34,9 @@ import numpy as np
 from engine import native
 from engine.common.errors import UserError, one_line
 from engine.common.net import resolve, url_port
+from engine.common.redact import redact
 from engine.preprocess import to_rgb_float
-from engine.results import Result
+from engine.results import Result, verdict
 
 __all__ = ["RemoteEngine", "parse_server_url", "ENGINE_INFO"]
 
@@ -98,6 +104,8 @@ class RemoteEngine:
             raise UserError(f"--server {url}: the model does not answer ({one_line(e, 200)}); is python -m "
                             f"engine.serve running there with the engine {self.model}.engine?") from None
         self.threshold = float(self.info["threshold"])  # the latest seen: a server with --reload may swap engines
+        if not math.isfinite(self.threshold):
+            raise UserError(f"--server {url}: the server's engine has a non-finite threshold ({self.threshold})")
         self.engine_id: str | None = self.info.get("engine_id")
         self.input_size = tuple(self.info["input_size"])  # (H, W)
         self.tiling = self.info.get("tiling")
@@ -153,8 +161,9 @@ class RemoteEngine:
             with self.lock:
                 wait = self.down_until - time.monotonic()
             if wait > 0:
+                unavailable = redact(f"server unavailable: {self.url} (next try in {wait:.1f} s)")
                 for i in idx:
-                    results[i] = Result(None, None, error=f"server unavailable: {self.url} (next try in {wait:.1f} s)")
+                    results[i] = Result(None, None, error=unavailable)
                 continue
             batch = np.stack([sent[i] for i in idx])
             try:
@@ -168,7 +177,7 @@ class RemoteEngine:
                         self.down_until = time.monotonic() + self.backoff
                         self.backoff = min(self.backoff * 2, BACKOFF_S[1])
                 for i in idx:
-                    results[i] = Result(None, None, error=f"server {FAILURE_WORDS[failure]}: {reason}")
+                    results[i] = Result(None, None, error=redact(f"server {FAILURE_WORDS[failure]}: {reason}"))
                 continue
             with self.lock:
                 self.backoff, self.down_until = BACKOFF_S[0], 0.0
@@ -182,22 +191,29 @@ class RemoteEngine:
                     if amap.shape != (h, w):
                         amap = native.resize_maps(amap[None], (h, w))[0]
                 info = out.get(ENGINE_INFO)  # a server that sends none: the facts it gave at connection
-                engine_id, threshold = (self.engine_id, self.threshold) if info is None else \
+                engine_id, threshold, error = (self.engine_id, self.threshold, None) if info is None else \
                     self._scored_by(info.reshape(-1)[j])
-                results[i] = Result(float(out["score"].reshape(-1)[j]), bool(out["is_anomalous"].reshape(-1)[j]),
-                                    anomaly_map=amap, engine=engine_id, threshold=threshold)
+                # the server's is_anomalous is not read: the score (float32, as the engine computes it) is judged
+                # against the threshold here, by the rule every engine uses
+                results[i] = verdict(float(out["score"].reshape(-1)[j]), threshold, amap, engine_id,
+                                     error=None if error is None else f"server: {error}")
         return results  # type: ignore[return-value]
 
-    def _scored_by(self, info: bytes) -> tuple[str | None, float]:
+    def _scored_by(self, info: bytes) -> tuple[str | None, float, str | None]:
         """The id and threshold of the server's engine that scored a frame (they change when the server swaps its
-        engine file: engine.serve --reload)."""
+        engine file: engine.serve --reload), and the server's error for the frame (None: scored)."""
         try:
             facts = json.loads(bytes(info))
             engine_id, threshold = facts.get("engine_id"), float(facts["threshold"])
+            error = facts.get("error")
         except (ValueError, KeyError, TypeError, AttributeError):
-            return self.engine_id, self.threshold
+            return self.engine_id, self.threshold, None
+        if error is not None:  # the server's text, as one line a sink can carry
+            error = redact((str(error).strip().splitlines() or ["no reason given"])[0][:300])
+        if not math.isfinite(threshold):  # not adopted: the frame's verdict says so, the next frames keep the last
+            return engine_id, threshold, error
         self.engine_id, self.threshold = engine_id, threshold
-        return engine_id, threshold
+        return engine_id, threshold, error
 
     def infer(self, frames, bgr: bool = False):
         """A frame -> Result; a list of frames -> list of Results (as Engine.infer)."""

@@ -2,18 +2,21 @@
 
 engine.Engine (a local engine file) and engine.remote.RemoteEngine (a Triton server) both satisfy
 ScoringEngine, so engine.stream and engine.run talk to either the same way; sinks (engine/sinks/)
-take Results.
+take Results. `verdict` is the one rule that turns an image score into a Result, for every engine.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Result", "Status", "ScoringEngine"]
+__all__ = ["Result", "Status", "ScoringEngine", "verdict", "NON_FINITE_SCORE"]
+
+NON_FINITE_SCORE = "non-finite score ({}): no verdict for this frame"
 
 
 class Status(enum.Enum):
@@ -45,6 +48,9 @@ class Result:
     drift: list[str] | None = None  # the drift kinds in force when it was scored (engine.drift); None: not watched
 
     def __post_init__(self):
+        if self.score is not None and not math.isfinite(self.score):  # never a pass, however the Result was made
+            self.error = self.error or NON_FINITE_SCORE.format(self.score)
+            self.score = self.is_anomalous = None
         if self.error is not None and self.status is Status.OK:
             self.status = Status.ERROR
 
@@ -59,6 +65,21 @@ class Result:
         out["engine"] = self.engine
         out["drift"] = None if self.drift is None else list(self.drift) or False
         return out
+
+
+def verdict(score: float | None, threshold: float, anomaly_map: np.ndarray | None = None,
+            engine_id: str | None = None, error: str | None = None) -> Result:
+    """An image score judged against a threshold: anomalous above it. A NaN or infinite score (or threshold) is an
+    error result, never a pass; so is a frame whose scorer gave `error` (its reason: a server's, say) instead of a
+    score. engine.Engine (every backend) and engine.remote.RemoteEngine make their verdicts here."""
+    if error is None and (score is None or not math.isfinite(score)):
+        error = NON_FINITE_SCORE.format(score)
+    if error is None and not math.isfinite(threshold):
+        error = f"non-finite threshold ({threshold}): no verdict for this frame"
+    if error is not None:
+        return Result(None, None, anomaly_map, error=error, engine=engine_id, threshold=threshold)
+    score = float(score)
+    return Result(score, score > threshold, anomaly_map, engine=engine_id, threshold=threshold)
 
 
 class ScoringEngine(Protocol):

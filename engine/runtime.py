@@ -21,12 +21,15 @@ from engine.common.geometry import blend_weights, stitch, tile_grid
 from engine.format import EngineFileError, read_engine_file
 from engine.header import EngineHeader
 from engine.preprocess import frames_to_input, resize_map, to_rgb_float
-from engine.results import Result
+from engine.results import Result, verdict
 from engine.scoring import top_fraction_mean
 
-__all__ = ["Engine", "EngineClosedError", "load", "NON_FINITE_SCORE"]
+__all__ = ["Engine", "EngineClosedError", "load", "CLOSE_WAIT_S"]
 
-NON_FINITE_SCORE = "the backend returned a non-finite score ({}): no verdict for this frame"
+# how long close() waits for the calls in flight; a call still running then (a reader abandoned inside the backend)
+# closes the backend itself when it ends. The stream's own JOIN_TIMEOUT_S (30 s) is the longest a reader is waited
+# for before it is abandoned, so a reader that ends at all ends within this.
+CLOSE_WAIT_S = 30.0
 
 
 class EngineClosedError(RuntimeError):
@@ -50,6 +53,7 @@ class Engine:
         self.backend = self._load_backend(sections, threads, busy_wait)
         self._lock = nullcontext() if self.backend.thread_safe else threading.Lock()
         self._calls, self._closed, self._idle = 0, False, threading.Condition()
+        self._backend_open = True  # False once closed (by close(), or by the last call out after close() gave up)
         if self.tiling is not None:
             self._blend = blend_weights(self.input_size, self.tiling.overlap)
         self._self_test()
@@ -66,9 +70,13 @@ class Engine:
 
     def _self_test(self) -> None:
         """One blank frame through the whole path: an engine whose sections disagree with its header (shapes,
-        scales) is refused here, in one line, rather than failing on the first real frame."""
+        scales) is refused here, in one line, rather than failing on the first real frame. For a tiling engine the
+        frame makes one tile at its scale, so the header's tiling cannot make this allocate thousands."""
+        h, w = self.input_size
+        if self.tiling is not None:
+            h, w = (max(1, min(side, math.ceil(side / self.tiling.scale))) for side in (h, w))
         try:
-            self.score([np.zeros((*self.input_size, 3), np.uint8)], with_maps=False)
+            self.score([np.zeros((h, w, 3), np.uint8)], with_maps=False)
         except Exception as e:  # noqa: BLE001 - any failure of a file that passed its checksums is the file's
             self.close()
             raise EngineFileError(f"{self.path}: the engine does not run ({one_line(e)}); rebuild it") from None
@@ -86,6 +94,9 @@ class Engine:
             with self._idle:
                 self._calls -= 1
                 self._idle.notify_all()
+                last_out = self._closed and self._calls == 0 and self._backend_open
+            if last_out:  # close() gave up waiting for this call: it closes the backend now that no call uses it
+                self._close_backend()
 
     def _infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
@@ -134,14 +145,7 @@ class Engine:
                 idx = [i for i, s in enumerate(sizes) if tuple(s) == hw]
                 for i, m in zip(idx, native.resize_maps(maps[idx], hw)):
                     resized[i] = m
-        return [self._verdict(float(s), m) for s, m in zip(scores, resized)]
-
-    def _verdict(self, score: float, amap: np.ndarray | None) -> Result:
-        """A finite score judged against the threshold; a NaN or infinite one is an error result, never a pass."""
-        if not math.isfinite(score):
-            return Result(None, None, amap, error=NON_FINITE_SCORE.format(score), engine=self.engine_id,
-                          threshold=self.threshold)
-        return Result(score, score > self.threshold, amap, engine=self.engine_id, threshold=self.threshold)
+        return [verdict(float(s), self.threshold, m, self.engine_id) for s, m in zip(scores, resized)]
 
     def score(self, frames: list[np.ndarray], bgr: bool = False, with_maps: bool = True) -> list[Result]:
         """Frames -> their Results, all in the engine's batches: each resized whole to the model's input, or,
@@ -163,7 +167,7 @@ class Engine:
             score_map = stitch(score_maps[tiles], starts, scaled, self._blend)
             score = top_fraction_mean(score_map, self.tiling.top_fraction)
             amap = (resize_map(amap, hw) if tuple(hw) != scaled else amap) if with_maps else None
-            results.append(self._verdict(score, amap))
+            results.append(verdict(score, self.threshold, amap, self.engine_id))
         return results
 
     def prepare_tiles(self, frames: list[np.ndarray], bgr: bool = False) -> tuple[np.ndarray, list[tuple]]:
@@ -214,13 +218,26 @@ class Engine:
         """Nothing to add at the end of a run (engine.results.ScoringEngine)."""
         return None
 
-    def close(self) -> None:
-        """Wait for the calls in flight, then stop the backend's threads and free it; idempotent. Later calls raise
-        EngineClosedError. A process that loaded an engine closes it before it exits (the CLIs do), so no native or
-        backend thread is busy while the interpreter tears down."""
+    def close(self) -> bool:
+        """Wait for the calls in flight (up to CLOSE_WAIT_S), then stop the backend's threads
+        and free it; idempotent. Later calls raise EngineClosedError. A process that loaded an engine closes it before
+        it exits (the CLIs do), so no native or backend thread is busy while the interpreter tears down.
+
+        False when a call was still running after the wait (a reader abandoned inside the backend): the backend is
+        then not freed under it (that could crash the process) but left to that call, which closes it as it ends,
+        or to the process's exit."""
         with self._idle:
             self._closed = True
-            self._idle.wait_for(lambda: self._calls == 0)
+            idle = self._idle.wait_for(lambda: self._calls == 0, timeout=CLOSE_WAIT_S)
+        if idle:
+            self._close_backend()
+        return idle
+
+    def _close_backend(self) -> None:
+        with self._idle:
+            if not self._backend_open:
+                return
+            self._backend_open = False
         with self._lock:
             self.backend.close()
 

@@ -11,7 +11,9 @@ health, readiness and Prometheus metrics are Triton's own.
             anomaly_map   FP32  [batch, H, W]     only computed when a client asks for it
             engine_info   BYTES [batch, 1]        the facts of the engine that scored the frame, as JSON
                                                   (engine_id, threshold, input size, tiling, backend): what
-                                                  a thin client (engine.remote) needs
+                                                  a thin client (engine.remote) needs; and "error", why a
+                                                  frame has no score (score NaN then, is_anomalous false:
+                                                  not a verdict; engine.remote makes it an error result)
 
 Triton's Python backend needs the system's Python 3.11: run this from `.venv-serve` (made by
 `bash venv-serve.sh`; docs/deploy.md).
@@ -61,12 +63,34 @@ def _check_port(host: str, port: int, option: str) -> None:
 def _engine_info(eng, result) -> bytes:
     """The facts of the engine that scored `result`, as JSON (what engine.remote needs): its id and threshold
     change when the engine is swapped (--reload); input size and tiling cannot (a swap that changes them is
-    refused)."""
+    refused). A frame without a score carries its error."""
     from dataclasses import asdict
-    return json.dumps({"threshold": result.threshold if result.threshold is not None else eng.threshold,
-                       "engine_id": result.engine or eng.engine_id, "input_size": list(eng.input_size),
-                       "backend": eng.backend_name, "precision": eng.precision,
-                       "tiling": None if eng.tiling is None else asdict(eng.tiling)}).encode()
+    facts = {"threshold": result.threshold if result.threshold is not None else eng.threshold,
+             "engine_id": result.engine or eng.engine_id, "input_size": list(eng.input_size),
+             "backend": eng.backend_name, "precision": eng.precision,
+             "tiling": None if eng.tiling is None else asdict(eng.tiling)}
+    if result.error is not None:
+        facts["error"] = result.error
+    return json.dumps(facts, allow_nan=False).encode()
+
+
+def _outputs(eng, part: list, wanted, infos: dict[tuple, bytes]) -> dict[str, np.ndarray]:
+    """One request's outputs for its frames' Results. A Result without a score (an error) goes out as score NaN,
+    is_anomalous false and its error in engine_info: a client reads the error, never the NaN as a pass."""
+    n = len(part)
+    out = {"score": np.array([[np.nan if r.score is None else r.score] for r in part], np.float32).reshape(n, 1),
+           "is_anomalous": np.array([[bool(r.is_anomalous)] for r in part], np.bool_).reshape(n, 1)}
+    if wanted is None or "anomaly_map" in wanted:
+        out["anomaly_map"] = np.stack([r.anomaly_map for r in part]).astype(np.float32)
+    if wanted is None or ENGINE_INFO in wanted:
+        keys = [(r.engine, r.threshold, r.error) for r in part]
+        for key, r in zip(keys, part):
+            if key not in infos:
+                if len(infos) > 64:  # errors vary: keep the cache small
+                    infos.clear()
+                infos[key] = _engine_info(eng, r)
+        out[ENGINE_INFO] = np.array([[infos[key]] for key in keys], dtype=np.object_)
+    return out
 
 
 def _infer_function(eng):
@@ -87,17 +111,7 @@ def _infer_function(eng):
         responses, i = [], 0
         for request, n in zip(requests, counts):
             part, i = results[i:i + n], i + n
-            out = {"score": np.array([[r.score] for r in part], dtype=np.float32).reshape(n, 1),
-                   "is_anomalous": np.array([[bool(r.is_anomalous)] for r in part], dtype=np.bool_).reshape(n, 1)}
-            wanted = getattr(request, "requested_output_names", None)
-            if wanted is None or "anomaly_map" in wanted:
-                out["anomaly_map"] = np.stack([r.anomaly_map for r in part]).astype(np.float32)
-            if wanted is None or ENGINE_INFO in wanted:
-                for r in part:
-                    if (r.engine, r.threshold) not in infos:
-                        infos[(r.engine, r.threshold)] = _engine_info(eng, r)
-                out[ENGINE_INFO] = np.array([[infos[(r.engine, r.threshold)]] for r in part], dtype=np.object_)
-            responses.append(out)
+            responses.append(_outputs(eng, part, getattr(request, "requested_output_names", None), infos))
         return responses
     return infer
 

@@ -187,3 +187,109 @@ def test_closing_an_engine_stops_its_backend_threads(lean_engines):
         assert pool is not None
     assert eng.backend.pool is None and pool._shutdown
     assert not [t for t in threading.enumerate() if t.name.startswith("lineflow-openvino")]
+
+
+class _ServedEngine:
+    """What engine.serve's per-instance function needs of an engine, scoring by a frame's first pixel: 0 NaN, 1
+    infinite (both error results, as the local engine gives them), 2 and 3 finite scores either side of 0.5."""
+
+    threshold, engine_id, input_size, backend_name, precision, tiling = 0.5, "e1", (8, 8), "fake", "fp32", None
+
+    def infer(self, frames):
+        from engine.results import Result
+        out = []
+        for f in frames:
+            amap = np.zeros(f.shape[:2], np.float32)
+            v = int(f[0, 0, 0])
+            if v < 2:
+                out.append(Result(None, None, amap, engine="e1", threshold=0.5,
+                                  error=f"the backend returned a non-finite score ({'nan' if v == 0 else 'inf'})"))
+            else:
+                out.append(Result(0.75 if v == 2 else 0.25, v == 2, amap, engine="e1", threshold=0.5))
+        return out
+
+
+def test_a_remote_non_finite_score_is_an_error_result_never_a_pass(monkeypatch):
+    """engine.serve's answer for frames the local engine could not score (NaN, inf) goes through engine.remote
+    (its `_call` replaced by serve's own function, no Triton): error results naming the server's reason, never a
+    score with is_anomalous False; a server that sends NaN without saying why (an older one) the same; every JSONL
+    line valid JSON (no NaN token)."""
+    import sys
+    import types
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install -e .[dev])")
+    stub = types.ModuleType("pytriton.exceptions")
+    stub.PyTritonBadParameterError = ValueError
+    monkeypatch.setitem(sys.modules, "pytriton", types.ModuleType("pytriton"))
+    monkeypatch.setitem(sys.modules, "pytriton.exceptions", stub)
+    from engine import serve
+    from engine.remote import ENGINE_INFO, RemoteEngine
+    served = serve._infer_function(_ServedEngine())
+
+    class ScriptedRemote(RemoteEngine):
+        strip_error = False  # an older server: its engine_info says nothing of the error
+
+        def __init__(self):
+            super().__init__("grpc://127.0.0.1:1/m")
+
+        def _call(self, batch, outputs):
+            out = served([{"frames": batch}])[0]
+            if self.strip_error:
+                infos = [json.loads(i) for i in out[ENGINE_INFO].reshape(-1)]
+                out[ENGINE_INFO] = np.array([[json.dumps({k: v for k, v in i.items() if k != "error"}).encode()]
+                                             for i in infos], dtype=object)
+            return {o: out[o] for o in outputs}
+
+    remote = ScriptedRemote()
+    frames = [np.full((8, 8, 3), v, np.uint8) for v in (0, 1, 2, 3)]
+    for strip in (False, True):
+        remote.strip_error = strip
+        for with_maps in (False, True):
+            got = remote.score(frames, with_maps=with_maps)
+            for r in got[:2]:
+                assert r.error is not None and "non-finite" in r.error, (strip, r)
+                assert r.score is None and r.is_anomalous is None and r.engine == "e1", r
+            assert (got[2].score, got[2].is_anomalous, got[3].score, got[3].is_anomalous) == (0.75, True, 0.25, False)
+            for r in got:
+                json.loads(json.dumps(r.to_json(), allow_nan=False))
+    remote.strip_error = False
+    assert remote.score(frames[:1])[0].error.startswith("server: ")  # the reason is the server's, and says so
+
+
+def test_close_returns_after_its_timeout_when_a_call_never_ends(tiny, monkeypatch):
+    """A reader abandoned inside the backend (a stuck call): close() returns within engine.runtime.CLOSE_WAIT_S
+    instead of waiting forever, leaves the backend open while the call is in it, and the call closes the backend
+    when it ends; calls after close() are refused."""
+    from engine.runtime import EngineClosedError
+
+    class StuckBackend(Backend):
+        def __init__(self):
+            self.stuck, self.release, self.closed = False, threading.Event(), False
+
+        def infer(self, images):
+            if self.stuck:
+                self.release.wait(30)
+            return np.zeros((len(images), 64, 64), np.float32), np.zeros(len(images), np.float32)
+
+        def close(self):
+            self.closed = True
+
+    fake = StuckBackend()
+    monkeypatch.setattr("engine.runtime.load_backend", lambda *a: fake)
+    monkeypatch.setattr("engine.runtime.CLOSE_WAIT_S", 0.3, raising=False)
+    eng = engine.load(tiny["engine"])
+    fake.stuck = True
+    reader = threading.Thread(target=eng.infer_prepared, args=(np.zeros((1, 3, 64, 64), np.float32),), daemon=True)
+    reader.start()
+    closer = threading.Thread(target=eng.close, daemon=True)
+    try:
+        closer.start()
+        closer.join(5.0)
+        assert not closer.is_alive(), "close() still waiting for a call that never ends"
+        assert not fake.closed  # the backend is still in use by the stuck call: not freed under it
+        with pytest.raises(EngineClosedError):
+            eng.infer_prepared(np.zeros((1, 3, 64, 64), np.float32))
+    finally:
+        fake.release.set()
+        reader.join(5.0)
+        closer.join(5.0)
+    assert fake.closed  # the last call out closed it
