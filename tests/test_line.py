@@ -233,6 +233,7 @@ def test_a_bad_broker_url_is_bad_input_before_any_frame(line, tmp_path, url, why
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
     bodies: list
+    seen_headers: list
     delay = 0.0
     fail_first = 0
 
@@ -245,6 +246,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
             return
         time.sleep(type(self).delay)
         type(self).bodies.append(json.loads(body))
+        type(self).seen_headers.append(self.headers)
         self.send_response(204)
         self.end_headers()
 
@@ -255,7 +257,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver():
     """An HTTP server on a free loopback port; its handler class collects the POSTed JSON bodies."""
-    handler = type("Receiver", (_Receiver,), {"bodies": [], "delay": 0.0, "fail_first": 0})
+    handler = type("Receiver", (_Receiver,), {"bodies": [], "seen_headers": [], "delay": 0.0, "fail_first": 0})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -588,6 +590,10 @@ def test_the_webhook_url_password_never_shows(receiver):
     with pytest.raises(UserError) as bad:
         WebhookSink("http://user:s3cr3t@127.0.0.1:notaport/x")
     assert "s3cr3t" not in str(bad.value)
+    handler, url = receiver  # a URL's USER:PASSWORD@ is sent as Basic authentication
+    sink = WebhookSink(url.replace("http://", "http://us%40er:s3cr3t@"), every_frame=True, warn=pytest.fail)
+    sink.write(Result(0.5, False, None))
+    assert sink.close().undelivered == 0 and handler.seen_headers[0]["Authorization"] == "Basic dXNAZXI6czNjcjN0"
     warnings: list[str] = []
     sink = WebhookSink(f"http://user:s3cr3t@127.0.0.1:{free_port()}/x", every_frame=True, retries=0,
                        warn=warnings.append, flush_timeout=2)

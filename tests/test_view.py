@@ -249,6 +249,7 @@ def test_a_loopback_view_answers_only_to_loopback_names():
             for path in ("/", "/stats.json", "/frame.jpg?after=0", "/nothing-here"):
                 assert _status_with_host(port, foreign, path) in (400, 421), (foreign, path)
         assert _status_with_host(port, "evil.example") == 421
+        assert _status_with_host(port, f"127.0.0.1:{port}", "/frame.jpg?after=x") == 400  # not a 500 and a traceback
     finally:
         view.close()
 

@@ -249,7 +249,10 @@ class LiveView:
         async def frame(request):
             if not allowed(request):
                 return denied()
-            after = int(request.query_params.get("after", "0") or 0)
+            try:
+                after = int(request.query_params.get("after", "0") or 0)
+            except ValueError:  # a request's junk is its own problem, not a traceback on the run's stderr
+                return Response("after=SEQ: a whole number\n", status_code=400, media_type="text/plain")
             deadline = time.monotonic() + 10.0
             while self.seq <= after and time.monotonic() < deadline and not self.finished:
                 await asyncio.sleep(0.02)

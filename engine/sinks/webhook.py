@@ -5,12 +5,15 @@ Whatever one POST meets (a refused connection, a timeout, a malformed reply that
 failed attempt of that message, retried with backoff; the sender thread itself never ends before close. A
 redirect (3xx) is never followed: urllib would turn the POST into a body-less GET to wherever it points,
 forwarding the headers, and count that GET's 200 as a delivery. It is a failed delivery, not retried (the
-receiver would answer the same), with a warning naming the status and where it pointed. Every line the sink
-prints names the URL with its password hidden (engine.common.redact).
+receiver would answer the same), with a warning naming the status and where it pointed. A URL's USER:PASSWORD@
+is sent as HTTP Basic authentication (urllib alone would take it for part of the host name). Every line the
+sink prints names the URL with its password hidden (engine.common.redact).
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import threading
 import time
@@ -18,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from engine.common.errors import UserError, one_line
 from engine.common.net import resolve, url_port
@@ -56,10 +59,15 @@ class WebhookSink:
                 "--webhook")
         if timeout <= 0 or retries < 0 or queue_limit < 1:
             raise UserError("--webhook-timeout must be positive, retries >= 0, the queue at least 1")
-        self.url, self.every_frame, self.timeout, self.retries = url, every_frame, timeout, retries
-        self.warn_to = warn
+        self.every_frame, self.timeout, self.retries, self.warn_to = every_frame, timeout, retries, warn
         self.flush_timeout = flush_timeout
-        self.headers = {"Content-Type": "application/json", "User-Agent": "lineflow", **(headers or {})}
+        self.headers = {"Content-Type": "application/json", "User-Agent": "lineflow"}
+        self.url = url
+        if parts.username is not None:  # USER:PASSWORD@ as Basic authentication, the URL without them
+            self.url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+            secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            self.headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
+        self.headers.update(headers or {})
         self.opener = urllib.request.build_opener(_NoRedirect)
         self.queue: deque = deque()
         self.queue_limit = queue_limit
@@ -126,7 +134,9 @@ class WebhookSink:
                 self._say(f"HTTP {e.code} {e.reason}", retrying=True)
             except urllib.error.URLError as e:
                 self._say(str(e.reason), retrying=True)
-            except Exception as e:  # noqa: BLE001 - http.client's BadStatusLine, LineTooLong, ...: this POST failed
+            except http.client.HTTPException as e:  # BadStatusLine, LineTooLong, IncompleteRead, ...
+                self._say(f"a malformed HTTP reply ({one_line(e)})", retrying=True)
+            except Exception as e:  # noqa: BLE001 - whatever else one POST meets, it failed; the thread goes on
                 self._say(one_line(e), retrying=True)
         return False
 
