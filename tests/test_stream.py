@@ -69,7 +69,7 @@ class _FakeCamera:
 
     script: list = []
 
-    def __init__(self, arg):
+    def __init__(self, *args):
         self.frame = np.random.default_rng(len(_FakeCamera.script)).integers(0, 256, (40, 50, 3), dtype=np.uint8)
 
     def isOpened(self):  # noqa: N802 - OpenCV's name
@@ -196,3 +196,129 @@ def test_max_fps_never_bursts_to_catch_up_after_a_stall(two_engines):
     assert len(list(run(StallingOnce(), source(), policy="block", queue_size=1, max_fps=1 / period))) == 30
     gaps = np.diff(reads)
     assert gaps.min() >= 0.5 * period, np.round(gaps, 3)  # before the fix: ~20 reads back to back after the stall
+
+
+class _SlowEngine:
+    """A ScoringEngine stand-in that takes `delay` s per call and scores every frame 0.5."""
+
+    backend_name, threshold = "slow", 1.0
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def score(self, frames, bgr=False, with_maps=True):
+        from engine.results import Result
+        time.sleep(self.delay)
+        return [Result(0.5, False) for _ in frames]
+
+
+def test_dropped_frames_come_out_in_index_order():
+    """drop-oldest with a batch in flight: a dropped frame's result waits for every lower index (before the fix it
+    was yielded as soon as any result arrived, ahead of the batch still being scored)."""
+    from engine.results import Status
+    from engine.stream import StreamStats, run
+    frames = [np.full((8, 8, 3), i % 256, np.uint8) for i in range(120)]
+    stats = StreamStats()
+    results = list(run(_SlowEngine(0.02), iter(frames), batch_size=4, policy="drop-oldest", queue_size=2,
+                       stats=stats, max_fps=400))
+    assert [r.index for r in results] == list(range(120))
+    dropped = sum(r.status is Status.DROPPED for r in results)
+    assert dropped == stats.dropped > 10 and stats.frames == 120
+
+
+def test_a_backend_failing_every_frame_in_the_fallback_stops_the_run():
+    """A batch's ValueError sends each frame through on its own; a backend that fails each of those too is a
+    failing backend (every frame of the batch failed), counted toward BACKEND_FAILURES_IN_A_ROW; before the fix
+    the run went on forever, each frame a "bad frame"."""
+    from engine.common.errors import RunError
+    from engine.stream import BACKEND_FAILURES_IN_A_ROW, run
+
+    class Refusing(_SlowEngine):
+        def score(self, frames, bgr=False, with_maps=True):
+            if len(frames) > 1:
+                raise ValueError("output shape (0,) does not match the batch")
+            raise RuntimeError("the device is gone")
+
+    got = []
+    with pytest.raises(RunError, match=f"{BACKEND_FAILURES_IN_A_ROW} batches in a row"):
+        for r in run(Refusing(0.0), [np.zeros((8, 8, 3), np.uint8)] * 40, batch_size=2, policy="block"):
+            got.append(r)
+    assert len(got) <= 2 * BACKEND_FAILURES_IN_A_ROW and all("the device is gone" in r.error for r in got)
+
+
+def test_closing_the_run_during_a_reconnection_wait_returns_at_once(fake_camera, monkeypatch):
+    """Ctrl-C during an outage: the source waits for its next attempt on the run's stop event, so closing the run
+    ends it at once and the reader is not reported hung (before: a 30 s sleep, capture_stuck True)."""
+    from engine import sources
+    from engine.stream import StreamStats, run
+    monkeypatch.setattr(sources, "RECONNECT_BACKOFF_S", 30.0)
+    monkeypatch.setattr(sources, "RECONNECT_MAX_WAIT_S", 30.0)
+    fake_camera.script = [True] * 2
+    stats = StreamStats()
+    stream = run(_SlowEngine(0.0), "camera:0", stats=stats)
+    for r in stream:
+        if r.error is not None:
+            break
+    time.sleep(0.2)  # the source is in its 30 s wait
+    t0 = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - t0 < 0.5 and not stats.capture_stuck
+
+
+def test_sixteen_bit_images_are_scaled_by_bit_depth(tmp_path):
+    """A 16-bit file means value / 65535 whatever its content: a dark frame (maximum below 256) was read as 8-bit
+    (value / 255, 257 times brighter) when Pillow opened it as mode "I" (PGM, PPM). 8-bit files are unchanged,
+    and a uint16 array handed to the engine means the same pixels as the file."""
+    from PIL import Image
+
+    from engine.common.images import read_image, to_rgb_float
+    dark = np.array([[0, 40, 200], [255, 7, 128]], np.uint16)
+    cv2 = pytest.importorskip("cv2")
+    for name in ("dark.pgm", "dark.png", "dark.tif"):
+        cv2.imwrite(str(tmp_path / name), dark)
+        got = read_image(tmp_path / name)
+        assert np.allclose(got[:, :, 0], dark / 65535.0), (name, Image.open(tmp_path / name).mode, got.max())
+        assert np.array_equal(got, to_rgb_float(dark))
+    (tmp_path / "12bit.pgm").write_bytes(b"P5 3 2 4095\n" + (dark * 16).astype(">u2").tobytes())
+    assert np.allclose(read_image(tmp_path / "12bit.pgm")[:, :, 0], dark * 16 / 4095.0, atol=1e-4)
+    Image.fromarray(dark.astype(np.uint8)).save(tmp_path / "eight.png")
+    assert np.array_equal(read_image(tmp_path / "eight.png")[:, :, 0], dark.astype(np.float32) / 255.0)
+
+
+class _RecordingCapture(_FakeCamera):
+    """A fake camera that records how OpenCV was asked to open it."""
+
+    opened: list = []
+
+    def __init__(self, *args):
+        super().__init__(args[0])
+        _RecordingCapture.opened.append(args)
+
+
+def test_a_url_password_reaches_opencv_only(monkeypatch):
+    """rtsp://user:password@cam: OpenCV opens the real URL (with FFmpeg, the timeouts as constructor parameters);
+    every label and message shows user:***@."""
+    import cv2
+
+    from engine import sources
+    from engine.common.errors import UserError
+    from engine.sources import SourceError, open_source
+    from engine.stream import run
+    monkeypatch.setattr(cv2, "VideoCapture", _RecordingCapture)
+    monkeypatch.setattr(sources, "RECONNECT_BACKOFF_S", 0.001)
+    monkeypatch.setattr(sources, "RECONNECT_ATTEMPTS", 2)
+    url = "rtsp://op:pw123@10.0.0.9:554/line1"
+    _RecordingCapture.opened, _FakeCamera.script = [], [True] * 3
+    texts = []
+    with pytest.raises(SourceError) as lost:
+        for r in run(_SlowEngine(0.0), url, policy="block"):
+            texts += [r.source, r.error or ""]
+    texts.append(str(lost.value))
+    opened = _RecordingCapture.opened[0]
+    monkeypatch.setattr(_RecordingCapture, "isOpened", lambda self: False)
+    with pytest.raises(UserError) as refused:
+        open_source(url)
+    texts.append(str(refused.value))
+    assert all("pw123" not in t for t in texts) and "rtsp://op:***@10.0.0.9:554/line1" in texts, texts
+    ms = sources.STREAM_TIMEOUT_MS
+    assert opened == (url, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])

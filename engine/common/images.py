@@ -2,7 +2,8 @@
 
 Training, evaluation, the build and the run side decode images here, so a file means the same pixels
 everywhere (the engine must not import torch). Grayscale is repeated to 3 channels, alpha is
-dropped, 16-bit is scaled by 1/65535. Anything unreadable is a DataError naming the file.
+dropped; integer pixels are scaled by their bit depth, never by their content (16-bit: value / 65535, a dark
+frame included). Anything unreadable is a DataError naming the file.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     im = open_image(path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im).astype(np.float32)
-        a = a / (65535.0 if a.max() > 255 or im.mode != "I" else 255.0)
+        bits = _integer_bits(im)
+        if bits > 16:
+            raise DataError(f"{path}: {bits}-bit integer image: save it with 8 or 16 bits per sample")
+        a = np.asarray(im).astype(np.float32) / (2.0 ** bits - 1)
     elif im.mode == "F":
         a = np.asarray(im).astype(np.float32)
         if not np.isfinite(a).all():
@@ -67,6 +70,14 @@ def read_image(path: str | Path) -> np.ndarray:
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     return np.ascontiguousarray(a[:, :, :3])
+
+
+def _integer_bits(im: Image.Image) -> int:
+    """Bits per sample of an integer-mode image, from its file: Pillow reads 16-bit PNG and TIFF as I;16, and
+    PGM/PPM with a maximum above 255 as "I" rescaled to 16 bits; a TIFF says its depth (32-bit ones are "I")."""
+    if im.mode.startswith("I;16") or getattr(im, "tag_v2", None) is None:
+        return 16
+    return int(max(np.atleast_1d(im.tag_v2.get(258, 16))))  # TIFF BitsPerSample
 
 
 def images_in(folder: Path) -> list[Path]:
