@@ -8,6 +8,7 @@ OpenCV (imported only for them); still images are decoded by engine/common/image
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -17,14 +18,20 @@ import numpy as np
 
 from engine.common.errors import UserError
 from engine.common.images import IMAGE_SUFFIXES, DataError, images_in, read_image
+from engine.common.redact import redact
 
-__all__ = ["Frame", "SourceError", "open_source", "is_live", "VIDEO_SUFFIXES"]
+__all__ = ["Frame", "Outage", "SourceError", "open_source", "is_live", "VIDEO_SUFFIXES", "LONGEST_SILENCE_S"]
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
 RECONNECT_ATTEMPTS = 5  # live sources: tries before giving up on a camera or stream that stopped
 RECONNECT_BACKOFF_S = 0.5  # first wait; doubles per attempt, at most RECONNECT_MAX_WAIT_S
 RECONNECT_MAX_WAIT_S = 8.0
-STREAM_TIMEOUT_MS = 5000  # a network stream that delivers nothing this long counts as stalled
+STREAM_TIMEOUT_MS = 5000  # a network stream that opens or delivers nothing this long counts as stalled
+# The longest a live network source yields nothing at all (no frame, no reconnection notice): a stall is noticed
+# within one read timeout, and then every attempt yields its notice before it waits its backoff (at most
+# RECONNECT_MAX_WAIT_S), reopens (at most the open timeout) and reads (at most the read timeout):
+# 8 s + 5 s + 5 s = 18 s. engine.stream's frame timeout ("the source hangs") is set above it.
+LONGEST_SILENCE_S = RECONNECT_MAX_WAIT_S + 2 * STREAM_TIMEOUT_MS / 1000
 
 
 class SourceError(UserError):
@@ -33,75 +40,119 @@ class SourceError(UserError):
 
 @dataclass
 class Frame:
-    index: int
-    source: str
+    index: int  # the frame's place in the source: 0, 1, 2, ... with no gap (an error frame takes its place too)
+    source: str  # a label: the file, or the URL with its password hidden (engine.common.redact)
     timestamp: float
     image: np.ndarray | None = None  # RGB (H, W, 3) float32 in [0, 1] for files, raw array otherwise
     bgr: bool = False  # image is OpenCV's BGR
     error: str | None = None
     perf: float = 0.0  # perf_counter when captured (latency)
     fps: float | None = None  # the source's own frame rate, where it states one (video files, cameras)
+    outage: Outage | None = None  # a reconnection notice, or the first frame after an outage, carries that outage
+
+
+@dataclass
+class Outage:
+    """A live source's gap: from its last frame to its first frame after reconnecting (ended None: not over, or
+    lost for good). The same record travels on every frame of the outage, so it is complete once `ended` is set."""
+
+    source: str  # the label (password hidden)
+    started: float  # time.time() of the last frame before the gap (or of the opening)
+    fps: float | None  # the source's stated frame rate, None where it states none
+    ended: float | None = None
+    attempts: int = 0  # reconnection attempts made
+
+    def duration_s(self) -> float:
+        return (self.ended if self.ended is not None else time.time()) - self.started
+
+    def frames_not_read(self) -> int:
+        """Frames the source sent (by its stated rate) that were never read; without a rate, the reconnection
+        notices that stand in the results where frames were missing."""
+        return max(0, round(self.duration_s() * self.fps) - 1) if self.fps else self.attempts
+
+    def began_line(self) -> str:
+        return f"{self.source}: stream lost, no frame for {self.duration_s():.1f} s; reconnecting " \
+               f"(up to {RECONNECT_ATTEMPTS} attempts)"
+
+    def ended_line(self) -> str:
+        return f"{self.source}: stream back after {self.duration_s():.1f} s: {self.attempts} reconnection " \
+               f"attempt{'s' * (self.attempts != 1)}, ~{self.frames_not_read()} frames not read"
 
 
 def is_live(spec) -> bool:
     """Cameras and network streams run at their own pace: frames may be dropped when inference lags."""
     return isinstance(spec, str) and (spec.startswith("camera:") or spec.startswith("/dev/video")
-                                      or re.match(r"^(rtsp|rtmp|http|https)://", spec) is not None)
+                                      or _is_url(spec))
 
 
-def _video(spec: str, capture_arg: int | str) -> Iterator[Frame]:
+def _is_url(spec: str) -> bool:
+    return re.match(r"^(rtsp|rtmp|http|https)://", spec) is not None
+
+
+def _video(spec: str, capture_arg: int | str, stop: threading.Event) -> Iterator[Frame]:
     try:
         import cv2
     except ImportError:
-        raise UserError(f"{spec}: video and cameras need OpenCV (pip install opencv-python-headless)") from None
-    live = is_live(spec)
+        raise UserError(f"{redact(spec)}: video and cameras need OpenCV (pip install opencv-python-headless)") from None
+    live, label = is_live(spec), redact(spec)
+    params = []  # FFmpeg reads its timeouts from the constructor only (cap.set() afterwards is ignored)
+    for prop in ("CAP_PROP_OPEN_TIMEOUT_MSEC", "CAP_PROP_READ_TIMEOUT_MSEC"):
+        if hasattr(cv2, prop):
+            params += [getattr(cv2, prop), STREAM_TIMEOUT_MS]
 
     def open_capture():
-        cap = cv2.VideoCapture(capture_arg)
-        if live and isinstance(capture_arg, str):  # a stalled stream times out instead of blocking forever
-            for prop in ("CAP_PROP_OPEN_TIMEOUT_MSEC", "CAP_PROP_READ_TIMEOUT_MSEC"):
-                if hasattr(cv2, prop):
-                    cap.set(getattr(cv2, prop), STREAM_TIMEOUT_MS)
-        return cap
+        if isinstance(capture_arg, str) and _is_url(capture_arg):  # FFmpeg only: no image-sequence guess at a URL
+            return cv2.VideoCapture(capture_arg, cv2.CAP_FFMPEG, params)
+        return cv2.VideoCapture(capture_arg)
     cap = open_capture()
     if not cap.isOpened():  # checked now, not at the first frame: a bad source fails before anything runs
-        raise UserError(f"{spec}: cannot open (not a readable video, camera or stream)")
+        raise UserError(f"{label}: cannot open (not a readable video, camera or stream)")
     expected = 0 if live else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0)
-    return _read_video(cap, spec, open_capture if live else None, expected, fps if 0 < fps < 1000 else None)
+    return _read_video(cap, label, open_capture if live else None, expected, fps if 0 < fps < 1000 else None, stop)
 
 
-def _read_video(cap, spec: str, reopen, expected: int, fps: float | None = None) -> Iterator[Frame]:
+def _read_video(cap, label: str, reopen, expected: int, fps: float | None = None,
+                stop: threading.Event | None = None) -> Iterator[Frame]:
     """Frames until the end. Files: ending short of the container's frame count is a SourceError. Live
-    sources: a failed read reconnects with exponential backoff, each attempt reported as an error frame."""
-    index = 0
+    sources: a failed read reconnects with exponential backoff, each attempt reported as an error frame that
+    carries the Outage (as does the first frame after it). The backoff waits on `stop`: a run that stops
+    ends the source at once."""
+    stop = stop or threading.Event()
+    index, last = 0, time.time()
     try:
         while True:
             ok, frame = cap.read()
             if ok:
-                yield Frame(index, spec, time.time(), frame, bgr=True, fps=fps)
+                last = time.time()
+                yield Frame(index, label, last, frame, bgr=True, fps=fps)
                 index += 1
                 continue
             if reopen is None:
                 if expected and index + 1 < expected:  # one frame of slack: some containers round their count
-                    raise SourceError(f"{spec}: video ended after {index} of {expected} frames (file cut short "
+                    raise SourceError(f"{label}: video ended after {index} of {expected} frames (file cut short "
                                       f"or damaged); the results before the cut were written")
                 return
+            outage = Outage(label, last, fps)
             for attempt in range(1, RECONNECT_ATTEMPTS + 1):
                 wait = min(RECONNECT_BACKOFF_S * 2 ** (attempt - 1), RECONNECT_MAX_WAIT_S)
-                yield Frame(index, spec, time.time(), error=f"no frame from {spec}: reconnecting in {wait:g} s "
-                                                            f"(attempt {attempt} of {RECONNECT_ATTEMPTS})")
+                outage.attempts = attempt
+                yield Frame(index, label, time.time(), error=f"no frame from {label}: reconnecting in {wait:g} s "
+                                                             f"(attempt {attempt} of {RECONNECT_ATTEMPTS})",
+                            outage=outage)
                 index += 1
-                time.sleep(wait)
+                if stop.wait(wait):
+                    return
                 cap.release()
                 cap = reopen()
                 ok, frame = cap.read() if cap.isOpened() else (False, None)
                 if ok:
-                    yield Frame(index, spec, time.time(), frame, bgr=True, fps=fps)
+                    last = outage.ended = time.time()
+                    yield Frame(index, label, last, frame, bgr=True, fps=fps, outage=outage)
                     index += 1
                     break
             else:
-                raise SourceError(f"{spec}: lost: no frame after {RECONNECT_ATTEMPTS} reconnection attempts")
+                raise SourceError(f"{label}: lost: no frame after {RECONNECT_ATTEMPTS} reconnection attempts")
     finally:
         cap.release()
 
@@ -119,23 +170,24 @@ def _arrays(arrays: Iterable[np.ndarray], bgr: bool) -> Iterator[Frame]:
         yield Frame(index, "array", time.time(), np.asarray(a), bgr=bgr)
 
 
-def open_source(spec, bgr: bool = False) -> Iterator[Frame]:
+def open_source(spec, bgr: bool = False, stop: threading.Event | None = None) -> Iterator[Frame]:
     """A source spec -> frames. Strings: camera:N, /dev/videoN, rtsp/http URL, video file, image folder, image file.
 
     Anything else: a numpy array (one frame, or N frames stacked) or an iterable of arrays.
+    stop: set, it ends a live source's wait between reconnection attempts (the generator then returns).
     """
     if isinstance(spec, np.ndarray):
         return _arrays([spec] if spec.ndim == 2 or spec.ndim == 3 and spec.shape[2] in (1, 3, 4) else spec, bgr)
     if not isinstance(spec, (str, Path)):
         return _arrays(spec, bgr)
-    spec = str(spec)
+    spec, stop = str(spec), stop or threading.Event()
     if spec.startswith("camera:"):
         try:
-            return _video(spec, int(spec.split(":", 1)[1]))
+            return _video(spec, int(spec.split(":", 1)[1]), stop)
         except ValueError:
-            raise UserError(f"{spec}: camera index must be a number, e.g. camera:0") from None
+            raise UserError(f"{redact(spec)}: camera index must be a number, e.g. camera:0") from None
     if is_live(spec):
-        return _video(spec, spec)
+        return _video(spec, spec, stop)
     path = Path(spec)
     if path.is_dir():
         paths = images_in(path)
@@ -143,9 +195,9 @@ def open_source(spec, bgr: bool = False) -> Iterator[Frame]:
             raise UserError(f"{path}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
         return _files(paths)
     if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
+        raise UserError(f"{redact(spec)}: no such file or folder")
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        return _video(spec, spec)
+        return _video(spec, spec, stop)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _files([path])
     raise UserError(f"{path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))}) or video "
