@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -20,8 +22,8 @@ from engine.common.errors import UserError
 from engine.common.files import atomic_write
 from engine.header import EngineHeader
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "OLDEST_READABLE", "EngineFileError", "write_engine", "read_engine",
-           "read_engine_file", "engine_id", "ENGINE_ID_DIGITS",
+__all__ = ["MAGIC", "FORMAT_VERSION", "OLDEST_READABLE", "MAX_HEADER_BYTES", "EngineFileError", "write_engine",
+           "read_engine", "read_engine_file", "engine_id", "ENGINE_ID_DIGITS",
            "upgrade_header"]
 
 MAGIC = b"LFENGINE"
@@ -44,6 +46,8 @@ MAGIC = b"LFENGINE"
 FORMAT_VERSION = 9
 OLDEST_READABLE = 2
 _FIXED = struct.Struct("<8sIQ")  # magic, version, header length
+MAX_HEADER_BYTES = 1 << 20  # a header's JSON at most (a built one is a few kB): refused unread above it
+_CHUNK = 1 << 20  # the file is hashed this many bytes at a time
 ENGINE_ID_DIGITS = 12
 
 
@@ -140,49 +144,110 @@ def engine_id(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:ENGINE_ID_DIGITS]
 
 
-def read_engine_file(path: str | Path) -> tuple[EngineHeader, dict[str, bytes], str]:
-    """-> (header, sections, engine id), all from one read of the file (a file replaced meanwhile cannot mix)."""
-    path = Path(path)
+def _open_regular(path: Path):
+    """The file opened for reading, once it is known to be a regular file (a FIFO would block the open, /dev/zero
+    would never end); its size."""
     try:
-        blob = path.read_bytes()
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise EngineFileError(f"{path}: is a folder, not an engine file")
+        if not stat.S_ISREG(st.st_mode):
+            raise EngineFileError(f"{path}: not a regular file (a device, pipe or socket), not an engine file")
+        f = open(path, "rb")  # noqa: SIM115 - closed by the caller's with
     except FileNotFoundError:
         raise EngineFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise EngineFileError(f"{path}: is a folder, not an engine file") from None
     except OSError as e:
         raise EngineFileError(f"{path}: cannot read ({e.strerror})") from None
-    if len(blob) < _FIXED.size + 32 or blob[:8] != MAGIC:
-        raise EngineFileError(f"{path}: not a lineflow engine file (build one with python -m engine.build model.pt)")
-    _, version, head_len = _FIXED.unpack_from(blob)
-    if version > FORMAT_VERSION:
-        raise EngineFileError(f"{path}: engine format version {version} was written by a newer lineflow; this one "
-                              f"reads version {FORMAT_VERSION}: upgrade lineflow, or rebuild the engine with this one")
-    if version < OLDEST_READABLE:
-        raise EngineFileError(f"{path}: engine format version {version}; this lineflow reads versions "
-                              f"{OLDEST_READABLE}-{FORMAT_VERSION}: rebuild it with python -m engine.build")
-    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
-        raise EngineFileError(f"{path}: damaged (checksum mismatch): the file was truncated or altered; rebuild it")
-    body_start = _FIXED.size + head_len
+    return f, os.fstat(f.fileno()).st_size
+
+
+def _hash_through(f, digest, n: int) -> None:
+    """Read n bytes of f into digest, a chunk at a time (never the whole file in memory); stops early at its end."""
+    buf = memoryview(bytearray(min(max(n, 0), _CHUNK)))
+    while n > 0:
+        got = f.readinto(buf[:min(n, _CHUNK)])
+        if not got:
+            return
+        digest.update(buf[:got])
+        n -= got
+
+
+def _section_plan(head: bytes, body_start: int, body_end: int) -> tuple[dict | None, list, str | None]:
+    """The header's JSON (without its table) and its sections as (name, start, length, sha256) in file order, each
+    checked to lie inside the file and apart from the others before a byte of it is read; or a problem."""
     try:
-        raw = json.loads(blob[_FIXED.size:body_start])
-        if not isinstance(raw, dict) or not isinstance(raw.get("sections"), list):
-            raise EngineFileError(f"{path}: engine header lacks a section table; rebuild the engine")
-        table = raw.pop("sections")
+        raw = json.loads(head)
+    except (ValueError, RecursionError) as e:
+        return None, [], f"malformed engine header ({str(e)[:200] or type(e).__name__})"
+    if not isinstance(raw, dict) or not isinstance(raw.get("sections"), list):
+        return None, [], "engine header lacks a section table"
+    table = []
+    for s in raw.pop("sections"):
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str)
+                and all(type(s.get(k)) is int and s[k] >= 0 for k in ("offset", "length"))):
+            return None, [], "malformed section table"
+        start = body_start + s["offset"]
+        if start + s["length"] > body_end:
+            return None, [], (f"section {s['name']!r} ({s['length']} bytes at offset {s['offset']}) lies beyond the "
+                              f"end of the file")
+        table.append((s["name"], start, s["length"], s["sha256"]))
+    table.sort(key=lambda t: t[1])
+    for (a, a_start, a_len, _), (b, b_start, _, _) in zip(table, table[1:]):
+        if b_start < a_start + a_len:
+            return None, [], f"sections {a!r} and {b!r} overlap"
+    return raw, table, None
+
+
+def read_engine_file(path: str | Path) -> tuple[EngineHeader, dict[str, bytes], str]:
+    """-> (header, sections, engine id), all from one sequential read of the file (a file replaced meanwhile cannot
+    mix). Bounded: the header's and each section's declared size are checked against the file's before they are
+    read; the sections are the one copy held (the rest is hashed a chunk at a time)."""
+    path = Path(path)
+    f, size = _open_regular(path)
+    with f:
+        fixed = f.read(_FIXED.size)
+        if size < _FIXED.size + 32 or len(fixed) < _FIXED.size or fixed[:8] != MAGIC:
+            raise EngineFileError(f"{path}: not a lineflow engine file (build one with python -m engine.build "
+                                  "model.pt)")
+        _, version, head_len = _FIXED.unpack(fixed)
+        if version > FORMAT_VERSION:
+            raise EngineFileError(f"{path}: engine format version {version} was written by a newer lineflow; this "
+                                  f"one reads version {FORMAT_VERSION}: upgrade lineflow, or rebuild the engine with "
+                                  "this one")
+        if version < OLDEST_READABLE:
+            raise EngineFileError(f"{path}: engine format version {version}; this lineflow reads versions "
+                                  f"{OLDEST_READABLE}-{FORMAT_VERSION}: rebuild it with python -m engine.build")
+        digest, body_start, body_end = hashlib.sha256(fixed), _FIXED.size + head_len, size - 32
+        raw, table, problem = None, [], None
+        if body_start > body_end:
+            problem = f"its header of {head_len} bytes, beyond the end of the file ({size} bytes)"
+        elif head_len > MAX_HEADER_BYTES:
+            problem = f"its header of {head_len} bytes is over the limit of {MAX_HEADER_BYTES}"
+        else:
+            head = f.read(head_len)
+            digest.update(head)
+            raw, table, problem = _section_plan(head, body_start, body_end)
+        sections, damaged, pos = {}, [], f.tell()
+        for name, start, length, sha in table:
+            _hash_through(f, digest, start - pos)
+            data = f.read(length)
+            digest.update(data)
+            if len(data) != length or hashlib.sha256(data).hexdigest() != sha:
+                damaged.append(name)
+            sections[name], pos = data, start + len(data)
+        _hash_through(f, digest, body_end - pos)
+        tail = f.read(32)
+    if digest.digest() != tail:
+        raise EngineFileError(f"{path}: damaged (checksum mismatch): the file was truncated or altered; rebuild it")
+    digest.update(tail)
+    file_id = digest.hexdigest()[:ENGINE_ID_DIGITS]  # engine_id of the whole file, from the same read
+    if problem:
+        raise EngineFileError(f"{path}: {problem}; rebuild the engine")
+    if damaged:
+        raise EngineFileError(f"{path}: section {damaged[0]!r} is damaged; rebuild the engine")
+    try:
         raw.pop("format_version", None)
-        raw = upgrade_header(raw, version)
-        sections = {}
-        for s in table:
-            if not (isinstance(s["offset"], int) and isinstance(s["length"], int) and s["offset"] >= 0
-                    and isinstance(s["name"], str)):
-                raise EngineFileError(f"{path}: malformed section table; rebuild the engine")
-            data = blob[body_start + s["offset"]:body_start + s["offset"] + s["length"]]
-            if len(data) != s["length"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
-                raise EngineFileError(f"{path}: section {s['name']!r} is damaged; rebuild the engine")
-            sections[s["name"]] = data
-        header = EngineHeader.from_dict(raw)
-        file_id = engine_id(blob)
-    except EngineFileError:
-        raise
+        header = EngineHeader.from_dict(upgrade_header(raw, version))
     except ValueError as e:  # the header's schema (engine/header.py) and JSON errors
         raise EngineFileError(f"{path}: malformed engine header ({str(e)[:200]}); rebuild the engine") from None
     except (KeyError, TypeError, RecursionError) as e:

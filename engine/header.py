@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from engine.common.frame_stats import InputStats
+from engine.common.geometry import MAX_SIDE
 from engine.common.schema import hw_pair, integer, number, strict_kwargs
 from engine.scoring import ScoringSpec
 
@@ -18,7 +19,7 @@ __all__ = ["EngineHeader", "TilingSpec", "Provenance",
            "STAGE_PRECISIONS", "PART_PRECISIONS", "INT8_PRECISIONS",
            "SECTION_ONNX", "SECTION_ONNX_BACKBONE", "SECTION_ONNX_FLOW", "SECTION_ONNX_HEAD", "SECTION_ONNX_TAIL",
            "SECTION_TENSORRT_PLAN", "SECTION_MODEL", "SECTION_KERNELS",
-           "required_sections"]
+           "required_sections", "MAX_BATCH", "MAX_BATCH_PIXELS"]
 
 BACKENDS = ("openvino", "onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "bf16", "bf16-deep", "bf16-flow", "fp16", "int8", "int8-backbone")
@@ -57,6 +58,14 @@ PART_PRECISIONS = {"fp32": {"stem": "fp32", "backbone": "fp32", "flow": "fp32"},
                    "int8-backbone": {"stem": "fp32", "backbone": "int8", "flow": "fp32"}}
 # precisions quantized on the check images (engine/builder/quantize.py): they need real ones (--calib)
 INT8_PRECISIONS = tuple(p for p, parts in PART_PRECISIONS.items() if "int8" in parts.values())
+
+
+# Upper bounds on what a load allocates from the header, checked before anything is (an engine file is untrusted):
+# the input's sides are at most engine.common.geometry.MAX_SIDE (as train's); a fixed batch (the load's self-test pads
+# one frame to it) at most MAX_BATCH frames and MAX_BATCH_PIXELS input pixels (a 200 MB float32 batch at most); the
+# scoring's maps are the input's size, each scale's no larger.
+MAX_BATCH = 256
+MAX_BATCH_PIXELS = 1 << 24
 
 
 def required_sections(backend: str, precision: str) -> tuple[str, ...]:
@@ -166,11 +175,20 @@ class EngineHeader:
             raise ValueError(f"precision {self.precision!r} is not one {self.backend} runs "
                              f"({', '.join(BACKEND_PRECISIONS[self.backend])})")
         object.__setattr__(self, "input_size", hw_pair("input_size", self.input_size))
+        h, w = self.input_size
+        if max(h, w) > MAX_SIDE:
+            raise ValueError(f"input_size {h}x{w}: each side must be at most {MAX_SIDE}")
         number("threshold", self.threshold)
-        if self.batch is not None:
-            integer("batch", self.batch)
+        if self.batch is not None and (integer("batch", self.batch) > MAX_BATCH
+                                       or self.batch * h * w > MAX_BATCH_PIXELS):
+            raise ValueError(f"batch {self.batch}: at most {MAX_BATCH} frames and {MAX_BATCH_PIXELS} input pixels")
         if self.scoring is not None and not isinstance(self.scoring, ScoringSpec):
             raise ValueError("scoring must be a ScoringSpec")
+        if self.scoring is not None and self.scoring.size != self.input_size:
+            raise ValueError(f"scoring.size {list(self.scoring.size)} differs from input_size {[h, w]}")
+        if self.scoring is not None and any(sh > h or sw > w for sh, sw in self.scoring.shapes):
+            raise ValueError(f"scoring.shapes {[list(s) for s in self.scoring.shapes]}: a scale's map is at most "
+                             f"the input's size ({h}x{w})")
         if self.tiling is not None and not isinstance(self.tiling, TilingSpec):
             raise ValueError("tiling must be a TilingSpec")
         if self.backend in MAPS_GRAPH_BACKENDS and self.scoring is None:

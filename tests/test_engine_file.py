@@ -101,3 +101,97 @@ def test_header_round_trips_and_is_never_mutated_by_writing(tmp_path):
     assert read == header and sections == {"model": b"model.pt"}
     with pytest.raises(ValueError, match="precision"):
         replace(header, precision="int3")
+
+
+def _peak_bytes(call) -> tuple[int, BaseException | None]:
+    """(the peak of Python's and numpy's allocations during call(), what it raised)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        call()
+        raised = None
+    except BaseException as e:  # noqa: BLE001 - returned to the test
+        raised = e
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, raised
+
+
+MiB = 2**20
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda h: (h.update(input_size=[9000, 9000]), h["scoring"].update(size=[9000, 9000])), "input_size"),
+    (lambda h: h.update(batch=2000), "batch"),
+    (lambda h: h["scoring"].update(shapes=[[100000, 16]] * len(h["scoring"]["shapes"])), "scoring.shapes"),
+    (lambda h: h["scoring"].update(size=[4096, 4096]), "scoring.size"),
+])
+def test_a_header_declaring_huge_sizes_is_refused_before_allocating(tiny, tmp_path, edit, message):
+    """Sizes the load would allocate from (the input, a fixed batch the self-test pads to, the scoring's maps) are
+    bounded by the header's schema (engine.header): refused in one line before the backend or the self-test
+    allocates anything of that size."""
+    bad = tmp_path / "huge.engine"
+    _reseal_header(tiny["engine"], bad, edit)
+    size = bad.stat().st_size
+    peak, raised = _peak_bytes(lambda: engine.load(bad))
+    assert isinstance(raised, EngineFileError) and message in str(raised) and "\n" not in str(raised), raised
+    assert peak < size + 16 * MiB, f"{peak / MiB:.0f} MiB allocated for a {size / MiB:.0f} MiB file"
+
+
+def test_a_tiling_engine_self_tests_on_one_tile(tiny, tmp_path):
+    """A tiling header at its extremes (scale 16, overlap 0.75: thousands of tiles for a frame of the input's size)
+    loads with a self-test of a frame that makes one tile, not thousands."""
+    tiled = tmp_path / "tiled.engine"
+    _reseal_header(tiny["engine"], tiled, lambda h: h.update(tiling={"scale": 16, "overlap": 0.75,
+                                                                      "top_fraction": 0.01}))
+    size = tiled.stat().st_size
+    peak, raised = _peak_bytes(lambda: engine.load(tiled).close())
+    assert raised is None, raised
+    assert peak < size + 16 * MiB, f"{peak / MiB:.0f} MiB allocated for a {size / MiB:.0f} MiB file"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda h: h["sections"][0].update(length=2**40), "beyond the end of the file"),
+    (lambda h: h["sections"][0].update(offset=2**62), "beyond the end of the file"),
+])
+def test_a_section_beyond_the_file_is_refused_by_its_declared_size(tiny, tmp_path, edit, message):
+    bad = tmp_path / "bad.engine"
+    _reseal_header(tiny["engine"], bad, edit)
+    with pytest.raises(EngineFileError, match=message) as info:
+        read_engine(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_header_length_beyond_the_file_is_refused(tiny, tmp_path):
+    blob = bytearray(tiny["engine"].read_bytes())
+    struct.pack_into("<Q", blob, 12, 2**40)
+    blob[-32:] = hashlib.sha256(bytes(blob[:-32])).digest()
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(EngineFileError, match="header of 1099511627776 bytes, beyond the end of the file"):
+        read_engine(bad)
+
+
+def test_reading_an_engine_file_holds_its_sections_once(tmp_path):
+    """The file is not read whole and copied: the sections are the one copy in memory (a 32 MiB file, read in
+    well under 2 x 32 MiB)."""
+    header = EngineHeader(backend="torch", input_size=64, threshold=1.5)
+    path = tmp_path / "big.engine"
+    write_engine(path, header, {"model": bytes(32 * MiB)})
+    peak, raised = _peak_bytes(lambda: read_engine(path))
+    assert raised is None, raised
+    assert peak < 40 * MiB, f"{peak / MiB:.0f} MiB allocated to read a 32 MiB file"
+
+
+def test_an_engine_path_that_is_not_a_regular_file_is_refused_unread(tmp_path):
+    """/dev/zero (an endless stream) is refused by its kind, not read until memory runs out (the child process
+    is capped at 1 GiB, so the old whole-file read failed there with MemoryError)."""
+    import subprocess
+    import sys
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+            "from engine.format import EngineFileError, read_engine\n"
+            "try:\n    read_engine('/dev/zero')\nexcept EngineFileError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "/dev/zero: not a regular file" in proc.stdout, proc.stderr[-500:]
