@@ -217,18 +217,19 @@ class MqttSink:
                     self.holding = False
                     return
                 payload = self.backlog[0]
-            with self.lock:
-                self.backlog.popleft()
-            self._hand(payload)
+            self._hand(payload, from_backlog=True)
 
-    def _hand(self, payload: str) -> None:
-        """Publish a frame's message (call under publish_lock); one paho refuses is dropped and counted, said once."""
+    def _hand(self, payload: str, from_backlog: bool = False) -> None:
+        """Publish a frame's message (call under publish_lock); one paho refuses is dropped and counted, said once.
+        From the backlog, it leaves the backlog in the same step as it is counted in flight (pending stays exact)."""
         try:
             info = self.client.publish(self.topic, payload, qos=1)
             code, mid = info.rc, info.mid
         except ValueError as e:  # paho's own checks (a payload over MQTT's 256 MB)
             code, mid = one_line(e), None
         with self.lock:
+            if from_backlog:
+                self.backlog.popleft()
             if code in self.kept_codes:
                 self.unacked.add(mid)
                 return
