@@ -291,7 +291,7 @@ def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats,
     with_maps = bool(args.save_maps or args.overlay_video or args.view or args.review)
     drift = _drift_monitor(args, engine)
     results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
-                  with_maps=with_maps, stats=stats, drift=drift)
+                  with_maps=with_maps, stats=stats, drift=drift, on_event=_event_line)
     sinks: list[Sink] = list(line_sinks)
     try:
         first = next(results, None)  # opens the source: a bad source fails here, before any output exists
@@ -353,6 +353,8 @@ def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats,
           f"(threshold {engine.threshold:.4f}), {stats.dropped} dropped, {stats.errors} errors; "
           f"{engine.backend_name} {engine.precision}"
           + (f"; {undelivered} messages not delivered" if undelivered else ""), file=sys.stderr)
+    if stats.outage_line():  # a live source's gaps: how long, how many reconnection attempts, frames not read
+        print(stats.outage_line(), file=sys.stderr)
     if engine.run_summary():  # a thin camera host: what travelled
         print(engine.run_summary(), file=sys.stderr)
     if failure is not None:
