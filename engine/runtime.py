@@ -26,10 +26,11 @@ from engine.scoring import top_fraction_mean
 
 __all__ = ["Engine", "EngineClosedError", "load", "CLOSE_WAIT_S"]
 
-# how long close() waits for the calls in flight; a call still running then (a reader abandoned inside the backend)
-# closes the backend itself when it ends. The stream's own JOIN_TIMEOUT_S (30 s) is the longest a reader is waited
-# for before it is abandoned, so a reader that ends at all ends within this.
-CLOSE_WAIT_S = 30.0
+# How long close() waits for the calls in flight. A call still running then (a reader abandoned inside the backend:
+# engine.stream has already waited its JOIN_TIMEOUT_S, 30 s, for it) keeps the backend, and closes it as it ends:
+# freeing a backend under a running call could crash the process, leaving it to the call or to the process's exit
+# cannot. So the wait is short: a slow batch's time, not a hung one's.
+CLOSE_WAIT_S = 5.0
 
 
 class EngineClosedError(RuntimeError):
@@ -53,7 +54,8 @@ class Engine:
         self.backend = self._load_backend(sections, threads, busy_wait)
         self._lock = nullcontext() if self.backend.thread_safe else threading.Lock()
         self._calls, self._closed, self._idle = 0, False, threading.Condition()
-        self._backend_open = True  # False once closed (by close(), or by the last call out after close() gave up)
+        self._left_to_calls = False  # close() gave up waiting: the last call out closes the backend
+        self._backend_open = True
         if self.tiling is not None:
             self._blend = blend_weights(self.input_size, self.tiling.overlap)
         self._self_test()
@@ -94,7 +96,7 @@ class Engine:
             with self._idle:
                 self._calls -= 1
                 self._idle.notify_all()
-                last_out = self._closed and self._calls == 0 and self._backend_open
+                last_out = self._left_to_calls and self._calls == 0
             if last_out:  # close() gave up waiting for this call: it closes the backend now that no call uses it
                 self._close_backend()
 
@@ -229,6 +231,7 @@ class Engine:
         with self._idle:
             self._closed = True
             idle = self._idle.wait_for(lambda: self._calls == 0, timeout=CLOSE_WAIT_S)
+            self._left_to_calls = not idle
         if idle:
             self._close_backend()
         return idle
