@@ -5,7 +5,9 @@
 When inference is slower than the source, the policy decides: "block" (files: the reader waits, no
 frame is skipped) or "drop-oldest" (cameras and streams: the oldest waiting frame is dropped so
 latency stays bounded). A dropped frame still yields a result (Status.DROPPED, its error saying so) and
-is counted; nothing is lost silently. NumPy and the backend release the GIL, so threads overlap.
+is counted; nothing is lost silently, and results come out in index order. A live source's outages (its
+reconnection attempts) are recorded and told as they begin and end. NumPy and the backend release the GIL,
+so threads overlap.
 """
 
 from __future__ import annotations

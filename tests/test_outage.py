@@ -89,6 +89,14 @@ def short_timeouts(monkeypatch):
     monkeypatch.setattr(sources, "RECONNECT_MAX_WAIT_S", 1.0)
 
 
+def test_the_frame_timeout_outlasts_a_reconnection_attempt():
+    """Each attempt yields its notice, then waits, reopens and reads: the run's frame timeout ("the source hangs")
+    must outlast the longest such silence, or it would end the run before the attempts are made."""
+    from engine import sources, stream
+    silence = sources.RECONNECT_MAX_WAIT_S + 2 * sources.STREAM_TIMEOUT_MS / 1000
+    assert sources.LONGEST_SILENCE_S == silence and stream.LIVE_FRAME_TIMEOUT_S > silence
+
+
 def test_a_stalled_stream_times_out_at_the_stream_timeout(camera, short_timeouts):
     """OpenCV's FFmpeg backend takes its timeouts from the constructor only: set afterwards they never applied
     and a stalled stream blocked read() for FFmpeg's 30 s, as long as the run's frame timeout."""
