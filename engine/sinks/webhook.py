@@ -99,8 +99,9 @@ class WebhookSink:
                 return
         except urllib.error.HTTPError as e:
             with e:
-                if 300 <= e.code < 400:
-                    raise _Redirected(f"HTTP {e.code} redirect to {e.headers.get('Location', '(no Location)')}; "
+                if 300 <= e.code < 400:  # the Location on one line, bounded: it is the receiver's text
+                    where = " ".join(str(e.headers.get("Location", "(no Location)")).split())[:300]
+                    raise _Redirected(f"HTTP {e.code} redirect to {where}; "
                                       "redirects are not followed, so the message is not delivered (point --webhook "
                                       "at the final URL)") from None
                 raise
