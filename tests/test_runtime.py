@@ -293,3 +293,13 @@ def test_close_returns_after_its_timeout_when_a_call_never_ends(tiny, monkeypatc
         reader.join(5.0)
         closer.join(5.0)
     assert fake.closed  # the last call out closed it
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_a_result_made_with_a_non_finite_score_is_an_error_however_it_was_made(score):
+    """The backstop behind engine.results.verdict: a Result built anywhere with a NaN or infinite score is an error
+    result (no score, no verdict), so no sink writes a NaN token or a pass."""
+    from engine.results import Result, Status
+    r = Result(score, False)
+    assert (r.score, r.is_anomalous, r.status) == (None, None, Status.ERROR) and "non-finite score" in r.error
+    json.loads(json.dumps(r.to_json(), allow_nan=False))
