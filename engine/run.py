@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                       "variable, which other users cannot read in the process list)")
     line.add_argument("--mqtt-ca", metavar="FILE", help="CA certificates for mqtts:// (default: the system's)")
     line.add_argument("--mqtt-queue", type=int, default=10_000, help="messages that may wait for the broker "
-                      "(not yet acknowledged); past it new ones are dropped and counted")
+                      "(not yet acknowledged), 1 to 65,535 (MQTT's message ids); past it new ones are dropped and "
+                      "counted")
     line.add_argument("--mqtt-heartbeat", type=float, default=5.0, help="seconds between heartbeats")
     line.add_argument("--webhook", metavar="URL", help="HTTP POST of the frame's JSON for every anomalous frame")
     line.add_argument("--webhook-all", action="store_true", help="POST every frame, not only anomalous ones")

@@ -21,7 +21,7 @@ import engine
 ALL = ["Engine", "EngineFileError", "Result", "StreamStats", "load", "run"]
 LOAD = ["path", "threads=None", "busy_wait=True"]
 RUN = ["engine_or_path", "source", "batch_size=1", "policy=None", "max_fps=None", "with_maps=True", "bgr=False",
-       "queue_size=8", "stats=None", "frame_timeout=-1.0", "drift=None"]
+       "queue_size=8", "stats=None", "frame_timeout=-1.0", "drift=None", "on_event=None"]
 ENGINE_METHODS = {
     "__enter__": ["self"],
     "__exit__": ["self", "*exc"],

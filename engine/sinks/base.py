@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from engine.common.redact import redact
 from engine.results import Result
 
 __all__ = ["Sink", "SinkSummary", "warn_on_stderr", "camera_name", "result_message", "FLUSH_TIMEOUT_S"]
@@ -50,7 +51,7 @@ def result_message(result: Result) -> dict:
     """The JSONL result's keys plus the threshold it was judged against (it changes when the engine is swapped) and
     latency_ms (capture to now): the payload of a frame's message."""
     latency = (time.perf_counter() - result.captured_perf) * 1000 if result.captured_perf else None
-    return {**result.to_json(), "threshold": result.threshold,
+    return {**result.to_json(), "source": redact(result.source), "threshold": result.threshold,
             "latency_ms": None if latency is None else round(latency, 3)}
 
 
