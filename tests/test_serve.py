@@ -354,3 +354,38 @@ def test_a_server_with_reload_swaps_its_engine_and_clients_see_the_new_one(serve
     finally:
         assert server.stop() == 0, server.log.read_text()[-2000:]
     assert "reload: live_model.engine: engine" in server.log.read_text()
+
+
+def test_a_frame_the_server_cannot_score_is_an_error_line_never_a_pass(served, tmp_path):
+    """A served engine whose graph scores NaN (one weight tensor set to NaN, re-sealed): engine.run --server writes,
+    for every frame, an error line naming the server's reason, valid JSON without a score or a verdict."""
+    onnx = pytest.importorskip("onnx", reason="onnx makes the NaN engine")
+    from onnx import numpy_helper
+    from PIL import Image
+
+    from engine.format import read_engine, write_engine
+    path, _ = served
+    header, sections = read_engine(path)
+    model = onnx.load_from_string(sections["onnx"])
+    init = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 1][-1]
+    init.CopyFrom(numpy_helper.from_array(np.full(tuple(init.dims), np.nan, np.float32), init.name))
+    nan_engine = tmp_path / "nan_model.engine"
+    write_engine(nan_engine, header, {**sections, "onnx": model.SerializeToString()})
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    server = Server([nan_engine]).start()
+    try:
+        proc = _run("--server", f"grpc://127.0.0.1:{server.grpc}/nan_model", "--source", folder,
+                    "--out", tmp_path / "r.jsonl", "--quiet")
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-2000:]
+
+    def no_constant(token):
+        raise AssertionError(f"{token} in a JSONL line")
+    got = [json.loads(line, parse_constant=no_constant) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(got) == 3, (proc.returncode, proc.stderr)
+    for line in got:
+        assert line["error"].startswith("server: non-finite score") and "score" not in line, line
+        assert "is_anomalous" not in line and line["engine"] is not None, line
