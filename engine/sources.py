@@ -3,6 +3,7 @@
 A source yields Frame(index, source, timestamp, image | error). An image that cannot be read becomes
 a frame with an error (reported in the results), never a silent gap. Video and cameras go through
 OpenCV (imported only for them); still images are decoded by engine/common/images.py, as in training.
+OpenCV gets a stream's real URL; every label and message names it with its password hidden (redact).
 """
 
 from __future__ import annotations
