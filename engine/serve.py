@@ -12,8 +12,10 @@ health, readiness and Prometheus metrics are Triton's own.
             engine_info   BYTES [batch, 1]        the facts of the engine that scored the frame, as JSON
                                                   (engine_id, threshold, input size, tiling, backend): what
                                                   a thin client (engine.remote) needs; and "error", why a
-                                                  frame has no score (score NaN then, is_anomalous false:
-                                                  not a verdict; engine.remote makes it an error result)
+                                                  frame has no score (its score is then NaN and is_anomalous
+                                                  true, so a client that reads only the verdict rejects the
+                                                  part rather than pass it; engine.remote makes it an error
+                                                  result)
 
 Triton's Python backend needs the system's Python 3.11: run this from `.venv-serve` (made by
 `bash venv-serve.sh`; docs/deploy.md).
@@ -76,10 +78,10 @@ def _engine_info(eng, result) -> bytes:
 
 def _outputs(eng, part: list, wanted, infos: dict[tuple, bytes]) -> dict[str, np.ndarray]:
     """One request's outputs for its frames' Results. A Result without a score (an error) goes out as score NaN,
-    is_anomalous false and its error in engine_info: a client reads the error, never the NaN as a pass."""
+    is_anomalous true (never a pass, even to a client that reads nothing else) and its error in engine_info."""
     n = len(part)
     out = {"score": np.array([[np.nan if r.score is None else r.score] for r in part], np.float32).reshape(n, 1),
-           "is_anomalous": np.array([[bool(r.is_anomalous)] for r in part], np.bool_).reshape(n, 1)}
+           "is_anomalous": np.array([[r.score is None or bool(r.is_anomalous)] for r in part], np.bool_).reshape(n, 1)}
     if wanted is None or "anomaly_map" in wanted:
         out["anomaly_map"] = np.stack([r.anomaly_map for r in part]).astype(np.float32)
     if wanted is None or ENGINE_INFO in wanted:

@@ -241,6 +241,9 @@ def test_a_remote_non_finite_score_is_an_error_result_never_a_pass(monkeypatch):
 
     remote = ScriptedRemote()
     frames = [np.full((8, 8, 3), v, np.uint8) for v in (0, 1, 2, 3)]
+    wire = served([{"frames": np.stack(frames)}])[0]  # what a plain Triton client reads: no pass for frames 0, 1
+    assert wire["is_anomalous"].reshape(-1).tolist() == [True, True, True, False]
+    assert [json.loads(i).get("error") is not None for i in wire[ENGINE_INFO].reshape(-1)] == [True, True, False, False]
     for strip in (False, True):
         remote.strip_error = strip
         for with_maps in (False, True):
