@@ -98,6 +98,9 @@ def test_damaged_kernels_section_is_refused_in_one_line(torch_engine):
     buf = io.BytesIO()
     np.savez(buf, scales=np.array([object()], dtype=object))  # an object array: refused unread, never unpickled
     _one_line_refusal(lambda: read_kernel_section(buf.getvalue()))
+    bomb = io.BytesIO()  # 1 GiB of zeros compressed to about 1 MB: refused by its declared size, never inflated
+    np.savez_compressed(bomb, scales=np.zeros(1 << 28, dtype=np.float32))
+    assert "declares" in _one_line_refusal(lambda: read_kernel_section(bomb.getvalue()))
 
     model, _ = load_model_bytes(io.BytesIO(sections[SECTION_MODEL]), "model section")
     tensors = read_kernel_section(data)

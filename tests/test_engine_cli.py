@@ -74,3 +74,12 @@ def test_probability_fusion_model_is_refused_by_the_build_in_one_line(tmp_path):
 def test_python_m_engine_run_help():
     proc = subprocess.run([sys.executable, "-m", "engine.run", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "--source" in proc.stdout, proc.stderr
+
+
+def test_build_refuses_a_batch_beyond_the_engine_header_bound_before_building(tiny, tmp_path):
+    """Issue 45: the engine header bounds the batch (engine.header.MAX_BATCH, MAX_BATCH_PIXELS); the build says so at
+    once, not after its slow work."""
+    for batch in ("300", "5000"):
+        proc = run_command("engine.build", str(tiny["model"]), "-o", str(tmp_path / "x.engine"), "--batch", batch)
+        assert "--batch" in clean_exit(proc, EXIT_BAD_INPUT)
+        assert not (tmp_path / "x.engine").exists()

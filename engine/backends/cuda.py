@@ -31,6 +31,7 @@ from kernels.scoring import score_maps
 
 __all__ = ["KernelGraph", "FlowInputs", "CudaGraphRunner", "RUN_DTYPES", "read_kernel_section"]
 
+KERNEL_SECTION_EXPANSION = 64  # the kernels' arrays may unpack to this many times their section's size, no more
 RUN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _REBUILD = "rebuild the engine with python -m engine.build"
 
@@ -39,10 +40,13 @@ def read_kernel_section(data: bytes) -> dict[str, torch.Tensor]:
     """The kernels section (engine/builder/kernel_pack.py) -> its tensors by name; EngineFileError in one line when
     it is not a section of plain arrays (np.load with allow_pickle=False: an object array is refused, never run)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {name: torch.from_numpy(np.array(npz[name], order="C")) for name in npz.files}
+        unpacked = sum(member.file_size for member in zipfile.ZipFile(io.BytesIO(data)).infolist())
+        if unpacked <= KERNEL_SECTION_EXPANSION * max(len(data), 1 << 20):  # else a zip bomb: refused, not inflated
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                return {name: torch.from_numpy(np.array(npz[name], order="C")) for name in npz.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise EngineFileError(f"its kernels section is not readable ({type(e).__name__}); {_REBUILD}") from None
+    raise EngineFileError(f"its kernels section declares {unpacked} bytes of arrays in {len(data)}; {_REBUILD}")
 
 
 def _get(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,7 @@ from engine.common.errors import UserError
 from engine.common.files import check_output
 from engine.common.geometry import format_size
 from engine.common.images import DataError
+from engine.header import MAX_BATCH, MAX_BATCH_PIXELS
 from train.checkpoint import ModelMeta, load_model_bytes
 from train.data import train_images
 
@@ -65,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     model_path = Path(args.model)
     out = check_output("-o", args.out or model_path.with_suffix(".engine"))
-    if args.batch < 0:
-        raise UserError("--batch must be 0 (any) or a positive batch size")
+    if not 0 <= args.batch <= MAX_BATCH:  # the engine header's bound, checked before the build's slow work
+        raise UserError(f"--batch must be 0 (any) or a batch size from 1 to {MAX_BATCH}")
     config = BuildConfig(backend=args.backend, precision=args.precision, batch=args.batch or None, calib=args.calib)
     if not model_path.is_file():
         raise UserError(f"{model_path}: no such file")
     model_bytes = model_path.read_bytes()  # read once: the engine carries exactly what was checked
     model, meta = load_model_bytes(io.BytesIO(model_bytes), str(model_path))
+    h, w = model.config.input_size
+    if args.batch * h * w > MAX_BATCH_PIXELS:
+        raise UserError(f"--batch {args.batch}: at most {MAX_BATCH_PIXELS // (h * w)} frames of {h}x{w} px a batch")
     if config.calib is None:
         config = replace(config, calib=_training_images(meta))
         if config.calib:
