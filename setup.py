@@ -34,6 +34,8 @@ setup(
         "paho-mqtt>=2.0",  # engine.run --mqtt: verdicts to line controllers
         "starlette>=0.37",  # engine.run --view: the live view (an ASGI app on uvicorn)
         "uvicorn>=0.29",
+        "asyncua>=1.1",  # engine.run --opcua: results to PLCs and SCADA (imported only with the option)
+        "prometheus-client>=0.20",  # engine.run --metrics: counters and histograms for Prometheus
     ],
     extras_require={
         # triton: the kernels (kernels/), compiled on NVIDIA GPUs, checked in its interpreter on CPUs
