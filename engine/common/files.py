@@ -6,6 +6,7 @@ and no temporary file behind; a write that fails raises OutputError naming the f
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import IO
 
 from engine.common.errors import OutputError, UserError, os_reason
 
-__all__ = ["atomic_write", "temporary_beside", "check_output"]
+__all__ = ["atomic_write", "temporary_beside", "check_output", "open_locked"]
 
 
 @contextmanager
@@ -68,3 +69,21 @@ def check_output(option: str, path: str | Path, folder: bool = False) -> Path:
     if not os.access(p if p.exists() else parent, os.W_OK):
         raise UserError(f"{option} {path}: not writable")
     return p
+
+
+def open_locked(path: str | Path, flags: int, what: str, cannot: str, busy: str) -> int:
+    """os.open(path, flags) with an exclusive lock, for an output one process writes at a time (JSONL results, a
+    review folder). UserError "`what`: `cannot` (reason)" when it cannot be opened, "`what`: `busy`" when another
+    process holds the lock. On a file system without locks, the descriptor unlocked."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UserError(f"{what}: {cannot} ({os_reason(e)})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{what}: {busy}") from None
+    except OSError:  # a file system without locks: go on unlocked
+        pass
+    return fd

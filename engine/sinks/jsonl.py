@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import stat
 from pathlib import Path
 
-from engine.common.errors import OutputError, UserError, os_reason
+from engine.common.errors import OutputError, os_reason
+from engine.common.files import open_locked
 from engine.results import Result
 from engine.sinks.base import SinkSummary
 
@@ -23,18 +23,8 @@ class JsonlSink:
 
     def __init__(self, path: str | Path):
         self.path, self.lines = Path(path), 0
-        try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise UserError(f"{self.path}: cannot write results ({os_reason(e)})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise UserError(f"{self.path}: another process is writing its results there; choose another --out") \
-                from None
-        except OSError:  # a file system without locks: go on unlocked
-            pass
+        self.fd = open_locked(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, str(self.path), "cannot write results",
+                              "another process is writing its results there; choose another --out")
         self.regular = stat.S_ISREG(os.fstat(self.fd).st_mode)
         if self.regular:
             os.ftruncate(self.fd, 0)

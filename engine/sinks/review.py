@@ -17,7 +17,6 @@ the JSONL still has every verdict). A write error (disk full) is raised at the n
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import queue
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.common.errors import OutputError, UserError, os_reason
-from engine.common.files import atomic_write
+from engine.common.files import atomic_write, open_locked
 from engine.results import Result
 from engine.review_store import (
     ID_PATTERN,
@@ -107,16 +106,10 @@ class ReviewSink:
         self.waiting: queue.Queue = queue.Queue(BACKLOG)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.lock_fd = os.open(self.folder, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise UserError(f"--review {self.folder}: cannot use the folder ({os_reason(e)})") from None
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.lock_fd)
-            raise UserError(f"--review {self.folder}: another run is writing its review queue there") from None
-        except OSError:  # a file system without locks: go on unlocked
-            pass
+        self.lock_fd = open_locked(self.folder, os.O_RDONLY, f"--review {self.folder}", "cannot use the folder",
+                                   "another run is writing its review queue there")
         try:
             self._resume()
         except BaseException:
