@@ -243,23 +243,10 @@ def broker(tmp_path):
 def test_the_drift_state_is_a_retained_mqtt_message(watched, broker):
     """After the run, a controller that subscribes late still reads the state in force: the retained message."""
     pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install -e .)")
-    import paho.mqtt.client as mqtt
     proc = cli(watched["dir"] / "scored.engine", "--source", watched["stream"], "--quiet", "--camera-name", "cam",
                "--mqtt", f"mqtt://127.0.0.1:{broker}/plant/line1")
     assert proc.returncode == 0, proc.stderr
-    got = []
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="late")
-    client.on_connect = lambda c, u, f, rc, p=None: c.subscribe("plant/line1/cam/drift", qos=1)
-    client.on_message = lambda c, u, m: got.append((m.payload, m.retain))
-    client.connect("127.0.0.1", broker)
-    client.loop_start()
-    deadline = time.monotonic() + 10
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.loop_stop()
-    client.disconnect()
-    assert got and got[0][1], "no retained message on plant/line1/cam/drift"
-    msg = json.loads(got[0][0])
+    msg = _retained_message(broker, "plant/line1/cam/drift")
     assert "input" in msg["drift"] and msg["index"] >= 20 and msg["time"] > 0
     assert msg["kind"] in ("input", "score") and msg["state"] == "raised" and msg["numbers"]
     steady = cli(watched["dir"] / "scored.engine", "--source", watched["stream"], "--quiet", "--camera-name", "cam",
@@ -268,13 +255,13 @@ def test_the_drift_state_is_a_retained_mqtt_message(watched, broker):
     assert _retained(broker, "plant/line1/cam/drift") == {"drift": None, "state": "started", "watching": []}
 
 
-def _retained(port: int, topic: str) -> dict:
-    """The retained message on `topic`, as a late subscriber reads it: its drift, state and watching keys."""
+def _retained_message(port: int, topic: str) -> dict:
+    """The retained message on `topic`, as a late subscriber reads it (it must be marked retained)."""
     import paho.mqtt.client as mqtt
     got = []
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="later")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="late")
     client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topic, qos=1)
-    client.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+    client.on_message = lambda c, u, m: got.append((m.payload, m.retain))
     client.connect("127.0.0.1", port)
     client.loop_start()
     deadline = time.monotonic() + 10
@@ -282,5 +269,11 @@ def _retained(port: int, topic: str) -> dict:
         time.sleep(0.05)
     client.loop_stop()
     client.disconnect()
-    assert got, f"no retained message on {topic}"
-    return {k: got[0].get(k) for k in ("drift", "state", "watching")}
+    assert got and got[0][1], f"no retained message on {topic}"
+    return json.loads(got[0][0])
+
+
+def _retained(port: int, topic: str) -> dict:
+    """The retained message's drift, state and watching keys."""
+    msg = _retained_message(port, topic)
+    return {k: msg.get(k) for k in ("drift", "state", "watching")}
