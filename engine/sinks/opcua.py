@@ -418,6 +418,14 @@ class OpcUaSink:
                     sink.warn("opcua: refused a client: wrong user name or password (later ones are counted)")
                 return None
 
+        class SharedDataValue(ua.DataValue):
+            """A value written once and never changed: asyncua deep-copies every value for every monitored item (a
+            tenth of a millisecond each, most of the server's work per frame), here a copy of what cannot change."""
+
+            def __deepcopy__(self, memo):
+                return self
+
+        self.DataValue = SharedDataValue
         server = Server(user_manager=Users())
         await server.init()
         server.set_server_name(f"lineflow {self.camera}")
@@ -474,6 +482,10 @@ class OpcUaSink:
         finally:
             ticker.cancel()
             await server.stop()
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in left:  # asyncua's sessions' and subscriptions' loops outlive server.stop()
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
 
     async def _tick(self, server) -> None:
         """Once a second: the connections open now (`clients`)."""
@@ -517,7 +529,7 @@ class OpcUaSink:
             if value is None:
                 continue
             self.current[name] = value
-            await server.write_attribute_value(self.nodes[name], ua.DataValue(
+            await server.write_attribute_value(self.nodes[name], self.DataValue(
                 ua.Variant(value, self.types[name]), SourceTimestamp=stamp, ServerTimestamp=stamp))
 
     # the end
