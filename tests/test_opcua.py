@@ -17,7 +17,8 @@ from asyncua import Client, ua  # noqa: E402
 
 from engine.common.errors import UserError  # noqa: E402
 from engine.results import Result, Status  # noqa: E402
-from engine.sinks.opcua import NAMESPACE, VARIABLES, OpcUaSink, server_certificate  # noqa: E402
+from engine.sinks.opcua import NAMESPACE, VARIABLES, OpcUaSink  # noqa: E402
+from engine.sinks.opcua_cert import server_certificate  # noqa: E402
 
 EACH_FRAME = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)  # same value, new frame: told
 

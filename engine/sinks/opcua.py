@@ -41,12 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import hmac
 import ipaddress
 import json
 import logging
-import os
 import re
 import socket
 import threading
@@ -64,8 +62,9 @@ from engine.common.net import resolve, url_port
 from engine.common.redact import redact
 from engine.results import Result, Status
 from engine.sinks.base import FLUSH_TIMEOUT_S, SinkSummary, result_message, warn_on_stderr
+from engine.sinks.opcua_cert import default_certificate_dir, server_certificate, thumbprint
 
-__all__ = ["OpcUaSink", "OpcUaTarget", "parse_opcua_url", "default_certificate_dir", "NAMESPACE", "VARIABLES"]
+__all__ = ["OpcUaSink", "OpcUaTarget", "parse_opcua_url", "NAMESPACE", "VARIABLES"]
 
 NAMESPACE = "urn:lineflow"
 OPCUA_PORT = 4840  # IANA's port for OPC UA over TCP
@@ -77,8 +76,6 @@ WAITING_MAX = 1000  # frames' values that may wait for the server thread; past i
 START_TIMEOUT_S = 30.0  # asyncua's server builds its standard address space (about a second) and binds
 STOP_S = 0.5  # what close keeps of flush_timeout for stopping asyncua's server
 CLOSE_GRACE_S = 0.5  # with clients connected, the final values get this long to be published before the server stops
-CERT_DAYS = 5 * 365  # a self-signed certificate's validity (clients trust it by its thumbprint: made rarely)
-CERT_FILE, KEY_FILE = "server-cert.der", "server-key.pem"
 
 
 @dataclass(frozen=True)
@@ -128,111 +125,6 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def default_certificate_dir() -> Path:
-    """Where the self-signed server certificate is kept: $XDG_CONFIG_HOME/lineflow/opcua (~/.config/...)."""
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lineflow" / "opcua"
-
-
-def _read_pem_or_der(path: Path, what: str, pem_loader, der_loader):
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{what} {path}: cannot read it ({e.strerror})") from None
-    try:
-        return pem_loader(data) if data.lstrip().startswith(b"-----BEGIN") else der_loader(data)
-    except (ValueError, TypeError) as e:  # not a certificate or key; an encrypted key (TypeError: no password)
-        raise UserError(f"{what} {path}: not a usable PEM or DER file ({one_line(e)})") from None
-
-
-def _uri_names(cert) -> list[str]:
-    from cryptography import x509
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def _make_certificate(key, app_uri: str, hosts: list[str]):
-    """A self-signed OPC UA application instance certificate (OPC 10000-6 6.2.2): the application URI and the host
-    names in its subject alternative names, usable for signing and encryption, client and server."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(app_uri)]
-    for host in dict.fromkeys(hosts):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lineflow"),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "lineflow")])
-    now = datetime.now(UTC)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=CERT_DAYS))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=True,
-                                         data_encipherment=True, key_agreement=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-
-
-def server_certificate(cert_file: str | Path | None, key_file: str | Path | None, folder: Path, app_uri: str,
-                       hosts: list[str]) -> tuple:
-    """(certificate, private key, application URI, where, made): the given pair (checked: readable, matching, valid
-    now; the application URI is the certificate's), or the self-signed pair kept in `folder`, made anew when absent,
-    expired within a day, or made for another application URI (another host name)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    now = datetime.now(UTC)
-    if cert_file is not None or key_file is not None:
-        if cert_file is None or key_file is None:
-            raise UserError("--opcua-cert and --opcua-key go together (the server's certificate and its private key)")
-        cert = _read_pem_or_der(Path(cert_file), "--opcua-cert", x509.load_pem_x509_certificate,
-                                x509.load_der_x509_certificate)
-        key = _read_pem_or_der(Path(key_file), "--opcua-key",
-                               lambda d: serialization.load_pem_private_key(d, password=None),
-                               lambda d: serialization.load_der_private_key(d, password=None))
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise UserError(f"--opcua-key {key_file}: Basic256Sha256 needs an RSA key")
-        if key.public_key().public_numbers() != cert.public_key().public_numbers():
-            raise UserError(f"--opcua-key {key_file}: not the private key of --opcua-cert {cert_file}")
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise UserError(f"--opcua-cert {cert_file}: valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
-                            f"{cert.not_valid_after_utc:%Y-%m-%d}")
-        uris = _uri_names(cert)
-        return cert, key, uris[0] if uris else app_uri, Path(cert_file), False
-    cert_path, key_path = folder / CERT_FILE, folder / KEY_FILE
-    if cert_path.is_file() and key_path.is_file():
-        try:
-            cert = x509.load_der_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if (key.public_key().public_numbers() == cert.public_key().public_numbers()
-                    and cert.not_valid_after_utc > now + timedelta(days=1) and app_uri in _uri_names(cert)):
-                return cert, key, app_uri, cert_path, False
-        except (OSError, ValueError, TypeError):
-            pass  # unreadable or not ours: made anew below
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = _make_certificate(key, app_uri, hosts)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the key readable by its owner only
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    except OSError as e:
-        raise UserError(f"--opcua: cannot keep the server's certificate in {folder} ({e.strerror}); give "
-                        "--opcua-cert and --opcua-key") from None
-    return cert, key, app_uri, cert_path, True
 
 
 class _FrameValues(NamedTuple):
@@ -337,11 +229,8 @@ class OpcUaSink:
 
     @property
     def thumbprint(self) -> str | None:
-        """The server certificate's SHA-1 thumbprint (how OPC UA clients name a certificate they trust)."""
-        if self.certificate is None:
-            return None
-        from cryptography.hazmat.primitives.serialization import Encoding
-        return hashlib.sha1(self.certificate.public_bytes(Encoding.DER)).hexdigest()
+        """The server certificate's SHA-1 thumbprint (None: no security)."""
+        return None if self.certificate is None else thumbprint(self.certificate)
 
     def description(self) -> str:
         """The start line: where, what, and how it is secured."""
@@ -479,6 +368,8 @@ class OpcUaSink:
                 await self.wake.wait()
                 self.wake.clear()
                 await self._apply_waiting(server)
+        except Exception as e:  # noqa: BLE001 - a bug here ends the server, never the run: said in one line
+            self.warn(f"opcua: the server stopped ({type(e).__name__}: {one_line(e)}); the run goes on without it")
         finally:
             ticker.cancel()
             await server.stop()
@@ -559,7 +450,7 @@ class OpcUaSink:
         end = time.monotonic() + self.flush_timeout
         self._hand("ended" if completed else "stopped")
         deadline = end - STOP_S
-        while self.waiting and time.monotonic() < deadline:
+        while self.waiting and self.thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         if self.clients and not self.waiting:
             time.sleep(max(0.0, min(CLOSE_GRACE_S, deadline - time.monotonic())))
