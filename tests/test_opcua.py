@@ -151,10 +151,11 @@ def test_counts_and_last_values_equal_what_was_written_and_a_slow_server_thread_
     assert (values["EngineId"], values["Threshold"], values["Status"]) == ("e1", 0.5, "running")
 
 
-def test_a_secured_server_refuses_anonymous_clients_and_a_wrong_password(tmp_path):
+def test_a_secured_server_refuses_anonymous_clients_a_wrong_password_and_an_unsecured_channel(tmp_path, monkeypatch):
     """A user name forces security on loopback too: only Basic256Sha256 SignAndEncrypt is offered, with the self-signed
-    certificate kept in the folder (its key readable by its owner alone); a wrong password is refused and counted,
-    the right one reads the values."""
+    certificate kept in the folder (its key readable by its owner alone); a wrong password is refused and counted, so
+    is the right one sent over the unsecured channel asyncua opens for discovery (a client that skips the endpoints'
+    check); the right one on a secured channel reads the values."""
     from asyncua.crypto.cert_gen import setup_self_signed_certificate
     from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
     from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -182,11 +183,14 @@ def test_a_secured_server_refuses_anonymous_clients_and_a_wrong_password(tmp_pat
             asyncio.run(attempt(None, secure=False))
         with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
             asyncio.run(attempt("wrong"))
-        assert sink.refused == 1
+        with monkeypatch.context() as m, pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+            m.setattr(Client, "find_endpoint", staticmethod(lambda endpoints, mode, uri: endpoints[0]))
+            asyncio.run(attempt("s3cret", secure=False))
+        assert sink.refused == 2
         assert asyncio.run(attempt("s3cret")) == 0.5
     finally:
         summary = sink.close()
-    assert "1 clients refused" in summary.line
+    assert "2 clients refused" in summary.line and "asyncua reported" not in summary.line
     again = server_certificate(None, None, tmp_path / "certs", sink.app_uri, ["localhost"])
     assert again[4] is False and again[0] == sink.certificate, "the kept certificate was not reused"
 

@@ -152,7 +152,7 @@ class _AsyncuaLog(logging.Handler):
         self.warn, self.errors, self.quiet = warn, 0, True  # quiet while starting: a failed bind is told as a UserError
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.quiet:
+        if self.quiet or record.getMessage().startswith("sending service fault"):  # a client's error, told to it
             return
         self.errors += 1
         if self.errors == 1:
@@ -298,13 +298,17 @@ class OpcUaSink:
             def get_user(self, iserver, username=None, password=None, certificate=None):
                 if sink.username is None:
                     return User(role=UserRole.User)
-                if (username is not None and password is not None
+                # `certificate` is the secure channel's client certificate: empty on an unsecured channel, which
+                # asyncua opens for discovery whatever the endpoints; a session there would carry the password and
+                # the values in clear
+                if (certificate and username is not None and password is not None
                         and hmac.compare_digest(username.encode(), sink.username.encode())
                         & hmac.compare_digest(password.encode(), sink.password.encode())):
                     return User(role=UserRole.User, name=username)
                 sink.refused += 1
                 if sink.refused == 1:
-                    sink.warn("opcua: refused a client: wrong user name or password (later ones are counted)")
+                    sink.warn("opcua: refused a client: a wrong user name or password, or a channel without "
+                              "Basic256Sha256 SignAndEncrypt (later ones are counted)")
                 return None
 
         class SharedDataValue(ua.DataValue):
@@ -431,7 +435,7 @@ class OpcUaSink:
         if waiting:
             line += f", {waiting} not served by the end"
         if self.refused:
-            line += f"; {self.refused} clients refused (user name or password)"
+            line += f"; {self.refused} clients refused (user name, password or channel)"
         if self.log.errors:
             line += f"; asyncua reported {self.log.errors} errors"
         return line
