@@ -34,7 +34,8 @@ without security (the PLC runs elsewhere: this is for tools on this machine). Bo
 user name, it offers only Basic256Sha256 SignAndEncrypt and that user name and password (no anonymous access), with a
 certificate given (--opcua-cert/--opcua-key) or a self-signed one made once and kept in
 $XDG_CONFIG_HOME/lineflow/opcua (~/.config/lineflow/opcua), whose SHA-1 thumbprint the start line shows (clients
-trust it by that). Any client certificate is accepted: the password is the access control.
+trust it by that). Any client certificate is accepted: the password is the access control. A session on the
+unsecured channel that asyncua opens for discovery (GetEndpoints) is refused, whatever the password.
 """
 
 from __future__ import annotations
