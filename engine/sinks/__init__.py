@@ -6,6 +6,7 @@
     video.py    VideoSink    an MP4 of overlays (--overlay-video)
     mqtt.py     MqttSink     a QoS-1 message per frame, status and heartbeat topics (--mqtt)
     webhook.py  WebhookSink  an HTTP POST per anomalous frame (--webhook)
+    opcua.py    OpcUaSink    an OPC UA server with each frame's verdict and the counts, for PLCs (--opcua)
     view.py     LiveView     a live page in the browser (--view), with a review page (--review)
     review.py   ReviewSink   flagged frames and a sample of passed ones kept for labelling (--review)
 
@@ -18,11 +19,12 @@ from engine.sinks.base import Sink, SinkSummary, camera_name
 from engine.sinks.jsonl import JsonlSink
 from engine.sinks.maps import MapSink
 from engine.sinks.mqtt import MqttSink
+from engine.sinks.opcua import OpcUaSink
 from engine.sinks.overlay import overlay
 from engine.sinks.review import ReviewSink
 from engine.sinks.video import VideoSink
 from engine.sinks.view import LiveView
 from engine.sinks.webhook import WebhookSink
 
-__all__ = ["Sink", "SinkSummary", "JsonlSink", "MapSink", "VideoSink", "MqttSink", "WebhookSink", "LiveView",
-           "ReviewSink", "overlay", "camera_name"]
+__all__ = ["Sink", "SinkSummary", "JsonlSink", "MapSink", "VideoSink", "MqttSink", "WebhookSink", "OpcUaSink",
+           "LiveView", "ReviewSink", "overlay", "camera_name"]
