@@ -3,7 +3,7 @@
 Prints a live status line (frames/s, latency p50/p99, drops) on stderr and one JSON line per frame to
 --out (flushed as written). SRC: camera:N or /dev/videoN, rtsp:// or http:// stream, a video file, a
 folder of images, or one image file. Verdicts also go to an MQTT broker (--mqtt) or a webhook
-(--webhook), and the run can be watched in a browser (--view).
+(--webhook), and the run can be watched in a browser (--view) and by Prometheus (--metrics).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from engine.sinks import (
     JsonlSink,
     LiveView,
     MapSink,
+    MetricsSink,
     MqttSink,
+    OpcUaSink,
     Sink,
     SinkSummary,
     VideoSink,
@@ -122,6 +124,30 @@ def _parser() -> argparse.ArgumentParser:
     line.add_argument("--webhook-retries", type=int, default=3, help="retries of a failed POST, with backoff")
     line.add_argument("--webhook-queue", type=int, default=1000, help="POSTs that may wait; past it the oldest "
                       "waiting one is dropped and counted")
+    opcua = p.add_argument_group("OPC UA for PLCs and SCADA (engine/sinks/opcua.py): the run never waits for a client")
+    opcua.add_argument("--opcua", metavar="URL", help="opc.tcp://HOST:PORT (port 4840 if omitted): serve "
+                       "Objects/lineflow/CAMERA in namespace urn:lineflow: LastVerdict (ok, anomalous, error, "
+                       "dropped), LastScore, LastFrameTime, LastResult, Frames, Anomalies, Dropped, Errors, Status, "
+                       "EngineId, Threshold, written every frame; on 127.0.0.1 (loopback) anonymous clients without "
+                       "security, on any other address (0.0.0.0: all) only Basic256Sha256 SignAndEncrypt with "
+                       "--opcua-user and its password")
+    opcua.add_argument("--opcua-user", metavar="NAME", help="the user name clients must give (needed beyond "
+                       "loopback; on loopback it turns security on too)")
+    opcua.add_argument("--opcua-password", metavar="PASSWORD", help="its password (better: the "
+                       "LINEFLOW_OPCUA_PASSWORD environment variable, which other users cannot read in the process "
+                       "list)")
+    opcua.add_argument("--opcua-cert", metavar="FILE", help="the server's certificate, DER or PEM, with "
+                       "--opcua-key (default: a self-signed one made at the first secured run and kept in "
+                       "$XDG_CONFIG_HOME/lineflow/opcua, ~/.config/lineflow/opcua; the start line shows its SHA-1 "
+                       "thumbprint, which clients trust)")
+    opcua.add_argument("--opcua-key", metavar="FILE", help="the private key of --opcua-cert: RSA, PEM or DER, "
+                       "unencrypted")
+    metrics = p.add_argument_group("Prometheus (engine/sinks/metrics.py): a scraper never holds back the run")
+    metrics.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus metrics of the run at "
+                         "http://HOST:PORT/metrics (HOST 127.0.0.1 unless given; 0.0.0.0: all): lineflow_frames_total "
+                         "(results, as JSONL lines), scored, anomalies, dropped, errors by kind, latency and score "
+                         "histograms, frames/s, the engine's id, what the MQTT, webhook and OPC UA sinks have "
+                         "waiting, delivered and lost; each labelled with the camera name (--camera-name)")
     view = p.add_argument_group("live view (engine/sinks/view.py)")
     view.add_argument("--view", metavar="[HOST:]PORT", help="serve a live page of the run at http://HOST:PORT/ "
                       "(HOST 127.0.0.1 unless given; any other address requires a token)")
@@ -150,9 +176,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _line_sinks(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats) -> list[Sink]:
-    """The MQTT, webhook and view sinks: URLs checked, hosts resolved, the view's port bound (bad input fails here,
-    before any frame is read)."""
-    if not (args.mqtt or args.webhook or args.view):
+    """The MQTT, webhook, OPC UA and view sinks: URLs checked, hosts resolved, the view's and the OPC UA server's ports
+    bound (bad input fails here, before any frame is read)."""
+    if not (args.mqtt or args.webhook or args.view or args.opcua or args.metrics):
         return []
     camera = args.camera_name or camera_name(args.source)
     hold = args.view_hold if args.view_hold is not None else (0.0 if is_live(args.source) else None)
@@ -171,6 +197,16 @@ def _line_sinks(args: argparse.Namespace, engine: ScoringEngine, stats: StreamSt
         if args.webhook:
             sinks.append(WebhookSink(args.webhook, args.webhook_all, args.webhook_timeout, args.webhook_retries,
                                      args.webhook_queue))
+        if args.opcua:  # the environment's password only with a user: a variable left set does not refuse loopback
+            password = args.opcua_password or (os.environ.get("LINEFLOW_OPCUA_PASSWORD") if args.opcua_user else None)
+            opcua = OpcUaSink(args.opcua, camera, args.opcua_user, password, args.opcua_cert, args.opcua_key,
+                              threshold=engine.threshold, engine_id=engine.engine_id)
+            print(opcua.description(), file=sys.stderr, flush=True)
+            sinks.append(opcua)
+        if args.metrics:  # last: it reads the message sinks made above
+            metrics = MetricsSink(args.metrics, camera, engine, sinks)
+            print(f"metrics: {metrics.url}", file=sys.stderr, flush=True)
+            sinks.append(metrics)
     except BaseException:
         _close_all(sinks, completed=False)
         raise
@@ -226,11 +262,12 @@ FILE_SINKS = (JsonlSink, MapSink, VideoSink, ReviewSink)
 def _close_all(sinks: list[Sink], completed: bool) -> list[SinkSummary]:
     """Close every sink: the files first, one after another; then the message sinks (MQTT, webhook) together, each
     flushing for at most FLUSH_TIMEOUT_S, so all are done within it; the live view last (after a completed run it may
-    serve on for review until Ctrl-C). Signals wait until the files and messages are done (engine.common.errors:
-    deferred_signals), and a failure in one close skips none of the others. Prints the summaries; raises the first
+    serve on for review until Ctrl-C), then the metrics (served until then, final counts included). Signals wait until
+    the files and messages are done (engine.common.errors: deferred_signals), and a failure in one close skips none of
+    the others. Prints the summaries; raises the first
     failure, or the signal, after all are closed."""
     files = [s for s in sinks if isinstance(s, FILE_SINKS)]
-    views = [s for s in sinks if isinstance(s, LiveView)]
+    views = [s for s in sinks if isinstance(s, (LiveView, MetricsSink))]  # the metrics serve the others' final counts
     messages = [s for s in sinks if s not in files and s not in views]
     closed: dict[int, SinkSummary] = {}
     failures: list[BaseException] = []
