@@ -120,7 +120,8 @@ def test_names_parse_and_errors_are_counted_by_kind():
             sink.write(scored(i, score))
         errors = ["dropped: inference was slower than the source", "bad frame: 0-d array", "/x/7.png: no such file",
                   "backend error: onnxruntime failed: X", "no frame from rtsp://cam/1: reconnecting in 1 s",
-                  "server unavailable: grpc://h:8001/m", "non-finite score (nan): no verdict for this frame", "huh"]
+                  "server unavailable: grpc://h:8001/m", "non-finite score (nan): no verdict for this frame", "huh",
+                  "incomplete frame 9 (missing packets): not scored", "camera lost (timeout): reconnecting in 1 s"]
         for i, text in enumerate(errors, 5):
             status = Status.DROPPED if text.startswith("dropped") else Status.ERROR
             sink.write(Result(None, None, index=i, source="/x/7.png", error=text, status=status))
@@ -132,11 +133,12 @@ def test_names_parse_and_errors_are_counted_by_kind():
     assert all(name.startswith("lineflow_") for name in families)
     assert families["lineflow_frames"] == "counter" and families["lineflow_score"] == "histogram"
     assert families["lineflow_engine_info"] == "gauge" and families["lineflow_frames_per_second"] == "gauge"
-    assert got[("lineflow_frames_total", ())] == 13
+    assert got[("lineflow_frames_total", ())] == 15
     assert got[("lineflow_scored_total", ())] == 5 and got[("lineflow_anomalies_total", ())] == 2
     assert got[("lineflow_dropped_total", ())] == 1
     kinds = {dict(k[1])["kind"]: v for k, v in got.items() if k[0] == "lineflow_errors_total"}
-    assert kinds == {"bad_frame": 2, "backend": 1, "source": 1, "server": 1, "non_finite": 1, "other": 1}
+    assert kinds == {"bad_frame": 2, "incomplete": 1, "backend": 1, "source": 2, "server": 1, "non_finite": 1,
+                     "other": 1}
     assert got[("lineflow_score_bucket", (("le", "1.0"),))] == 3  # the threshold is an edge: le counts the passed
     assert got[("lineflow_latency_seconds_bucket", (("le", "0.0025"),))] == 0
     assert got[("lineflow_latency_seconds_bucket", (("le", "0.005"),))] == 5

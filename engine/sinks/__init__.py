@@ -8,6 +8,7 @@
     webhook.py  WebhookSink  an HTTP POST per anomalous frame (--webhook)
     opcua.py    OpcUaSink    an OPC UA server with each frame's verdict and the counts, for PLCs (--opcua)
     view.py     LiveView     a live page in the browser (--view), with a review page (--review)
+    metrics.py  MetricsSink  Prometheus metrics of the run at http://HOST:PORT/metrics (--metrics)
     review.py   ReviewSink   flagged frames and a sample of passed ones kept for labelling (--review)
 
 A file sink that cannot write raises OutputError naming its file, with what it wrote before complete; a
@@ -18,6 +19,7 @@ happen inside the sink that needs them.
 from engine.sinks.base import Sink, SinkSummary, camera_name
 from engine.sinks.jsonl import JsonlSink
 from engine.sinks.maps import MapSink
+from engine.sinks.metrics import MetricsSink
 from engine.sinks.mqtt import MqttSink
 from engine.sinks.opcua import OpcUaSink
 from engine.sinks.overlay import overlay
@@ -27,4 +29,4 @@ from engine.sinks.view import LiveView
 from engine.sinks.webhook import WebhookSink
 
 __all__ = ["Sink", "SinkSummary", "JsonlSink", "MapSink", "VideoSink", "MqttSink", "WebhookSink", "OpcUaSink",
-           "LiveView", "ReviewSink", "overlay", "camera_name"]
+           "LiveView", "MetricsSink", "ReviewSink", "overlay", "camera_name"]

@@ -14,7 +14,8 @@ Prometheus scrapes many lines. The names (stable; `_total` counters only grow du
     lineflow_scored_total                    frames scored (a verdict)
     lineflow_anomalies_total                 scored frames above the threshold
     lineflow_dropped_total                   frames dropped by the drop-oldest policy (no verdict)
-    lineflow_errors_total{kind}              frames not scored, by kind (ERROR_KINDS; drops not among them)
+    lineflow_errors_total{kind}              frames not scored, by kind (ERROR_KINDS: every kind present from the
+                                             start, at 0; drops are not errors, as in the run's summary line)
     lineflow_latency_seconds                 histogram: capture to result, scored frames (LATENCY_BUCKETS_S)
     lineflow_score                           histogram: the scores, buckets around the threshold at the start
                                              (score_buckets: one edge is the threshold itself)
@@ -45,11 +46,15 @@ from engine.sinks.view import _loopback, _loopback_host_header  # one home for t
 __all__ = ["MetricsSink", "Delivery", "parse_metrics_address", "error_kind", "score_buckets", "ERROR_KINDS",
            "LATENCY_BUCKETS_S", "RATE_WINDOW_S"]
 
-# a frame's error text -> its kind, the first prefix that matches (engine.stream, engine.sources, engine.remote,
-# engine.results word them); "bad_frame" also takes an image file that cannot be read (its text starts with its path)
-ERROR_PREFIXES = (("bad frame", "bad_frame"), ("backend error", "backend"), ("no frame from", "source"),
-                  ("server", "server"), ("non-finite", "non_finite"))
-ERROR_KINDS = ("bad_frame", "backend", "source", "server", "non_finite", "other")
+# a frame's error text -> its kind, the first prefix that matches (engine.stream, engine.sources, engine.genicam,
+# engine.remote and engine.results word them): "bad_frame" a frame the preprocessing refused, or an image file that
+# cannot be read (its text starts with its path); "incomplete" a GenICam frame with lost packets; "backend" the
+# backend failed; "source" a camera or stream lost, reconnecting; "server" a Triton server's failure (--server);
+# "non_finite" a NaN or infinite score or threshold; "other" anything else
+ERROR_PREFIXES = (("bad frame", "bad_frame"), ("incomplete frame", "incomplete"), ("backend error", "backend"),
+                  ("no frame from", "source"), ("camera lost", "source"), ("server", "server"),
+                  ("non-finite", "non_finite"))
+ERROR_KINDS = ("bad_frame", "incomplete", "backend", "source", "server", "non_finite", "other")
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # score bucket edges: threshold + |threshold| * step (|threshold| taken as 1 for a threshold of 0)
 SCORE_STEPS = (-0.75, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -98,7 +103,10 @@ class Delivery:
 
 def _delivery(sink) -> Delivery | None:
     from engine.sinks.mqtt import MqttSink
+    from engine.sinks.opcua import OpcUaSink
     from engine.sinks.webhook import WebhookSink
+    if isinstance(sink, OpcUaSink):  # frames' values not yet in the address space; applied; skipped for newer ones
+        return Delivery("opcua", sink.waiting, sink.applied, sink.coalesced)
     if isinstance(sink, MqttSink):  # pending: not yet acknowledged (in flight or held through an outage)
         return Delivery("mqtt", sink.pending, sink.acked, sink.dropped)
     if isinstance(sink, WebhookSink):
