@@ -4,6 +4,7 @@ in one line before any frame is read."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import time
@@ -47,17 +48,20 @@ def test_counters_equal_the_jsonl_when_scraped_during_a_run(tiny, tmp_path):
     """A folder of 24 frames, one of them not an image (a bad_frame error), read at 30 frames/s; scraped while it runs
     and after its last line: every count equals the JSONL's. The MQTT broker and webhook receiver are absent: their
     messages are counted as waiting or lost, and the broker's flush (up to 5 s) holds the run open for the last
-    scrape (the metrics server closes last)."""
+    scrape (the metrics server closes last). An OPC UA server (where asyncua is installed) serves every frame's
+    values."""
     frames = tmp_path / "frames"
     frames.mkdir()
     for p in sorted(tiny["frames"].iterdir())[:23]:
         shutil.copy(p, frames / p.name)
     (frames / "011b.png").write_bytes(b"not a png")
     out, port, dead = tmp_path / "r.jsonl", free_port(), free_port()
+    opcua = importlib.util.find_spec("asyncua") is not None
     proc = python_process("-m", "engine.run", str(tiny["engine"]), "--source", str(frames), "--out", str(out),
                           "--max-fps", "30", "--quiet", "--camera-name", "line1", "--metrics", f"127.0.0.1:{port}",
                           "--mqtt", f"mqtt://127.0.0.1:{dead}/plant", "--mqtt-queue", "5",
-                          "--webhook", f"http://127.0.0.1:{dead}/hook", "--webhook-all", "--webhook-retries", "0")
+                          "--webhook", f"http://127.0.0.1:{dead}/hook", "--webhook-all", "--webhook-retries", "0",
+                          *(["--opcua", "opc.tcp://127.0.0.1:0"] if opcua else []))
     url = f"http://127.0.0.1:{port}/metrics"
     seen, last = [], None
     try:
@@ -69,7 +73,8 @@ def test_counters_equal_the_jsonl_when_scraped_during_a_run(tiny, tmp_path):
                 time.sleep(0.05)
                 continue
             seen.append(last[("lineflow_frames_total", ())])
-            if seen[-1] == 24 and out.exists() and out.read_text().count("\n") == 24:
+            served = sum(v for k, v in last.items() if k[0].startswith("lineflow_sink_") and ("sink", "opcua") in k[1])
+            if seen[-1] == 24 and out.exists() and out.read_text().count("\n") == 24 and served == 24 * opcua:
                 break
             time.sleep(0.05)
         proc.wait(30)
@@ -93,6 +98,8 @@ def test_counters_equal_the_jsonl_when_scraped_during_a_run(tiny, tmp_path):
     assert last[("lineflow_sink_lost_total", (("sink", "mqtt"),))] == 24 - 5
     hook = [last[(f"lineflow_sink_{k}", (("sink", "webhook"),))] for k in ("waiting", "delivered_total", "lost_total")]
     assert hook[1] == 0 and sum(hook) == 24
+    if opcua:
+        assert last[("lineflow_sink_delivered_total", (("sink", "opcua"),))] == 24
 
 
 def test_a_port_in_use_is_one_line_and_exit_2_before_any_frame(tiny, tmp_path):
@@ -149,7 +156,7 @@ def test_error_kind_of_an_unreadable_file_and_score_buckets():
     assert error_kind(Result(None, None, source="a.png", error="a.png: cannot read image (x)")) == "bad_frame"
     assert error_kind(Result(None, None, source="a.png", error="something new")) == "other"
     assert 2.5 in score_buckets(2.5) and -0.3 in score_buckets(-0.3) and 0.0 in score_buckets(0.0)
-    assert score_buckets(2.0)[0] == 0.5 and score_buckets(2.0)[-1] == 10.0
+    assert score_buckets(2.0)[0] == 0.1 and score_buckets(2.0)[-1] == 10.0 and len(score_buckets(2.0)) == 17
 
 
 def test_engine_info_follows_a_swap_and_two_runs_share_a_process():

@@ -56,8 +56,9 @@ ERROR_PREFIXES = (("bad frame", "bad_frame"), ("incomplete frame", "incomplete")
                   ("non-finite", "non_finite"))
 ERROR_KINDS = ("bad_frame", "incomplete", "backend", "source", "server", "non_finite", "other")
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# score bucket edges: threshold + |threshold| * step (|threshold| taken as 1 for a threshold of 0)
-SCORE_STEPS = (-0.75, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+# score bucket edges: threshold * factor for a positive threshold (threshold + |threshold| * (factor - 1) for any, 1
+# for a threshold of 0): good parts score far below it (docs/model.md: BSD's median 0.09 against 0.57), defects above
+SCORE_FACTORS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 RATE_WINDOW_S = 10.0  # lineflow_frames_per_second: scored frames over this many seconds
 
 
@@ -82,12 +83,12 @@ def error_kind(result: Result) -> str:
 
 
 def score_buckets(threshold: float) -> tuple[float, ...]:
-    """Histogram edges around the threshold: from a quarter of it to five times it for a positive threshold, the
+    """Histogram edges around the threshold: from 0.05 to 5 times it for a positive threshold (SCORE_FACTORS), the
     threshold itself one edge (so le=threshold counts the frames that passed)."""
     if threshold != threshold or abs(threshold) == float("inf"):
         threshold = 1.0
     scale = abs(threshold) or 1.0
-    return tuple(sorted({float(f"{threshold + scale * step:.6g}") if step else threshold for step in SCORE_STEPS}))
+    return tuple(sorted({float(f"{threshold + scale * (k - 1):.6g}") if k != 1 else threshold for k in SCORE_FACTORS}))
 
 
 @dataclass(frozen=True)
