@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 
 # the native pre/post-processing (cpp/): its hot loops carry per-ISA clones (AVX-512, AVX2, baseline)
 # chosen at load time, so one build runs on any x86-64 CPU
-native = Pybind11Extension("engine._native", ["cpp/native.cpp", "cpp/lineflow/pool.cpp", "cpp/lineflow/filters.cpp"],
+native = Pybind11Extension("engine._native", ["cpp/native.cpp", "cpp/lineflow/pool.cpp", "cpp/lineflow/filters.cpp",
+                                             "cpp/lineflow/debayer.cpp"],
                            include_dirs=["cpp"], cxx_std=17, extra_compile_args=["-O3", "-fopenmp-simd"])
 
 setup(
@@ -43,5 +44,9 @@ setup(
                 "hypothesis>=6.100",  # hypothesis: fuzzing the image reader, frame path and engine loader
                 "playwright>=1.40",  # the live view in a real browser (the system's Chromium)
                 "tritonclient[http,grpc]>=2.40"],  # engine.run --server, and the engine.serve tests
+        # genicam: engine.run --source gige://CAMERA reads GenICam cameras through Aravis (apt gir1.2-aravis-0.8,
+        # libaravis-0.8-0) by PyGObject. PyGObject 3.51 and later need GLib 2.80 (girepository-2.0), which Debian 12
+        # lacks; 3.50 builds from source with apt libgirepository1.0-dev libcairo2-dev pkg-config
+        "genicam": ["PyGObject>=3.42,<3.51"],
     },
 )

@@ -6,9 +6,11 @@
 //                -> (x - mean) / std -> NCHW float32 (B, 3, H, W), into a preallocated buffer;
 //   postprocess: per-scale NLL maps q_s (B, h_s, w_s) -> sum_s c_s * Rh_s q_s Rw_s^T (upsample + blur as
 //                one band matrix per axis and scale) -> anomaly map and score map (B, H, W) -> top-k mean score;
-//   resize:      float32 maps (B, h, w) -> (B, H, W), for the map at the frame's size.
+//   resize:      float32 maps (B, h, w) -> (B, H, W), for the map at the frame's size;
+//   debayer, scale_to_16: GenICam cameras' Bayer 8-bit and 10-14-bit mono frames (engine/genicam.py) -> RGB / 16-bit.
 // Work is split over (image, row block) tasks on one persistent thread pool; the GIL is released
 // while it runs; inputs are read in place (C-contiguous arrays required, never copied).
+#include "lineflow/debayer.h"
 #include "lineflow/filters.h"
 #include "lineflow/pool.h"
 
@@ -300,6 +302,43 @@ static void resize(const py::handle& src_obj, const py::tuple& rows_band, const 
   });
 }
 
+// ---- camera pixel formats (engine/genicam.py; cpp/lineflow/debayer.cpp) --------------------------------
+static py::array_t<uint8_t> debayer(const py::handle& raw_obj, int r_row, int r_col) {
+  auto raw = checked<uint8_t>(raw_obj, "raw", 2);
+  const int64_t h = raw.shape(0), w = raw.shape(1);
+  if (h < 2 || w < 2) throw py::value_error("raw: a Bayer mosaic needs at least 2x2 pixels");
+  if ((r_row != 0 && r_row != 1) || (r_col != 0 && r_col != 1))
+    throw py::value_error("r_row, r_col: the red sample's row and column in the 2x2 cell, 0 or 1");
+  py::array_t<uint8_t> rgb({h, w, static_cast<int64_t>(3)});
+  const uint8_t* src = raw.data();
+  uint8_t* dst = rgb.mutable_data();
+  const int64_t blocks = std::min<int64_t>(h, 4 * pool().size()), rows_per = (h + blocks - 1) / blocks;
+  {
+    py::gil_scoped_release release;
+    pool().run(blocks, [&](int64_t t) {
+      lineflow::debayer_rows(src, h, w, r_row, r_col, dst, t * rows_per, std::min(h, (t + 1) * rows_per));
+    });
+  }
+  return rgb;
+}
+
+static py::array_t<uint16_t> scale_to_16(const py::handle& raw_obj, int bits) {
+  auto raw = checked<uint16_t>(raw_obj, "raw");
+  if (bits < 1 || bits > 16) throw py::value_error("bits: 1 to 16");
+  std::vector<py::ssize_t> shape(raw.shape(), raw.shape() + raw.ndim());
+  py::array_t<uint16_t> out(shape);
+  const uint16_t* src = raw.data();
+  uint16_t* dst = out.mutable_data();
+  const int64_t n = raw.size(), chunk = 1 << 16, tasks = (n + chunk - 1) / chunk;
+  {
+    py::gil_scoped_release release;
+    pool().run(tasks, [&](int64_t t) {
+      lineflow::scale_to_16(src + t * chunk, dst + t * chunk, std::min(chunk, n - t * chunk), bits);
+    });
+  }
+  return out;
+}
+
 PYBIND11_MODULE(_native, m) {
   m.doc() = "lineflow's native pre- and post-processing (see cpp/native.cpp)";
   m.def("preprocess", &preprocess, py::arg("frames"), py::arg("row_bands"), py::arg("col_bands"), py::arg("out"),
@@ -312,6 +351,11 @@ PYBIND11_MODULE(_native, m) {
         "returns the image scores");
   m.def("resize", &resize, py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("out"),
         "float32 maps (B, h, w) -> (B, H, W) through two band matrices");
+  m.def("debayer", &debayer, py::arg("raw"), py::arg("r_row"), py::arg("r_col"),
+        "8-bit Bayer mosaic (H, W) -> RGB (H, W, 3) uint8, bilinear; (r_row, r_col): the red sample in the top-left "
+        "2x2 cell, as GenICam names the format (BayerRG8 (0, 0), BayerGR8 (0, 1), BayerGB8 (1, 0), BayerBG8 (1, 1))");
+  m.def("scale_to_16", &scale_to_16, py::arg("raw"), py::arg("bits"),
+        "uint16 samples of `bits` bits -> uint16 on the 16-bit scale: round(min(v, 2^bits - 1) * 65535 / (2^bits - 1))");
   m.def("threads", [] { return pool().size(); }, "threads in the pool (the caller included)");
   m.def("set_threads", [](int n) {
     if (n < 1) throw py::value_error("threads must be >= 1");

@@ -11,6 +11,7 @@ yields dropped frames, a frame with lost packets an error frame (never scored as
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,10 @@ class CameraSettings:
 
     features: tuple[tuple[str, str], ...] = ()
     trigger: str | None = None
+
+    def hardware_trigger(self) -> bool:
+        """Frames come when the line's trigger fires: waiting for one is no hang, nor a lost camera."""
+        return self.trigger is not None and self.trigger.lower() != "software"
 
 
 def parse_feature(text: str) -> tuple[str, str]:
@@ -136,19 +141,18 @@ def _set_feature(device, name: str, value: str, aravis, glib) -> str:
 class _Camera:
     """An open camera with its stream and buffer pool, acquiring; `lost` is set from Aravis's control-lost signal."""
 
-    def __init__(self, camera_id: str | None, label: str, settings: CameraSettings):
+    def __init__(self, camera_id: str | None, label: str, settings: CameraSettings, resolve: bool = True):
         self.aravis, self.glib = _aravis()
         self.label, self.lost = label, threading.Event()
         self.last_frame_id: int | None = None
         self.underruns_seen, self.fired_at = 0, None  # fired_at: when the software trigger waiting for its frame fired
+        # what opens it: a reconnection opens the same camera by the same name
+        self.name = _resolve(camera_id, self.aravis) if resolve and not _is_ip(camera_id) else camera_id
         try:
-            self.camera = self.aravis.Camera.new(camera_id)
+            self.camera = self.aravis.Camera.new(self.name)
         except self.glib.Error as e:
-            serial = _by_serial(camera_id, self.aravis)
-            if serial is None:
-                raise UserError(f"{label}: {'no such camera' if camera_id else 'no camera found'} ({e.message}); "
-                                "python -m engine.run --list-cameras lists them") from None
-            self.camera = self.aravis.Camera.new(serial)
+            raise UserError(f"{label}: {'no such camera' if camera_id else 'no camera found'} ({e.message}); "
+                            "python -m engine.run --list-cameras lists them") from None
         self.device = self.camera.get_device()
         if hasattr(self.device, "is_controller") and not self.device.is_controller():
             raise UserError(f"{label}: another application controls the camera (only one may)")
@@ -180,7 +184,7 @@ class _Camera:
             raise
 
     def _trigger(self, trigger: str | None) -> None:
-        self.software = trigger == "software"
+        self.software = trigger is not None and trigger.lower() == "software"
         if trigger is None:
             if self.device.get_feature("TriggerMode") is not None:
                 self.camera.clear_triggers()  # free-running, whatever an earlier application left set
@@ -220,7 +224,8 @@ class _Camera:
             return 0
 
     def close(self) -> None:
-        """Stops acquisition (not on a camera already lost: that only waits for its timeouts) and lets go."""
+        """Stops acquisition and leaves control; a camera already lost is let go of in another thread (Aravis's
+        finalisers wait for its timeouts, the GIL released)."""
         camera, device = getattr(self, "camera", None), getattr(self, "device", None)
         if camera is not None and not self.lost.is_set() and getattr(self, "stream", None) is not None:
             try:
@@ -234,17 +239,30 @@ class _Camera:
                     device.leave_control()  # at once, not when Python frees the object: a reconnection may follow
                 except self.glib.Error:
                     pass
-        self.stream = self.camera = self.device = None
+        gone = [getattr(self, "stream", None), camera, device]  # the last references
+        self.stream = self.camera = self.device = camera = device = None
+        if self.lost.is_set():  # Aravis's own farewell to a camera that is gone times out (~10 s): in the background
+            threading.Thread(target=gone.clear, name="lineflow-camera-gone", daemon=True).start()
 
 
-def _by_serial(camera_id: str | None, aravis) -> str | None:
-    """The id of the camera whose serial number is camera_id (Aravis itself opens ids, IP and MAC addresses)."""
-    if camera_id:
-        aravis.update_device_list()
-        for i in range(aravis.get_n_devices()):
-            if aravis.get_device_serial_nbr(i) == camera_id:
-                return aravis.get_device_id(i)
-    return None
+def _is_ip(camera_id: str | None) -> bool:
+    return camera_id is not None and re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", camera_id) is not None
+
+
+def _resolve(camera_id: str | None, aravis) -> str | None:
+    """The name Aravis opens the camera by: the camera found under this id, serial number or MAC address (None: the
+    first camera found), by its id; a GigE Vision camera on loopback (a simulator) by its address, which makes
+    Aravis stream over loopback too (by its id, it would send the camera's packets to another interface's address,
+    which a camera bound to 127.0.0.1 cannot reach). Unknown: camera_id itself, for Aravis to refuse."""
+    aravis.update_device_list()
+    for i in range(aravis.get_n_devices()):
+        if camera_id is None or camera_id in (aravis.get_device_id(i), aravis.get_device_serial_nbr(i),
+                                              aravis.get_device_physical_id(i)):
+            address = aravis.get_device_address(i) or ""
+            if aravis.get_device_protocol(i) == "GigEVision" and address.startswith("127."):
+                return address
+            return aravis.get_device_id(i)
+    return camera_id
 
 
 def open_camera(spec: str, settings: CameraSettings | None = None,
@@ -262,7 +280,7 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
     """Frames until the run stops; a lost camera reconnects with backoff (each attempt an error frame carrying the
     Outage, as does the first frame after it), or raises SourceError after RECONNECT_ATTEMPTS."""
     index, last, outage = 0, time.time(), None
-    triggered = settings.trigger not in (None, "software")  # by hardware: frames come when the line sends them
+    triggered = settings.hardware_trigger()
     try:
         while not stop.is_set():
             silence = camera.silence_s(triggered)
@@ -283,6 +301,7 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
                 last = time.time()
                 continue
             why = "control channel lost" if camera.lost.is_set() else f"no frame for {silence:g} s"
+            camera.lost.set()  # not asked to stop: a camera that is gone answers each request only by timing out
             camera.close()
             outage = Outage(label, last, camera.fps)
             for attempt in range(1, RECONNECT_ATTEMPTS + 1):
@@ -295,7 +314,7 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
                 if stop.wait(wait):
                     return
                 try:
-                    camera = _Camera(camera_id, label, settings)
+                    camera = _Camera(camera.name, label, settings, resolve=False)
                 except UserError:
                     continue
                 last = time.time()  # a free-running camera has its silence limit to deliver the first frame
@@ -358,6 +377,6 @@ def stream_options(settings: CameraSettings | None) -> dict:
     while the line is behind, the pool fills and what the camera sends meanwhile is counted dropped); free-running:
     the live default, drop-oldest. Waiting for a hardware trigger is no hang: no frame timeout (the control channel's
     heartbeat says when such a camera is gone)."""
-    trigger = settings.trigger if settings is not None else None
-    return {"policy": "block" if trigger else None,
-            "frame_timeout": None if trigger not in (None, "software") else -1.0}
+    settings = settings or CameraSettings()
+    return {"policy": "block" if settings.trigger else None,
+            "frame_timeout": None if settings.hardware_trigger() else -1.0}

@@ -46,6 +46,7 @@ class Result:
     engine: str | None = None  # the id of the engine that scored it (ScoringEngine.engine_id); None: not scored
     threshold: float | None = None  # the threshold it was judged against (that engine's: it changes at a swap)
     drift: list[str] | None = None  # the drift kinds in force when it was scored (engine.drift); None: not watched
+    device_timestamp: int | None = None  # the camera's own time stamp of the frame (ns of its clock; GenICam cameras)
 
     def __post_init__(self):
         if self.score is not None and not math.isfinite(self.score):  # never a pass, however the Result was made
@@ -56,8 +57,11 @@ class Result:
 
     def to_json(self) -> dict:
         """The JSONL line: `engine`, the engine that scored it; `drift`, false or the kinds in force (null: not
-        watched, e.g. an engine without held-out scores or training statistics)."""
+        watched, e.g. an engine without held-out scores or training statistics); `device_timestamp` only where the
+        camera stamps its frames (GenICam: an integer, nanoseconds of the camera's clock)."""
         out = {"index": self.index, "source": self.source, "timestamp": self.timestamp}
+        if self.device_timestamp is not None:
+            out["device_timestamp"] = self.device_timestamp
         if self.error is not None:
             out["error"] = self.error
         else:

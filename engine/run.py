@@ -83,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(results equal a local engine's); reduced: frames larger than the engine's input resized to it "
                    "here with the engine's own resize, then rounded to uint8 (fewer bytes; scores move by that "
                    "rounding: docs/deploy.md); frames of tiling engines always travel whole")
-    p.add_argument("--source", required=True, help="camera:N, /dev/videoN, rtsp/http URL, video file, image folder "
-                   "or image file")
+    p.add_argument("--source", help="camera:N, /dev/videoN, gige://[CAMERA] (a GenICam camera), rtsp/http URL, video "
+                   "file, image folder or image file")
     p.add_argument("--out", metavar="RESULTS.jsonl", help="one JSON line per frame: index, source, timestamp, "
                    "score and is_anomalous (or error)")
     p.add_argument("--save-maps", metavar="DIR", help="write a heat-map overlay PNG per frame into DIR")
@@ -105,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
                    "line on stderr, the kinds in force on every JSONL line, MQTT PREFIX/CAMERA/drift; never a verdict "
                    "changed: docs/line-loop.md)")
     p.add_argument("--camera-name", help="the camera in MQTT topics and the view's title (default: from --source)")
+    gige = p.add_argument_group("GenICam cameras (--source gige://[CAMERA]: GigE Vision, USB3 Vision, through Aravis; "
+                                "pip install -e \".[genicam]\")")
+    gige.add_argument("--list-cameras", action="store_true", help="list the cameras Aravis finds with the ids "
+                      "gige://ID takes (a serial number, IP or MAC address opens one too), and exit; needs no engine")
+    gige.add_argument("--camera-set", action="append", default=[], metavar="NAME=VALUE", help="set a GenICam feature "
+                      "before acquiring, in order, e.g. --camera-set ExposureTime=5000 --camera-set Gain=2; a feature "
+                      "the camera lacks or a value it rejects is refused in one line")
+    gige.add_argument("--trigger", metavar="SOURCE", help="triggered acquisition, the policy then block: software "
+                      "(lineflow triggers each frame when the line takes it, at --max-fps at most) or the camera's "
+                      "trigger line (Line0, Line1, ...: waiting for the line's trigger is no hang); default: "
+                      "free-running")
     line = p.add_argument_group("line integration (engine/sinks/): a slow or absent receiver never stalls the run")
     line.add_argument("--mqtt", metavar="URL", help="mqtt://HOST:PORT/PREFIX (mqtts:// for TLS): a QoS-1 JSON "
                       "message per frame on PREFIX/CAMERA/result, a retained PREFIX/CAMERA/status with a last will, "
@@ -213,6 +224,28 @@ def _line_sinks(args: argparse.Namespace, engine: ScoringEngine, stats: StreamSt
     return sinks
 
 
+def _camera(args: argparse.Namespace) -> tuple[object | None, dict]:
+    """A gige:// source's settings and the stream options they imply (engine/genicam.py, imported only for one)."""
+    if not args.source.startswith("gige://"):
+        if args.camera_set or args.trigger:
+            raise UserError("--camera-set and --trigger are for GenICam cameras (--source gige://[CAMERA])")
+        return None, {}
+    from engine.genicam import CameraSettings, parse_feature, stream_options
+    settings = CameraSettings(tuple(parse_feature(text) for text in args.camera_set), args.trigger)
+    return settings, stream_options(settings)
+
+
+def _list_cameras() -> int:
+    from engine.genicam import list_cameras
+    cameras = list_cameras()
+    for c in cameras:
+        print(f"gige://{c['id']}\t{c['vendor']} {c['model']}\tserial {c['serial']}\t{c['address']}\t{c['protocol']}")
+    if not cameras:
+        print("no GenICam camera found (GigE Vision: on a subnet of this host's interfaces; USB3 Vision: plugged "
+              "in, with access to the device)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     with redacted_stderr():  # a password in a URL never shows, in our lines or in OpenCV's, FFmpeg's and paho's
         return _main(argv)
@@ -220,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.list_cameras:
+        return _list_cameras()
+    if args.source is None:
+        raise UserError("--source is required (or --list-cameras)")
+    args.camera, args.camera_stream = _camera(args)
     if args.batch < 1:
         raise UserError("--batch must be at least 1")
     if args.max_fps is not None and args.max_fps <= 0:
@@ -328,8 +366,9 @@ def _drift_events(drift: DriftMonitor, index: int | None, sinks: list[Sink]) -> 
 def _stream(args: argparse.Namespace, engine: ScoringEngine, stats: StreamStats, line_sinks: list[Sink]) -> int:
     with_maps = bool(args.save_maps or args.overlay_video or args.view or args.review)
     drift = _drift_monitor(args, engine)
-    results = run(engine, args.source, batch_size=args.batch, policy=args.policy, max_fps=args.max_fps,
-                  with_maps=with_maps, stats=stats, drift=drift, on_event=_event_line)
+    results = run(engine, args.source, batch_size=args.batch, policy=args.policy or args.camera_stream.get("policy"),
+                  max_fps=args.max_fps, with_maps=with_maps, stats=stats, drift=drift, on_event=_event_line,
+                  frame_timeout=args.camera_stream.get("frame_timeout", -1.0), camera=args.camera)
     sinks: list[Sink] = list(line_sinks)
     try:
         first = next(results, None)  # opens the source: a bad source fails here, before any output exists

@@ -2,7 +2,8 @@
 
 A source yields Frame(index, source, timestamp, image | error). An image that cannot be read becomes
 a frame with an error (reported in the results), never a silent gap. Video and cameras go through
-OpenCV (imported only for them); still images are decoded by engine/common/images.py, as in training.
+OpenCV (imported only for them); GenICam cameras (gige://) through Aravis (engine/genicam.py, imported only for
+them); still images are decoded by engine/common/images.py, as in training.
 OpenCV gets a stream's real URL; every label and message names it with its password hidden (redact).
 """
 
@@ -50,6 +51,8 @@ class Frame:
     perf: float = 0.0  # perf_counter when captured (latency)
     fps: float | None = None  # the source's own frame rate, where it states one (video files, cameras)
     outage: Outage | None = None  # a reconnection notice, or the first frame after an outage, carries that outage
+    device_timestamp: int | None = None  # the camera's own time stamp (ns of its clock), where it gives one (GenICam)
+    dropped: bool = False  # a frame the source knows it lost (a GenICam camera's skipped frame id): a dropped result
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Outage:
 def is_live(spec) -> bool:
     """Cameras and network streams run at their own pace: frames may be dropped when inference lags."""
     return isinstance(spec, str) and (spec.startswith("camera:") or spec.startswith("/dev/video")
-                                      or _is_url(spec))
+                                      or spec.startswith("gige://") or _is_url(spec))
 
 
 def _is_url(spec: str) -> bool:
@@ -171,8 +174,9 @@ def _arrays(arrays: Iterable[np.ndarray], bgr: bool) -> Iterator[Frame]:
         yield Frame(index, "array", time.time(), np.asarray(a), bgr=bgr)
 
 
-def open_source(spec, bgr: bool = False, stop: threading.Event | None = None) -> Iterator[Frame]:
-    """A source spec -> frames. Strings: camera:N, /dev/videoN, rtsp/http URL, video file, image folder, image file.
+def open_source(spec, bgr: bool = False, stop: threading.Event | None = None, camera=None) -> Iterator[Frame]:
+    """A source spec -> frames. Strings: camera:N, /dev/videoN, gige://[CAMERA], rtsp/http URL, video file, image
+    folder, image file. camera: a gige:// camera's engine.genicam.CameraSettings (features, trigger).
 
     Anything else: a numpy array (one frame, or N frames stacked) or an iterable of arrays.
     stop: set, it ends a live source's wait between reconnection attempts (the generator then returns).
@@ -182,6 +186,9 @@ def open_source(spec, bgr: bool = False, stop: threading.Event | None = None) ->
     if not isinstance(spec, (str, Path)):
         return _arrays(spec, bgr)
     spec, stop = str(spec), stop or threading.Event()
+    if spec.startswith("gige://"):
+        from engine.genicam import open_camera
+        return open_camera(spec, camera, stop)
     if spec.startswith("camera:"):
         try:
             return _video(spec, int(spec.split(":", 1)[1]), stop)

@@ -216,8 +216,9 @@ def _infer(engine: ScoringEngine, q_in: queue.Queue, q_out: queue.Queue, batch_s
             elif good:
                 failures = 0
             for f in batch:
-                r = results.get(id(f)) or Result(None, None, error=f.error)
-                r.index, r.source, r.timestamp = f.index, f.source, f.timestamp
+                r = results.get(id(f)) or Result(None, None, error=f.error,
+                                                 status=Status.DROPPED if f.dropped else Status.OK)
+                r.index, r.source, r.timestamp, r.device_timestamp = f.index, f.source, f.timestamp, f.device_timestamp
                 r.captured_perf = f.perf
                 r.frame = f.image if with_maps else None
                 r.bgr = f.bgr
@@ -234,7 +235,8 @@ def _infer(engine: ScoringEngine, q_in: queue.Queue, q_out: queue.Queue, batch_s
 def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1, policy: str | None = None,
         max_fps: float | None = None, with_maps: bool = True, bgr: bool = False, queue_size: int = 8,
         stats: StreamStats | None = None, frame_timeout: float | None = -1.0,
-        drift: DriftMonitor | None = None, on_event: Callable[[str], None] | None = None) -> Iterator[Result]:
+        drift: DriftMonitor | None = None, on_event: Callable[[str], None] | None = None,
+        camera=None) -> Iterator[Result]:
     """Score every frame of `source` (see engine.sources.open_source) in order; yields Results, their indices
     0, 1, 2, ... without a gap (a dropped frame's result waits for every lower index).
 
@@ -246,6 +248,8 @@ def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1,
     each result's `.drift`; a dropped frame carries the kinds in force when it is handed over.
     on_event: called, in the caller's thread, with one line when a live source's outage begins and when it ends
     (each outage is also on stats.outages).
+    camera: a gige:// source's engine.genicam.CameraSettings (features, trigger); see engine.genicam.stream_options
+    for the policy and frame timeout a triggered camera needs.
     Closing the generator (or leaving the loop) stops and joins the inference thread before it returns; a source
     waiting between reconnection attempts ends at once.
     """
@@ -260,7 +264,7 @@ def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1,
         frame_timeout = max(frame_timeout, 2.0 / max_fps)
     stats = stats if stats is not None else StreamStats()
     stop = threading.Event()
-    frames = open_source(source, bgr, stop)
+    frames = open_source(source, bgr, stop, camera)
     name = redact(str(source)) if isinstance(source, (str, Path)) else "the source"
     q_in: queue.Queue = queue.Queue(maxsize=queue_size)
     q_out: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -280,8 +284,9 @@ def run(engine_or_path: ScoringEngine | str | Path, source, batch_size: int = 1,
             except queue.Empty:
                 return
             held[f.index] = Result(None, None, index=f.index, source=f.source, timestamp=f.timestamp,
-                                   error="dropped: inference was slower than the source", status=Status.DROPPED,
-                                   drift=None if drift is None else drift.in_force())
+                                   error=f.error if f.dropped else "dropped: inference was slower than the source",
+                                   status=Status.DROPPED, drift=None if drift is None else drift.in_force(),
+                                   device_timestamp=f.device_timestamp)
 
     def tell() -> None:
         while on_event is not None and not events.empty():

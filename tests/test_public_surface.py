@@ -21,7 +21,7 @@ import engine
 ALL = ["Engine", "EngineFileError", "Result", "StreamStats", "load", "run"]
 LOAD = ["path", "threads=None", "busy_wait=True"]
 RUN = ["engine_or_path", "source", "batch_size=1", "policy=None", "max_fps=None", "with_maps=True", "bgr=False",
-       "queue_size=8", "stats=None", "frame_timeout=-1.0", "drift=None", "on_event=None"]
+       "queue_size=8", "stats=None", "frame_timeout=-1.0", "drift=None", "on_event=None", "camera=None"]
 ENGINE_METHODS = {
     "__enter__": ["self"],
     "__exit__": ["self", "*exc"],
@@ -39,7 +39,7 @@ ENGINE_ATTRIBUTES = ["backend", "backend_name", "engine_id", "header", "input_si
 RESULT_FIELDS = [("score", "<required>"), ("is_anomalous", "<required>"), ("anomaly_map", "None"), ("index", "0"),
                  ("source", "''"), ("timestamp", "None"), ("error", "None"), ("frame", "None"), ("bgr", "False"),
                  ("captured_perf", "0.0"), ("status", "<Status.OK: 'ok'>"), ("engine", "None"), ("threshold", "None"),
-                 ("drift", "None")]
+                 ("drift", "None"), ("device_timestamp", "None")]
 STATUS = ["ok", "error", "dropped"]
 JSONL_SCORED = ["index", "source", "timestamp", "score", "is_anomalous", "engine", "drift"]
 JSONL_ERROR = ["index", "source", "timestamp", "error", "engine", "drift"]
@@ -57,12 +57,13 @@ OPTIONS = {
                         "out"],
     "engine.build": ["--backend", "--batch", "--calib", "--help", "--out", "--precision", "-h", "-o", "model"],
     "engine.run": [
-        "--batch", "--camera-name", "--help", "--max-fps", "--mqtt", "--mqtt-ca", "--mqtt-client-id",
-        "--mqtt-heartbeat", "--mqtt-password", "--mqtt-queue", "--mqtt-user", "--no-drift", "--out", "--overlay-video",
-        "--policy",
-        "--quiet", "--reload", "--review", "--review-max-mb", "--review-sample", "--save-maps", "--server",
-        "--server-send", "--source", "--threads", "--view", "--view-hold", "--view-token", "--webhook",
-        "--webhook-all", "--webhook-queue", "--webhook-retries", "--webhook-timeout", "-h", "engine"],
+        "--batch", "--camera-name", "--camera-set", "--help", "--list-cameras", "--max-fps", "--metrics", "--mqtt",
+        "--mqtt-ca", "--mqtt-client-id", "--mqtt-heartbeat", "--mqtt-password", "--mqtt-queue", "--mqtt-user",
+        "--no-drift", "--opcua", "--opcua-cert", "--opcua-key", "--opcua-password", "--opcua-user", "--out",
+        "--overlay-video", "--policy", "--quiet", "--reload", "--review", "--review-max-mb", "--review-sample",
+        "--save-maps", "--server", "--server-send", "--source", "--threads", "--trigger", "--view", "--view-hold",
+        "--view-token", "--webhook", "--webhook-all", "--webhook-queue", "--webhook-retries", "--webhook-timeout", "-h",
+        "engine"],
     "engine.serve": ["--grpc-port", "--help", "--host", "--http-port", "--instances", "--max-batch",
                      "--max-queue-delay-us", "--metrics-port", "--no-dynamic-batching", "--reload", "--threads", "-h",
                      "engines"],
