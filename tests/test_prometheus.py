@@ -189,3 +189,26 @@ def test_a_sink_offering_delivery_is_read_and_a_foreign_host_is_refused():
     assert got[("lineflow_sink_waiting", (("sink", "opcua"),))] == 2
     assert got[("lineflow_sink_delivered_total", (("sink", "opcua"),))] == 40
     assert got[("lineflow_sink_lost_total", (("sink", "opcua"),))] == 1
+
+
+def test_a_broken_request_or_collector_is_no_traceback(capfd):
+    """Garbage on the socket, a client gone mid-request, a sink whose numbers fail: the run's stderr gets one
+    warning line, the scraper a 500, and nothing stops serving."""
+    class Broken:
+        def delivery(self):
+            raise RuntimeError("boom")
+    sink = MetricsSink("127.0.0.1:0", "cam", fake_engine(), [Broken()])
+    try:
+        for payload in (b"\x00\xff garbage\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", sink.port)) as s:
+                s.sendall(payload)
+        for _ in range(2):
+            with pytest.raises(urllib.error.HTTPError, match="500") as e:
+                urllib.request.urlopen(sink.url, timeout=5)
+            assert e.value.read() == b"lineflow metrics failed: RuntimeError: boom\n"
+        sink.sinks.clear()
+        assert scrape(sink.url)[("lineflow_frames_total", ())] == 0
+    finally:
+        sink.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("metrics: a scrape failed (RuntimeError: boom)") == 1, err

@@ -38,9 +38,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from engine.common.errors import UserError
+from engine.common.errors import UserError, one_line
 from engine.results import Result, ScoringEngine, Status
-from engine.sinks.base import SinkSummary
+from engine.sinks.base import SinkSummary, warn_on_stderr
 from engine.sinks.view import _loopback, _loopback_host_header  # one home for the loopback and Host rules
 
 __all__ = ["MetricsSink", "Delivery", "parse_metrics_address", "error_kind", "score_buckets", "ERROR_KINDS",
@@ -275,7 +275,7 @@ class MetricsSink:
         from wsgiref.simple_server import make_server
 
         from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
-        app = make_wsgi_app(self.registry)
+        app = _guarded(make_wsgi_app(self.registry))
         if _loopback(host):
             app = _loopback_only(app)
         try:
@@ -288,11 +288,30 @@ class MetricsSink:
             address_family = family
             allow_reuse_address = True
 
+            def handle_error(self, request, client_address) -> None:
+                """A client's broken request or connection is its own business: no traceback on the run's stderr."""
+
         try:
             return make_server(host, port, app, Server, handler_class=_SilentHandler)
         except OSError as e:
             why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
             raise UserError(f"--metrics {host}:{port}: cannot listen there ({why})") from None
+
+
+def _guarded(app):
+    """`app` whose failure (a bug in a collector) is a 500 with one line, said once on stderr, never a traceback."""
+    said = []
+
+    def guarded(environ, start_response):
+        try:
+            return app(environ, start_response)
+        except Exception as e:  # noqa: BLE001 - the run goes on; the scraper sees the failure
+            if not said:
+                said.append(e)
+                warn_on_stderr(f"metrics: a scrape failed ({one_line(e)}); the run goes on")
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [f"lineflow metrics failed: {one_line(e)}\n".encode()]
+    return guarded
 
 
 def _loopback_only(app):
