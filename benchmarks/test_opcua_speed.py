@@ -10,8 +10,8 @@ this CPU with `--backend auto`; 96 frames of 256x256 uint8 through engine.run (p
 - opcua + client: the same with a client in another process (asyncua's, in Python) subscribed to all eleven
   variables of the camera with the StatusValueTimestamp trigger and a queue of 1000, so that every frame's values
   reach it, published every 100 ms (PLCs ask for 100 ms to a second; at 20 ms the client and the server both work
-  about twice as hard, measured 2026-12-06). On this 2-core machine the client's own CPU time comes off the line
-  too, which a PLC's would not.
+  harder: fewer notifications a message). On a small machine the client's own CPU time comes off the line too,
+  which a PLC's would not: test_opcua_cost_interleaved prints the CPU time per frame of each side.
 pytest-benchmark times the variants one after another, and this machine's speed drifts between them; so
 test_opcua_cost_interleaved also times plain and opcua + client round by round, in turn, and reports the median of
 the per-round ratios (extra_info "cost", printed). Issue 46: a sink must not cost more than 5 % of frames/s.
