@@ -13,7 +13,8 @@ Prometheus scrapes many lines. The names (stable; `_total` counters only grow du
     lineflow_frames_total                    results (JSONL lines): scored + dropped + errors
     lineflow_scored_total                    frames scored (a verdict)
     lineflow_anomalies_total                 scored frames above the threshold
-    lineflow_dropped_total                   frames dropped by the drop-oldest policy (no verdict)
+    lineflow_dropped_total                   frames dropped unscored: by the drop-oldest policy, or lost by the
+                                             source (a GenICam camera's skipped frame ids)
     lineflow_errors_total{kind}              frames not scored, by kind (ERROR_KINDS: every kind present from the
                                              start, at 0; drops are not errors, as in the run's summary line)
     lineflow_latency_seconds                 histogram: capture to result, scored frames (LATENCY_BUCKETS_S)
@@ -219,7 +220,8 @@ class MetricsSink:
         cam = [self.camera]
         docs = {"frames": "Frames that got a result (JSONL line): scored, dropped or errors",
                 "scored": "Frames scored (a verdict)", "anomalies": "Scored frames above the threshold",
-                "dropped": "Frames dropped by the drop-oldest policy (inference slower than the source)"}
+                "dropped": "Frames dropped unscored: by the drop-oldest policy (inference slower than the source), "
+                "or lost by the source (a camera's skipped frame ids)"}
         for key, doc in docs.items():
             family = CounterMetricFamily(f"lineflow_{key}", doc, labels=["camera"])
             family.add_metric(cam, counts[key])
