@@ -329,11 +329,12 @@ static py::array_t<uint16_t> scale_to_16(const py::handle& raw_obj, int bits) {
   py::array_t<uint16_t> out(shape);
   const uint16_t* src = raw.data();
   uint16_t* dst = out.mutable_data();
-  const int64_t n = raw.size(), chunk = 1 << 16, tasks = (n + chunk - 1) / chunk;
+  const int64_t n = raw.size(), tasks = std::max<int64_t>(1, std::min<int64_t>(4 * pool().size(), n >> 16));
+  const int64_t chunk = (n + tasks - 1) / tasks;  // each task builds its look-up table once (at most 16K values)
   {
     py::gil_scoped_release release;
     pool().run(tasks, [&](int64_t t) {
-      lineflow::scale_to_16(src + t * chunk, dst + t * chunk, std::min(chunk, n - t * chunk), bits);
+      if (t * chunk < n) lineflow::scale_to_16(src + t * chunk, dst + t * chunk, std::min(chunk, n - t * chunk), bits);
     });
   }
   return out;

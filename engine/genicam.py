@@ -280,7 +280,7 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
     """Frames until the run stops; a lost camera reconnects with backoff (each attempt an error frame carrying the
     Outage, as does the first frame after it), or raises SourceError after RECONNECT_ATTEMPTS."""
     index, last, outage = 0, time.time(), None
-    triggered = settings.hardware_trigger()
+    triggered, free_running = settings.hardware_trigger(), settings.trigger is None
     try:
         while not stop.is_set():
             silence = camera.silence_s(triggered)
@@ -292,7 +292,9 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
                     continue
                 if buffer is None:
                     continue
-                for frame in _from_buffer(camera, buffer, index, label):
+                # free-running: the newest frame goes on (drop-oldest at the pool: a waiting frame is never stale)
+                superseded = free_running and camera.stream.get_n_buffers()[1] > 0
+                for frame in _from_buffer(camera, buffer, index, label, superseded):
                     frame.outage, outage = outage, None
                     if frame.outage is not None and frame.outage.ended is None:
                         frame.outage.ended = time.time()
@@ -328,15 +330,18 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
         camera.close()
 
 
-def _from_buffer(camera: _Camera, buffer, index: int, label: str) -> list[Frame]:
-    """One buffer -> its frame (converted, or an error frame when incomplete), after one dropped frame per frame id
-    the camera skipped since the last; the buffer goes back to the pool before this returns."""
+def _from_buffer(camera: _Camera, buffer, index: int, label: str, superseded: bool = False) -> list[Frame]:
+    """One buffer -> its frame (converted, or an error frame when incomplete; a dropped frame, unread, when a newer
+    one waits: superseded), after one dropped frame per frame id the camera skipped since the last; the buffer goes
+    back to the pool before this returns."""
     now, aravis = time.time(), camera.aravis
     try:
         frame_id, status = buffer.get_frame_id(), buffer.get_status()
         stamp = buffer.get_timestamp() or None
         frame = Frame(index, label, now, fps=camera.fps, device_timestamp=stamp)
-        if status != aravis.BufferStatus.SUCCESS:
+        if superseded:
+            frame.error, frame.dropped = "dropped: a newer frame was waiting (the line is slower than the camera)", True
+        elif status != aravis.BufferStatus.SUCCESS:
             frame.error = f"incomplete frame {frame_id} ({status.value_nick.replace('-', ' ')}): not scored"
         else:
             try:

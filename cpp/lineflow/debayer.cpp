@@ -1,6 +1,8 @@
 // Bayer demosaicing and mono bit-depth scaling for GenICam cameras (see debayer.h).
 #include "lineflow/debayer.h"
 
+#include <vector>
+
 namespace lineflow {
 
 namespace {
@@ -50,10 +52,9 @@ void debayer_rows(const uint8_t* raw, int64_t h, int64_t w, int r_row, int r_col
 
 void scale_to_16(const uint16_t* in, uint16_t* out, int64_t n, int bits) {
   const uint32_t top = (1u << bits) - 1u;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t v = in[i] < top ? in[i] : top;
-    out[i] = static_cast<uint16_t>((v * 65535u + top / 2) / top);
-  }
+  std::vector<uint16_t> table(top + 1);  // exact rounding once per value, then a look-up per sample
+  for (uint32_t v = 0; v <= top; ++v) table[v] = static_cast<uint16_t>((v * 65535u + top / 2) / top);
+  for (int64_t i = 0; i < n; ++i) out[i] = table[in[i] < top ? in[i] : top];
 }
 
 }  // namespace lineflow
