@@ -125,7 +125,8 @@ def _capture(frames: Iterator[Frame], q: queue.Queue, policy: str, max_fps: floa
                             pass
             elif not _put(q, frame, stop):
                 return
-            if period:  # a schedule, but never catching up: after a stall (a full queue) no burst of frames
+            if period and not frame.dropped:  # a schedule, but never catching up: after a stall (a full queue) no
+                # burst of frames; a frame the source reports dropped (never read) takes no slot
                 next_at = max(next_at + period, time.perf_counter())
                 stop.wait(max(0.0, next_at - time.perf_counter()))
         _put(q, _END, stop)

@@ -232,13 +232,13 @@ def test_lists_cameras_with_the_ids_source_takes(camera):
     assert "Aravis-Fake-GV01" in proc.stdout and "127.0.0.1" in proc.stdout
 
 
-def test_frames_arrive_and_are_scored_with_device_timestamps(camera, tiny, tmp_path):
+def test_frames_arrive_and_are_scored_with_device_timestamps_fresh_at_max_fps(camera, tiny, tmp_path):
     out = tmp_path / "r.jsonl"
     proc = cli(tiny["engine"], "--source", CAMERA, "--out", out, "--quiet", "--camera-set", "ExposureTimeAbs=5000",
-               wait=False)
+               "--max-fps", "10", wait=False)  # the simulator sends 25 frames/s
     t0 = time.monotonic()
     while time.monotonic() - t0 < 30 and proc.poll() is None and (not out.exists() or
-                                                                  len(out.read_text().splitlines()) < 5):
+                                                                  out.read_text().count('"score"') < 6):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
@@ -246,9 +246,14 @@ def test_frames_arrive_and_are_scored_with_device_timestamps(camera, tiny, tmp_p
     clean_exit(err, 130)
     rows = valid_lines(out)
     scored = [r for r in rows if "score" in r]
-    assert len(scored) >= 5 and all(r["source"] == CAMERA for r in rows)
-    stamps = [r["device_timestamp"] for r in scored]
+    assert len(scored) >= 6 and all(r["source"] == CAMERA for r in rows)
+    stamps = [r["device_timestamp"] for r in rows]  # every line, dropped ones too: the camera's clock, ns
     assert all(isinstance(s, int) and s > 0 for s in stamps) and stamps == sorted(stamps)
+    spacing = np.diff([r["device_timestamp"] for r in scored[1:]]) / 1e9
+    assert np.median(spacing) > 0.07  # about 10 scored a second, each the newest frame: the others are dropped lines
+    assert {r["error"] for r in rows if "score" not in r} <= {"dropped: no free buffer in the pool",
+                                                              "dropped: a newer frame was waiting (the line is slower "
+                                                              "than the camera)"}
 
 
 def test_a_wrong_camera_id_is_one_line_and_exit_2(camera, tiny):
