@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "pip install -e \".[genicam]\")")
     gige.add_argument("--list-cameras", action="store_true", help="list the cameras Aravis finds with the ids "
                       "gige://ID takes (a serial number, IP or MAC address opens one too), and exit; needs no engine")
-    gige.add_argument("--camera-set", action="append", default=[], metavar="NAME=VALUE", help="set a GenICam feature "
+    gige.add_argument("--camera-set", action="append", metavar="NAME=VALUE", help="set a GenICam feature "
                       "before acquiring, in order, e.g. --camera-set ExposureTime=5000 --camera-set Gain=2; a feature "
                       "the camera lacks or a value it rejects is refused in one line")
     gige.add_argument("--trigger", metavar="SOURCE", help="triggered acquisition, the policy then block: software "
@@ -231,7 +231,7 @@ def _camera(args: argparse.Namespace) -> tuple[object | None, dict]:
             raise UserError("--camera-set and --trigger are for GenICam cameras (--source gige://[CAMERA])")
         return None, {}
     from engine.genicam import CameraSettings, parse_feature, stream_options
-    settings = CameraSettings(tuple(parse_feature(text) for text in args.camera_set), args.trigger)
+    settings = CameraSettings(tuple(parse_feature(text) for text in args.camera_set or ()), args.trigger)
     return settings, stream_options(settings)
 
 

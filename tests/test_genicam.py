@@ -256,6 +256,16 @@ def test_frames_arrive_and_are_scored_with_device_timestamps_fresh_at_max_fps(ca
                                                               "than the camera)"}
 
 
+@pytest.mark.parametrize("spec", ["gige://", "gige://GV01", "gige://Aravis-Fake-GV01"])
+def test_the_first_camera_its_serial_number_or_its_id_open_it(camera, spec):
+    frames = genicam.open_camera(spec)  # found on loopback: opened by its address, so its packets reach us
+    try:
+        frame = next(frames)
+    finally:
+        frames.close()
+    assert frame.image is not None or frame.error.startswith("incomplete frame")  # a first frame may lose its leader
+
+
 def test_a_wrong_camera_id_is_one_line_and_exit_2(camera, tiny):
     proc = cli(tiny["engine"], "--source", "gige://no-such-camera", "--quiet", timeout=60)
     err = clean_exit(proc, 2)
