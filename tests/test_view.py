@@ -127,10 +127,11 @@ def test_a_token_is_asked_for_on_every_request(line):  # noqa: F811
 
 
 def test_beyond_loopback_a_token_is_made_up_when_none_is_given():
-    from engine.sinks.view import _loopback, parse_view_address
+    from engine.common.net import is_loopback
+    from engine.sinks.view import parse_view_address
     assert parse_view_address("8080") == ("127.0.0.1", 8080) and parse_view_address("0.0.0.0:80") == ("0.0.0.0", 80)
-    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
-    assert not _loopback("0.0.0.0") and not _loopback("192.0.2.7") and not _loopback("cam-box.local")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.7") and not is_loopback("cam-box.local")
 
 
 @pytest.mark.parametrize("option,why", [("in_use", "the port is in use"), ("bad_token", "--view-token: 16 to 128"),

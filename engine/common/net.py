@@ -1,13 +1,15 @@
-"""Network addresses given in options: a URL's port and a host that must resolve, refused in one line (UserError)."""
+"""Network addresses given in options: a URL's port and a host that must resolve, refused in one line (UserError);
+what counts as this machine's loopback, for binds and for Host headers (the view, the metrics, OPC UA)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
-from urllib.parse import SplitResult
+from urllib.parse import SplitResult, urlsplit
 
 from engine.common.errors import UserError
 
-__all__ = ["url_port", "resolve"]
+__all__ = ["url_port", "resolve", "is_loopback", "loopback_host_header"]
 
 
 def url_port(parts: SplitResult, default: int, what: str) -> int:
@@ -24,3 +26,33 @@ def resolve(host: str, port: int, what: str) -> None:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         raise UserError(f"{what}: cannot resolve host {host!r} ({getattr(e, 'strerror', None) or e})") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host (a name or an address, as given in an option) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_host_header(host: str | None) -> bool:
+    """Whether a request's Host header names this machine's loopback (any port): localhost, 127.0.0.0/8, [::1]."""
+    if not host:
+        return False
+    try:
+        parts = urlsplit(f"//{host}")
+        name, _ = parts.hostname, parts.port  # .port raises on a port that is not a number
+    except ValueError:
+        return False
+    if name is None or parts.netloc != host or parts.username is not None:
+        return False
+    name = name[:-1] if name.endswith(".") else name  # "localhost." is the same name, fully qualified
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

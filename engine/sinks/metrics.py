@@ -40,9 +40,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.common.errors import UserError, one_line
+from engine.common.net import is_loopback, loopback_host_header
 from engine.results import Result, ScoringEngine, Status
 from engine.sinks.base import SinkSummary, warn_on_stderr
-from engine.sinks.view import _loopback, _loopback_host_header  # one home for the loopback and Host rules
 
 __all__ = ["MetricsSink", "Delivery", "parse_metrics_address", "error_kind", "score_buckets", "ERROR_KINDS",
            "LATENCY_BUCKETS_S", "RATE_WINDOW_S"]
@@ -278,7 +278,7 @@ class MetricsSink:
 
         from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
         app = _guarded(make_wsgi_app(self.registry))
-        if _loopback(host):
+        if is_loopback(host):
             app = _loopback_only(app)
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
@@ -319,7 +319,7 @@ def _guarded(app):
 def _loopback_only(app):
     """`app` behind a Host check: a request whose Host does not name loopback gets 421 Misdirected Request."""
     def checked(environ, start_response):
-        if not _loopback_host_header(environ.get("HTTP_HOST")):
+        if not loopback_host_header(environ.get("HTTP_HOST")):
             start_response("421 Misdirected Request", [("Content-Type", "text/plain")])
             return [b"these metrics answer to localhost, 127.0.0.1 and [::1] only\n"]
         return app(environ, start_response)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -59,7 +58,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from engine.common.errors import UserError, one_line
-from engine.common.net import resolve, url_port
+from engine.common.net import is_loopback, resolve, url_port
 from engine.common.redact import redact
 from engine.results import Result, Status
 from engine.sinks.base import FLUSH_TIMEOUT_S, SinkSummary, result_message, warn_on_stderr
@@ -91,15 +90,6 @@ class OpcUaTarget:
         return f"opc.tcp://{host}:{self.port if port is None else port}{self.path}"
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_opcua_url(url: str) -> OpcUaTarget:
     """opc.tcp://HOST[:PORT][/PATH] (port 4840 when omitted, 0: any free one); UserError naming what is wrong."""
     shown = redact(url)
@@ -117,7 +107,7 @@ def parse_opcua_url(url: str) -> OpcUaTarget:
         raise UserError(f"--opcua {shown}: no host (opc.tcp://127.0.0.1:4840 serves this machine, "
                         "opc.tcp://0.0.0.0:4840 every interface)")
     resolve(host, port, f"--opcua {shown}")
-    return OpcUaTarget(host, port, parts.path, _loopback(host))
+    return OpcUaTarget(host, port, parts.path, is_loopback(host))
 
 
 def _free_port(host: str) -> int:

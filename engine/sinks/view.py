@@ -28,7 +28,6 @@ import asyncio
 import errno
 import hmac
 import html
-import ipaddress
 import re
 import secrets
 import socket
@@ -44,6 +43,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from engine.common.errors import OutputError, UserError
+from engine.common.net import is_loopback, loopback_host_header
 from engine.common.redact import redact
 from engine.results import Result
 from engine.review_store import ID_PATTERN, append_labels, read_labels, read_queue
@@ -68,35 +68,6 @@ def parse_view_address(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UserError(f"--view {text}: expected [HOST:]PORT, the port a number from 0 to 65535")
     return host, int(port)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _loopback_host_header(host: str | None) -> bool:
-    """Whether a request's Host header names this machine's loopback (any port): localhost, 127.0.0.0/8, [::1]."""
-    if not host:
-        return False
-    try:
-        parts = urlsplit(f"//{host}")
-        name, _ = parts.hostname, parts.port  # .port raises on a port that is not a number
-    except ValueError:
-        return False
-    if name is None or parts.netloc != host or parts.username is not None:
-        return False
-    name = name[:-1] if name.endswith(".") else name  # "localhost." is the same name, fully qualified
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -132,7 +103,7 @@ def _loopback_only(app):
     async def checked(scope, receive, send):
         if scope["type"] == "http":
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
-            if not _loopback_host_header(host):
+            if not loopback_host_header(host):
                 refusal = PlainTextResponse("this view answers to localhost, 127.0.0.1 and [::1] only\n",
                                             status_code=421)
                 await refusal(scope, receive, send)
@@ -152,10 +123,10 @@ class LiveView:
         host, port = parse_view_address(address)
         if token is not None and not TOKEN_PATTERN.fullmatch(token):
             raise UserError("--view-token: 16 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")
-        if token is None and not _loopback(host):
+        if token is None and not is_loopback(host):
             token = secrets.token_urlsafe(18)  # bound beyond this machine: never without a token
         self.token, self.threshold, self.stats, self.title, self.period = token, threshold, stats, title, 1 / max_fps
-        self.host_checked = _loopback(host)  # loopback: answer only to loopback names (DNS rebinding)
+        self.host_checked = is_loopback(host)  # loopback: answer only to loopback names (DNS rebinding)
         self.hold = hold
         self.review_dir = None if review_dir is None else Path(review_dir)  # None: no review page
         self.drift: list[str] | None = None  # the newest result's drift kinds (None: not watched)
