@@ -21,11 +21,11 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 
-N_FRAMES = 96
+from benchmarks.sink_cost import N_FRAMES, random_frames, stream_through
+
 ROUNDS = 5
 
 SCRAPER = textwrap.dedent("""
@@ -50,18 +50,7 @@ def default_engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def frames():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(N_FRAMES)]
-
-
-def _stream(eng, frames, sinks) -> int:
-    import engine
-    n = 0
-    for r in engine.run(eng, list(frames), policy="block", with_maps=False):
-        for s in sinks:
-            s.write(r)
-        n += r.error is None
-    return n
+    return random_frames()
 
 
 @pytest.mark.parametrize("variant", ["plain", "metrics", "metrics + scraper"])
@@ -77,7 +66,7 @@ def test_engine_run_frames(benchmark, default_engine, frames, variant):
     if variant == "metrics + scraper":
         scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, sink.url])
     try:
-        n = benchmark.pedantic(_stream, args=(default_engine, frames, [sink] if sink else []), rounds=ROUNDS,
+        n = benchmark.pedantic(stream_through, args=(default_engine, frames, [sink] if sink else []), rounds=ROUNDS,
                                warmup_rounds=1)
         assert n == N_FRAMES
         if scraper is not None:
@@ -104,14 +93,14 @@ def test_metrics_cost_interleaved(default_engine, frames):
     scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, sink.url])
     ratios, plain_fps, metrics_fps = [], [], []
     try:
-        _stream(default_engine, frames, [])  # warm-up
+        stream_through(default_engine, frames, [])  # warm-up
         for _ in range(7):
             t = time.perf_counter()
-            _stream(default_engine, frames, [])
+            stream_through(default_engine, frames, [])
             plain = N_FRAMES / (time.perf_counter() - t)
             time.sleep(0.05)
             t = time.perf_counter()
-            _stream(default_engine, frames, [sink])
+            stream_through(default_engine, frames, [sink])
             with_metrics = N_FRAMES / (time.perf_counter() - t)
             time.sleep(0.05)
             plain_fps.append(plain)

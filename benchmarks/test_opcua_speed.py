@@ -27,11 +27,10 @@ import textwrap
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
-N_FRAMES = 96
+from benchmarks.sink_cost import N_FRAMES, random_frames, stream_through
 
 CLIENT = textwrap.dedent("""
     import asyncio, sys
@@ -66,18 +65,7 @@ def default_engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def frames():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(N_FRAMES)]
-
-
-def _stream(eng, frames, sinks) -> int:
-    import engine
-    n = 0
-    for r in engine.run(eng, list(frames), policy="block", with_maps=False):
-        for s in sinks:
-            s.write(r)
-        n += r.error is None
-    return n
+    return random_frames()
 
 
 class _Served:
@@ -123,7 +111,7 @@ def test_engine_run_frames(benchmark, default_engine, frames, variant, tmp_path)
     benchmark.extra_info["frames"] = N_FRAMES
     served = _Served(default_engine, variant == "opcua + client", tmp_path) if variant != "plain" else None
     try:
-        n = benchmark.pedantic(_stream, args=(default_engine, frames, [served.sink] if served else []), rounds=5,
+        n = benchmark.pedantic(stream_through, args=(default_engine, frames, [served.sink] if served else []), rounds=5,
                                warmup_rounds=1)
         assert n == N_FRAMES
         if served is not None:
@@ -146,7 +134,7 @@ def _cpu_s(path: str) -> float:
 
 def _frames_per_s(eng, frames, sinks) -> float:
     t = time.perf_counter()
-    _stream(eng, frames, sinks)
+    stream_through(eng, frames, sinks)
     fps = N_FRAMES / (time.perf_counter() - t)
     time.sleep(0.05)  # the backend's worker threads stop spinning
     return fps
@@ -163,7 +151,7 @@ def test_opcua_cost_interleaved(default_engine, frames, tmp_path):
     server_stat, client_stat = f"/proc/self/task/{server}/stat", f"/proc/{served.client.pid}/stat"
     ratios, plain_fps, served_fps = [], [], []
     try:
-        _stream(default_engine, frames, [])  # warm-up
+        stream_through(default_engine, frames, [])  # warm-up
         server_cpu, client_cpu = _cpu_s(server_stat), _cpu_s(client_stat)
         for i in range(ROUNDS):
             if i % 2 == 0:  # each side first in turn: the second run of a pair is not always the same side

@@ -16,11 +16,10 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
-N_FRAMES = 96
+from benchmarks.sink_cost import N_FRAMES, random_frames, stream_through
 
 VIEWER = textwrap.dedent("""
     import sys, time, urllib.request
@@ -49,18 +48,7 @@ def default_engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def frames():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(N_FRAMES)]
-
-
-def _stream(eng, frames, sinks) -> int:
-    import engine
-    n = 0
-    for r in engine.run(eng, list(frames), policy="block", with_maps=bool(sinks)):
-        for s in sinks:
-            s.write(r)
-        n += r.error is None
-    return n
+    return random_frames()
 
 
 @pytest.mark.parametrize("variant", ["plain", "view", "view + viewer"])
@@ -74,8 +62,8 @@ def test_engine_run_frames(benchmark, default_engine, frames, variant):
     if variant == "view + viewer":
         viewer = subprocess.Popen([sys.executable, "-c", VIEWER, f"http://127.0.0.1:{view.port}/"])
     try:
-        n = benchmark.pedantic(_stream, args=(default_engine, frames, [view] if view else []), rounds=3,
-                               warmup_rounds=1)
+        n = benchmark.pedantic(stream_through, args=(default_engine, frames, [view] if view else [], view is not None),
+                               rounds=3, warmup_rounds=1)
         assert n == N_FRAMES
         if viewer is not None:
             assert view.served > 0, "the viewer was served no frame"

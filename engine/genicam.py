@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.common.errors import UserError
-from engine.sources import RECONNECT_ATTEMPTS, RECONNECT_BACKOFF_S, RECONNECT_MAX_WAIT_S, Frame, Outage, SourceError
+from engine.sources import RECONNECT_ATTEMPTS, Frame, Outage, SourceError, reconnect_wait
 
 __all__ = ["SCHEME", "CameraSettings", "PIXEL_FORMATS", "open_camera", "list_cameras", "to_image", "parse_feature",
            "stream_options", "INSTALL_HINT"]
@@ -307,7 +307,7 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
             camera.close()
             outage = Outage(label, last, camera.fps)
             for attempt in range(1, RECONNECT_ATTEMPTS + 1):
-                wait = min(RECONNECT_BACKOFF_S * 2 ** (attempt - 1), RECONNECT_MAX_WAIT_S)
+                wait = reconnect_wait(attempt)
                 outage.attempts = attempt
                 yield Frame(index, label, time.time(), error=f"camera lost ({why}): reconnecting in {wait:g} s "
                                                              f"(attempt {attempt} of {RECONNECT_ATTEMPTS})",

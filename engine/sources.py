@@ -36,6 +36,11 @@ STREAM_TIMEOUT_MS = 5000  # a network stream that opens or delivers nothing this
 LONGEST_SILENCE_S = RECONNECT_MAX_WAIT_S + 2 * STREAM_TIMEOUT_MS / 1000
 
 
+def reconnect_wait(attempt: int) -> float:
+    """Seconds to wait before reconnection attempt `attempt` (1, 2, ...): exponential backoff, capped."""
+    return min(RECONNECT_BACKOFF_S * 2 ** (attempt - 1), RECONNECT_MAX_WAIT_S)
+
+
 class SourceError(UserError):
     """A source failed after frames were delivered: a camera or stream lost for good, a video cut short."""
 
@@ -139,7 +144,7 @@ def _read_video(cap, label: str, reopen, expected: int, fps: float | None = None
                 return
             outage = Outage(label, last, fps)
             for attempt in range(1, RECONNECT_ATTEMPTS + 1):
-                wait = min(RECONNECT_BACKOFF_S * 2 ** (attempt - 1), RECONNECT_MAX_WAIT_S)
+                wait = reconnect_wait(attempt)
                 outage.attempts = attempt
                 yield Frame(index, label, time.time(), error=f"no frame from {label}: reconnecting in {wait:g} s "
                                                              f"(attempt {attempt} of {RECONNECT_ATTEMPTS})",
