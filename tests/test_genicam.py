@@ -373,7 +373,7 @@ def test_camera_killed_and_restarted_mid_run_reconnects_then_lost_for_good_ends(
     from engine.stream import StreamStats, run
     monkeypatch.setattr(genicam, "FREE_RUN_SILENCE_S", 1.0)
     monkeypatch.setattr(genicam, "RECONNECT_ATTEMPTS", 2)
-    monkeypatch.setattr(genicam, "RECONNECT_BACKOFF_S", 0.2)
+    monkeypatch.setattr(engine.sources, "RECONNECT_BACKOFF_S", 0.2)  # engine.sources.reconnect_wait reads it
     stats, events, results = StreamStats(), [], []
     with engine.load(tiny["engine"]) as eng:
         stream = run(eng, CAMERA, camera=None, with_maps=False, stats=stats, on_event=events.append)
