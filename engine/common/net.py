@@ -9,7 +9,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from engine.common.errors import UserError
 
-__all__ = ["url_port", "resolve", "is_loopback", "loopback_host_header"]
+__all__ = ["url_port", "resolve", "is_loopback", "loopback_host_header", "parse_listen_address"]
 
 
 def url_port(parts: SplitResult, default: int, what: str) -> int:
@@ -56,3 +56,12 @@ def loopback_host_header(host: str | None) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def parse_listen_address(text: str, option: str) -> tuple[str, int]:
+    """'[HOST:]PORT' of a server option (--view, --metrics) -> (host, port); host 127.0.0.1 when omitted."""
+    host, _, port = str(text).rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"{option} {text}: expected [HOST:]PORT, the port a number from 0 to 65535")
+    return host, int(port)

@@ -40,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.common.errors import UserError, one_line
-from engine.common.net import is_loopback, loopback_host_header
+from engine.common.net import is_loopback, loopback_host_header, parse_listen_address
 from engine.results import Result, ScoringEngine, Status
 from engine.sinks.base import SinkSummary, warn_on_stderr
 
@@ -65,11 +65,7 @@ RATE_WINDOW_S = 10.0  # lineflow_frames_per_second: scored frames over this many
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
     """'[HOST:]PORT' -> (host, port); host 127.0.0.1 when omitted."""
-    host, _, port = str(text).rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UserError(f"--metrics {text}: expected [HOST:]PORT, the port a number from 0 to 65535")
-    return host, int(port)
+    return parse_listen_address(text, "--metrics")
 
 
 def error_kind(result: Result) -> str:

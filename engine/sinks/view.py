@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from engine.common.errors import OutputError, UserError
-from engine.common.net import is_loopback, loopback_host_header
+from engine.common.net import is_loopback, loopback_host_header, parse_listen_address
 from engine.common.redact import redact
 from engine.results import Result
 from engine.review_store import ID_PATTERN, append_labels, read_labels, read_queue
@@ -63,11 +63,7 @@ TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 def parse_view_address(text: str) -> tuple[str, int]:
     """'[HOST:]PORT' -> (host, port); host 127.0.0.1 when omitted."""
-    host, _, port = str(text).rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UserError(f"--view {text}: expected [HOST:]PORT, the port a number from 0 to 65535")
-    return host, int(port)
+    return parse_listen_address(text, "--view")
 
 
 def _bind(host: str, port: int) -> socket.socket:
