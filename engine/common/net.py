@@ -49,13 +49,7 @@ def loopback_host_header(host: str | None) -> bool:
         return False
     if name is None or parts.netloc != host or parts.username is not None:
         return False
-    name = name[:-1] if name.endswith(".") else name  # "localhost." is the same name, fully qualified
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(name[:-1] if name.endswith(".") else name)  # "localhost." is the same name, fully qualified
 
 
 def parse_listen_address(text: str, option: str) -> tuple[str, int]:
