@@ -46,3 +46,9 @@ echo "tests done at ${SECONDS}s"
 timeout 200 python3 -m benchmarks.gpu_check --model "$CARRY/model.pt" --images "$CARRY/mtd/test" \
   --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log" | grep -v "vs PyTorch reference\|^folded graph"
 echo "gpu_check done at ${SECONDS}s"
+# issue 47: what an epoch of train.fit costs on this GPU, fp32 and bf16, at BSD's and MTD's default inputs
+for shape in "640x256 --train 518 --holdout 57" "256x256 --train 686 --holdout 76"; do
+  # shellcheck disable=SC2086
+  timeout 60 python3 -m benchmarks.train_breakdown --device cuda --input $shape 2>&1 | tee -a "$out/train_breakdown.log"
+done
+echo "train_breakdown done at ${SECONDS}s"

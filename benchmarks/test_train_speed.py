@@ -8,6 +8,12 @@ inverse permutation instead: the same numbers, bit for bit (tests/test_flow.py c
 BSD model's four scales at 544x224 (its default input until 2026-12-04; 640x256 since), a batch of 16, as `train.fit`
 trains it. The whole step (flow forward, backward, optimiser) is timed for the record beside them, and the base's turn
 of AltUB (every 5th step) with and without autograd through the flow. benchmarks/NOTES.md has the tables.
+
+Training steps per second, train.fit's default precision on this machine (train.schedule.fastest_precision: bf16
+autocast on a CPU with AMX-BF16 or AVX512-BF16, else fp32) against `--train-precision fp32`, at both data sets'
+default inputs (BSD 640x256, MTD 256x256), batch 16, AltUB's cadence (every 5th step the base's), same run:
+
+    python -m pytest benchmarks/test_train_speed.py -k precision --benchmark-columns=median,iqr,rounds
 """
 
 import pytest
@@ -15,6 +21,7 @@ import torch
 
 from train.fit import TrainConfig, make_optimisers, train_step
 from train.model import FastFlow, FlowConfig, PermuteChannels
+from train.schedule import fastest_precision
 
 INPUT_HW, BATCH, ROUNDS = (224, 544), 16, 20
 VARIANTS = {"index (torch's backward)": lambda x, perm, inv: x[:, perm],
@@ -85,3 +92,31 @@ def test_training_step(benchmark, model):
     steps = iter(range(10 ** 6))
     benchmark.pedantic(lambda: train_step(model, feats, next(steps), flow_opt, base_opt, cfg), rounds=5,
                        warmup_rounds=1)
+
+
+DEFAULT_INPUTS = {"BSD 640x256": (256, 640), "MTD 256x256": (256, 256)}
+STEPS_A_ROUND = 5  # one AltUB cycle: 4 flow steps and the base's
+
+
+@pytest.mark.parametrize("precision", ["fp32 (--train-precision fp32)", "default"])
+@pytest.mark.parametrize("data", list(DEFAULT_INPUTS))
+def test_training_steps_by_precision(benchmark, data, precision):
+    hw = DEFAULT_INPUTS[data]
+    chosen = "fp32" if precision.startswith("fp32") else fastest_precision(torch.device("cpu"))[0]
+    benchmark.group = f"training steps, {STEPS_A_ROUND} a round (4 flow + 1 base) | {data}, batch {BATCH}"
+    benchmark.extra_info["precision"] = chosen
+    torch.manual_seed(0)
+    model = FastFlow(FlowConfig(input_size=hw))
+    with torch.no_grad():
+        feats = [torch.randn_like(f) for f in model.features(torch.rand(BATCH, 3, *hw))]
+    cfg = TrainConfig(precision=chosen)
+    flow_opt, base_opt = make_optimisers(model, cfg)
+    losses = []
+
+    def run():
+        for step in range(STEPS_A_ROUND):
+            losses.append(train_step(model, feats, step, flow_opt, base_opt, cfg))
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["steps_per_s"] = STEPS_A_ROUND / benchmark.stats.stats.median
+    assert all(torch.isfinite(torch.tensor(losses)))

@@ -29,6 +29,19 @@ def test_fit_writes_a_weights_only_model(tiny_model, demo_dir):
     assert meta["input_stats"]["n_frames"] == len(list((demo_dir / "train" / "good").iterdir()))
 
 
+def test_fit_says_and_records_its_precision_and_stopping(tiny_model, demo_dir, tmp_path):
+    from train.schedule import fastest_precision
+
+    config = torch.load(tiny_model, weights_only=True)["meta"]["train_config"]
+    assert config["precision"] == fastest_precision(torch.device("cpu"))[0] and config["early_stop"] is True
+    out = tmp_path / "ref.pt"
+    proc = run("train.fit", "--data", str(demo_dir), "--out", str(out), "--input-size", "64", "--epochs", "1",
+               "--batch-size", "8", "--flow-steps", "1", "--train-precision", "fp32", "--no-early-stop")
+    assert "training precision fp32 (--train-precision)" in proc.stdout and "early stopping off" in proc.stdout
+    config = torch.load(out, weights_only=True)["meta"]["train_config"]
+    assert config["precision"] == "fp32" and config["early_stop"] is False
+
+
 def test_evaluate_prints_and_writes_metrics(tiny_model, demo_dir, tmp_path):
     out = tmp_path / "eval.json"
     proc = run("train.evaluate", str(tiny_model), "--data", str(demo_dir), "--json", str(out))

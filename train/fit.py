@@ -37,22 +37,31 @@ from train.checkpoint import DataInfo, ModelMeta, Threshold, save_model
 from train.data import SIZE_GROUPS_MAX, image_sizes, size_weights, train_images
 from train.input_stats import input_stats
 from train.model import BLUR_MODES, FUSIONS, IMAGE_SCALES, MAP_SCALES, POOL_SCALES, FastFlow, FlowConfig
+from train.schedule import (
+    LR_SCHEDULES,
+    PLATEAU_EPOCHS,
+    PLATEAU_SHARE,
+    TRAIN_PRECISIONS,
+    anneal_epochs,
+    fastest_precision,
+    plateau,
+    schedule_factor,
+    set_learning_rates,
+)
 from train.threshold import THRESHOLD_RULES, from_defects, from_good
 from train.tiles import FrameTiles, flow_frames, frame_tiles, score_frames
 
-__all__ = ["DEVICES", "LR_SCHEDULES", "TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimisers",
+__all__ = ["DEVICES", "TrainConfig", "fit", "calibrate_scales", "train_step", "make_optimisers",
            "extract_features", "split_holdout", "main"]
 
 
 DEVICES = ("cpu", "cuda")  # where features and flow run (train.fit, train.evaluate)
-LR_SCHEDULES = ("constant", "cosine", "anneal")
 FEATURE_BATCH = {"cpu": 2, "cuda": 16}  # tiles a backbone call while caching features (CPUs: small ones stay in cache)
-ANNEAL_FRACTION = 0.2  # "anneal": the share of the run, at its end, over which the learning rates decay
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 25
+    epochs: int = 25  # the most epochs; with early_stop, fewer once the held-out likelihood stops improving
     batch_size: int = 16
     lr: float = 1e-3  # flow (Adam)
     weight_decay: float = 1e-5
@@ -64,6 +73,9 @@ class TrainConfig:
     balance_sizes: bool = False  # frames of a rare size drawn more often (train.data.size_weights)
     threshold_rule: str = THRESHOLD_RULES[0]  # how held-out good scores set the threshold (train/threshold.py)
     seed: int = 0
+    early_stop: bool = True  # end once the held-out NLL stops improving, annealed (train/schedule.py); "anneal" only
+    precision: str = "fp32"  # the flow's forward: "fp32" (the reference) or "bf16" autocast (train.fit's CLI picks
+    # the machine's fastest, train.schedule.fastest_precision); loss, gradients' sums and optimiser state stay fp32
 
 
 def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -146,8 +158,9 @@ def train_step(model: FastFlow, feats: list[torch.Tensor], step: int, flow_opt: 
     The base acts on z after the flow, so on its turn the flow runs without autograd: the base's gradient is
     the same, and no backward pass through the flow is spent on those steps (every 5th at the default)."""
     base_turn = base_opt is not None and (step + 1) % cfg.altub_every == 0
-    with torch.set_grad_enabled(not base_turn):
-        zs, logdet = model.flow(feats)
+    with torch.set_grad_enabled(not base_turn), \
+            torch.autocast(feats[0].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        zs, logdet = model.flow(feats)  # bf16: the convolutions in bf16, z and log|det J| come out fp32
     loss = model.nll_per_dim(zs, logdet).mean()
     opt, params = (base_opt, model.base_parameters()) if base_turn else (flow_opt, model.flow_parameters())
     model.zero_grad(set_to_none=True)  # both sets: the idle one must not accumulate gradients
@@ -163,50 +176,36 @@ def make_optimisers(model: FastFlow, cfg: TrainConfig) -> tuple[torch.optim.Opti
     return flow_opt, base_opt
 
 
-def schedule_factor(schedule: str, step: int, total_steps: int) -> float:
-    """The learning-rate multiplier at `step`: 1 for "constant"; a half cosine to 0 over the whole run
-    ("cosine") or over its last ANNEAL_FRACTION ("anneal", constant before)."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {schedule!r}")
-    if schedule == "constant":
-        return 1.0
-    start = 0 if schedule == "cosine" else int(total_steps * (1 - ANNEAL_FRACTION))
-    if step < start:
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - start) / (total_steps - start)))
-
-
-def set_learning_rates(flow_opt: torch.optim.Optimizer, base_opt: torch.optim.Optimizer | None, cfg: TrainConfig,
-                       factor: float) -> None:
-    """Both optimisers at `factor` x their configured learning rate."""
-    for opt, lr in ((flow_opt, cfg.lr), (base_opt, cfg.base_lr)):
-        if opt is not None:
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
-
-
 def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch.Tensor], hold_frames: list[FrameTiles],
         cfg: TrainConfig, device: torch.device, on_epoch=None,
         weights: torch.Tensor | None = None) -> tuple[list[dict], np.ndarray]:
     """Train the flow (and the AltUB base) on cached features (of tiles, where the model tiles frames).
 
     `weights`: per training tile, how often an epoch draws it (as many draws as tiles, with replacement);
-    None: each tile once an epoch. Returns one history row per epoch and the held-out image scores after the last.
+    None: each tile once an epoch. With cfg.early_stop and the "anneal" schedule, the run ends early once the held-out
+    NLL stops improving (train/schedule.py). Returns one history row per epoch run and the held-out image scores after
+    the last.
     """
+    if cfg.precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, not {cfg.precision!r}")
     flow_opt, base_opt = make_optimisers(model, cfg)
+    rates = [(flow_opt, cfg.lr), (base_opt, cfg.base_lr)]
     gen = torch.Generator().manual_seed(cfg.seed)
     n, step, history = len(train_feats[0]), 0, []
-    total_steps = cfg.epochs * math.ceil(n / cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    last_epoch, total_steps, decay_start = cfg.epochs, cfg.epochs * steps_per_epoch, None
+    epoch = 0
+    while epoch < last_epoch:
+        epoch += 1
         model.train()
         t0, losses = time.perf_counter(), []
         order = torch.randperm(n, generator=gen) if weights is None else \
             torch.multinomial(weights, n, replacement=True, generator=gen)
         batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-        with tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False) as bar:
+        with tqdm(batches, desc=f"epoch {epoch}/{last_epoch}", unit="batch", leave=False) as bar:
             for idx in bar:
                 if cfg.lr_schedule != "constant":
-                    set_learning_rates(flow_opt, base_opt, cfg, schedule_factor(cfg.lr_schedule, step, total_steps))
+                    set_learning_rates(rates, schedule_factor(cfg.lr_schedule, step, total_steps, decay_start))
                 loss = train_step(model, [f[idx].to(device) for f in train_feats], step, flow_opt, base_opt, cfg)
                 if not math.isfinite(loss):
                     raise RunError(f"training diverged at epoch {epoch}, step {step} (loss {loss}); no model written; "
@@ -225,6 +224,16 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
                    f"({row['seconds']:.1f} s)")
         if on_epoch is not None:
             on_epoch(epoch, hold_scores, history)
+        gains = plateau([r["holdout_nll"] for r in history]) if decay_start is None and cfg.early_stop and \
+            cfg.lr_schedule == "anneal" else None
+        if gains is not None:
+            tail = anneal_epochs(epoch)
+            if epoch + tail < last_epoch:  # else the planned run's own anneal comes as soon
+                last_epoch, decay_start, total_steps = epoch + tail, step, step + tail * steps_per_epoch
+                tqdm.write(f"held-out nll gained {gains[0]:.4f} over the last {PLATEAU_EPOCHS} epochs, under "
+                           f"{PLATEAU_SHARE:.0%} of its {gains[1]:.4f} since epoch 1: it has stopped improving; the "
+                           f"learning rates decay over {tail} more epochs, then training stops (at {last_epoch} of "
+                           f"{cfg.epochs}; --no-early-stop runs all)")
     return history, hold_scores
 
 
@@ -254,7 +263,16 @@ def _parser() -> argparse.ArgumentParser:
                    "pixels) and cut into overlapping tiles of the input's size, in training and at run time alike")
     p.add_argument("--tile-overlap", type=float, default=m.tile_overlap, metavar="F",
                    help="with --tile-scale: neighbouring tiles overlap by at least this share of a tile's side")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="the most passes over the training images (early stopping may end the run sooner)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="run every epoch; by default training ends once the held-out good images' likelihood "
+                   f"gains less over {PLATEAU_EPOCHS} epochs than {PLATEAU_SHARE:.0%}% of its gain since the first, "
+                   "after the learning rates' anneal (train/schedule.py)")
+    p.add_argument("--train-precision", default="auto", choices=("auto", *TRAIN_PRECISIONS),
+                   help="the flow's training arithmetic: auto picks the fastest the machine computes (bf16 on a CPU "
+                   "with AMX-BF16 or AVX512-BF16 or a GPU with bf16, else fp32) and says which; fp32 is the "
+                   "reference path (the loss and the optimiser are fp32 either way)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimisation step")
     p.add_argument("--lr", type=float, default=d.lr, help="flow learning rate (Adam)")
     p.add_argument("--flow-steps", type=int, default=m.flow_steps, help="coupling steps per scale")
@@ -349,9 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--device cuda: no CUDA device is available to this PyTorch")
     device = torch.device(args.device)
 
+    precision, why = (args.train_precision, "--train-precision") if args.train_precision != "auto" else \
+        fastest_precision(device)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, altub_every=args.altub_every,
                       base_lr=args.base_lr, lr_schedule=args.lr_schedule, threshold_rule=args.threshold_rule,
-                      balance_sizes=args.balance_sizes, seed=args.seed)
+                      balance_sizes=args.balance_sizes, seed=args.seed, early_stop=not args.no_early_stop,
+                      precision=precision)
     paths = train_images(args.data)
     size_of = dict(zip(paths, image_sizes(paths)))  # (height, width) from each header, read once
     try:
@@ -385,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.backbone} at {format_size(input_size)} px{' (auto)' if args.input_size == 'auto' else ''}"
           f"{f' tiles of frames resized by {args.tile_scale:g}' if args.tile_scale else ''}, "
           f"{'AltUB' if model_cfg.altub else 'fixed N(0, I)'} base")
+    stopping = "off (--no-early-stop)" if not cfg.early_stop else "on" if cfg.lr_schedule == "anneal" else \
+        f"off (--lr-schedule {cfg.lr_schedule} plans the whole run)"
+    reference = "" if precision == "fp32" else "; --train-precision fp32: the reference path"
+    print(f"training precision {precision} ({why}{reference}); at most {cfg.epochs} epochs, early stopping {stopping}")
 
     t_start = time.perf_counter()
     train_feats, train_frames = extract_features(model, fit_paths, device, "features (train)")
@@ -412,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [size_of[p] for p in fit_paths]
     history, hold_scores = fit(model, train_feats, hold_feats, hold_frames, cfg, device, on_epoch,
                                _draw_weights(sizes, train_frames) if cfg.balance_sizes else None)
-    info = meta(cfg.epochs, hold_scores, history)
+    info = meta(len(history), hold_scores, history)
+    if len(history) < cfg.epochs:
+        print(f"stopped after {len(history)} of {cfg.epochs} epochs: the held-out likelihood had stopped improving")
     if defect_paths:
         defect_feats = extract_features(model, defect_paths, device, "features (defects)")
         defect_scores = score_cached(model, flow_frames(model, *defect_feats, device))[1]

@@ -108,7 +108,9 @@ class CouplingStep(nn.Module):
         y = torch.cat([x1, x2 * s.exp() + t], dim=1)
         g = self.global_log_scale.view(1, -1, 1, 1)
         y = PermuteChannels.apply(y * g.exp() + self.global_bias.view(1, -1, 1, 1), self.perm, self.inv_perm)
-        logdet = s.sum(dim=(1, 2, 3)) + self.global_log_scale.sum() * x.shape[2] * x.shape[3]
+        # summed in fp32 at least where s comes from a bf16 convolution (train.fit's bf16 precision)
+        logdet = s.sum(dim=(1, 2, 3), dtype=torch.promote_types(s.dtype, torch.float32)) + \
+            self.global_log_scale.sum() * x.shape[2] * x.shape[3]
         return y, logdet
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from train.checkpoint import DataInfo, ModelMeta, Resume, Threshold, load_model,
 from train.data import image_sizes, train_images
 from train.fit import TrainConfig, _draw_weights, extract_features, fit, score_cached, split_holdout
 from train.input_stats import input_stats
+from train.schedule import fastest_precision
 from train.tiles import flow_frames
 
 __all__ = ["RESUME_EPOCHS", "RESUME_LR_FACTOR", "RESUME_SCHEDULE", "RESUME_OPTIONS", "given_options",
@@ -50,7 +51,7 @@ RESUME_LR_FACTOR = 0.1  # the resumed run's learning rates, flow and base, as a 
 RESUME_SCHEDULE = "cosine"
 # the options --resume takes; every other one would change the model, its split or its threshold rule
 RESUME_OPTIONS = ("resume", "add_good", "data", "out", "epochs", "batch_size", "lr", "base_lr", "lr_schedule",
-                  "altub_every", "balance_sizes", "device")
+                  "altub_every", "balance_sizes", "device", "train_precision", "no_early_stop")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -117,10 +118,13 @@ def training_frames(model_path: Path, meta: ModelMeta, data: str | None) -> tupl
 
 def resume_config(parent: dict, given: set[str], args: argparse.Namespace) -> TrainConfig:
     """The resumed run's settings: the model's own (split, seed, threshold rule, batch size, AltUB cadence), its
-    learning rates x RESUME_LR_FACTOR decaying along RESUME_SCHEDULE over RESUME_EPOCHS; options given override."""
+    learning rates x RESUME_LR_FACTOR decaying along RESUME_SCHEDULE over RESUME_EPOCHS, at this machine's fastest
+    training precision (not the parent's: it may have been trained elsewhere); options given override."""
     cfg = TrainConfig(**parent)
+    precision = args.train_precision if args.train_precision != "auto" else \
+        fastest_precision(torch.device(args.device))[0]
     cfg = replace(cfg, epochs=RESUME_EPOCHS, lr=cfg.lr * RESUME_LR_FACTOR, base_lr=cfg.base_lr * RESUME_LR_FACTOR,
-                  lr_schedule=RESUME_SCHEDULE)
+                  lr_schedule=RESUME_SCHEDULE, precision=precision, early_stop=not args.no_early_stop)
     own = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "base_lr", "lr_schedule",
                                                   "altub_every") if name in given}
     if "balance_sizes" in given:
@@ -188,7 +192,7 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
     print(f"lineflow: resuming {parent_path} (sha256 {parent_sha256[:12]}, {meta.epoch} epochs) on {len(fit_paths)} "
           f"training + {len(hold_paths)} held-out good frames from {root} and {len(add_fit)} + {len(add_hold)} new "
           f"from {added}; {cfg.epochs} epochs at lr {cfg.lr:g} (base {cfg.base_lr:g}, {cfg.lr_schedule}), "
-          f"optimiser restarted")
+          f"optimiser restarted, training precision {cfg.precision}")
     if meta.threshold and meta.threshold.rule not in THRESHOLD_RULES:
         print(f"note: {parent_path}'s threshold came from rule {meta.threshold.rule!r}; the resumed model's comes "
               f"from the held-out good frames by rule {rule!r} (retune it with labelled defects on the engine)")
@@ -216,10 +220,10 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
     frame_stats = input_stats(fit_paths + hold_paths + add_fit + add_hold)
     seconds = time.perf_counter() - t_start
     n_before = meta.epoch or 0
-    record = Resume(parent_sha256, str(added.resolve()), len(add_fit) + len(add_hold), len(add_hold), cfg.epochs,
+    record = Resume(parent_sha256, str(added.resolve()), len(add_fit) + len(add_hold), len(add_hold), len(history),
                     old_threshold, asdict(cfg), seconds)
     rows = [{**row, "epoch": n_before + row["epoch"], "resume": len(meta.resumed or ()) + 1} for row in history]
-    info = replace(meta, threshold=Threshold.from_dict(threshold), epoch=n_before + cfg.epochs,
+    info = replace(meta, threshold=Threshold.from_dict(threshold), epoch=n_before + len(history),
                    history=(meta.history or []) + rows,
                    data=DataInfo(root, meta.data.n_train, meta.data.n_holdout),
                    input_stats=frame_stats, resumed=list(meta.resumed or ()) + [record])
