@@ -131,8 +131,9 @@ def cli(*args, wait=True, timeout=120, env=None):
     """`python -m engine.run <args>` in a subprocess: finished (wait=True) or running (a Popen)."""
     cmd = [sys.executable, "-m", "engine.run", *map(str, args)]
     env = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:  # a running one may be sent Ctrl-C: it gets the default back (interruptible, below)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=interruptible)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

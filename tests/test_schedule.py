@@ -2,10 +2,10 @@
 the anneal it plans, the precision picked for the machine, and bf16 steps against the fp32 reference."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import MTD
 
 import train.fit as fit_mod
 import train.schedule as schedule
@@ -13,8 +13,6 @@ from train.fit import TrainConfig, make_optimisers, train_step
 from train.model import FastFlow, FlowConfig
 from train.schedule import PLATEAU_EPOCHS, PLATEAU_SHARE, anneal_epochs, fastest_precision, plateau, schedule_factor
 from train.tiles import FrameTiles
-
-MTD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd"
 
 
 def test_plateau_waits_then_reads_the_gain_of_the_last_epochs():
