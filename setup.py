@@ -8,6 +8,11 @@ from setuptools import find_packages, setup
 native = Pybind11Extension("engine._native", ["cpp/native.cpp", "cpp/lineflow/pool.cpp", "cpp/lineflow/filters.cpp",
                                              "cpp/lineflow/debayer.cpp"],
                            include_dirs=["cpp"], cxx_std=17, extra_compile_args=["-O3", "-fopenmp-simd"])
+# training's native ops (the coupling's fused tail, train/fused_tail.py): a module of its own, so that training
+# loads nothing of the run side and the run side nothing of training
+native_train = Pybind11Extension("train._native", ["cpp/train_ops.cpp", "cpp/lineflow/coupling.cpp",
+                                                   "cpp/lineflow/pool.cpp"],
+                                 include_dirs=["cpp"], cxx_std=17, extra_compile_args=["-O3", "-fopenmp-simd"])
 
 setup(
     name="lineflow",
@@ -16,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["train", "train.*", "engine", "engine.*", "kernels", "kernels.*"]),
     package_data={"engine.sinks": ["view.html", "review.html"]},  # the live view's pages (engine/sinks/view.py)
-    ext_modules=[native],
+    ext_modules=[native, native_train],
     cmdclass={"build_ext": build_ext},
     install_requires=[
         "torch==2.13.0",  # exact: a range lets pip fetch a multi-GB CUDA build on a fresh machine

@@ -13,6 +13,7 @@
 #include "lineflow/debayer.h"
 #include "lineflow/filters.h"
 #include "lineflow/pool.h"
+#include "checked.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -44,21 +45,6 @@ struct Band {  // rows of a banded matrix: out[i] = sum_t taps[i, t] * in[start[
       for (int64_t k = 0; k < w; ++k) taps_t[k * n + i] = t[i * w + k];
   }
 };
-
-template <typename T>
-static py::array_t<T, py::array::c_style> checked(const py::handle& obj, const char* what, int ndim = -1) {
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(what) + ": expected a numpy array");
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(what) + ": dtype " + std::string(py::str(a.dtype())) + ", expected " +
-                         std::string(py::str(py::dtype::of<T>())));
-  if (!(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(what) + ": array is not C-contiguous (use np.ascontiguousarray)");
-  if (ndim >= 0 && a.ndim() != ndim)
-    throw py::value_error(std::string(what) + ": expected " + std::to_string(ndim) + " dimensions, got " +
-                          std::to_string(a.ndim()));
-  return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
-}
 
 static Band band(const py::handle& start_obj, const py::handle& taps_obj, int64_t n_out, int64_t n_in,
                  const char* what) {

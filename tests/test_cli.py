@@ -34,12 +34,14 @@ def test_fit_says_and_records_its_precision_and_stopping(tiny_model, demo_dir, t
 
     config = torch.load(tiny_model, weights_only=True)["meta"]["train_config"]
     assert config["precision"] == fastest_precision(torch.device("cpu"))[0] and config["early_stop"] is True
+    assert config["step"] == "fused"  # a CPU with the native extension built (the tests' own install)
     out = tmp_path / "ref.pt"
     proc = run("train.fit", "--data", str(demo_dir), "--out", str(out), "--input-size", "64", "--epochs", "1",
                "--batch-size", "8", "--flow-steps", "1", "--train-precision", "fp32", "--no-early-stop")
-    assert "training precision fp32 (--train-precision)" in proc.stdout and "early stopping off" in proc.stdout
+    assert "training precision fp32 (--train-precision), eager step (--train-precision fp32: the reference path)" \
+        in proc.stdout and "early stopping off" in proc.stdout
     config = torch.load(out, weights_only=True)["meta"]["train_config"]
-    assert config["precision"] == "fp32" and config["early_stop"] is False
+    assert config["precision"] == "fp32" and config["step"] == "eager" and config["early_stop"] is False
 
 
 def test_evaluate_prints_and_writes_metrics(tiny_model, demo_dir, tmp_path):

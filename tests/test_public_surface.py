@@ -50,7 +50,7 @@ OPTIONS = {
         "--epochs", "--feature-pool", "--flow-steps", "--fusion", "--help", "--hidden-ratio", "--image-scales",
         "--image-score-top", "--input-size", "--lr", "--lr-schedule", "--map-scales", "--no-altub",
         "--no-early-stop", "--out", "--pool-scales", "--resume", "--seed", "--threshold-defects", "--threshold-rule",
-        "--tile-overlap", "--tile-scale", "--train-precision", "-h"],
+        "--tile-overlap", "--tile-scale", "--train-precision", "--train-step", "-h"],
     "train.evaluate": ["--batch-size", "--data", "--device", "--help", "--image-score-top", "--json", "--protocol",
                        "-h", "model"],
     "train.demo_data": ["--help", "--overwrite", "--seed", "--size", "--test-defect", "--test-good", "--train", "-h",

@@ -141,10 +141,12 @@ def test_a_resume_trains_at_this_machines_precision_not_the_parents(monkeypatch)
     from train.resume import resume_config
 
     parent = {**vars(TrainConfig(precision="bf16")), "epochs": 25}
-    args = argparse.Namespace(train_precision="auto", device="cpu", no_early_stop=False)
+    args = argparse.Namespace(train_precision="auto", train_step="auto", device="cpu", no_early_stop=False)
     monkeypatch.setattr(schedule, "_cpu_flags", lambda: {"avx2"})
     assert resume_config(parent, set(), args).precision == "fp32"
     monkeypatch.setattr(schedule, "_cpu_flags", lambda: {"amx_bf16"})
     assert resume_config({k: v for k, v in parent.items() if k != "precision"}, set(), args).precision == "bf16"
+    assert resume_config(parent, set(), args).step == "fused"  # the parent's eager step is not kept either
     args.train_precision = "fp32"
     assert resume_config(parent, {"train_precision"}, args).precision == "fp32"
+    assert resume_config(parent, {"train_precision"}, args).step == "eager"  # fp32 asked for: the reference path

@@ -42,8 +42,10 @@ from train.schedule import (
     PLATEAU_EPOCHS,
     PLATEAU_SHARE,
     TRAIN_PRECISIONS,
+    TRAIN_STEPS,
     anneal_epochs,
     fastest_precision,
+    fastest_step,
     plateau,
     schedule_factor,
     set_learning_rates,
@@ -76,6 +78,8 @@ class TrainConfig:
     early_stop: bool = True  # end once the held-out NLL stops improving, annealed (train/schedule.py); "anneal" only
     precision: str = "fp32"  # the flow's forward: "fp32" (the reference) or "bf16" autocast (train.fit's CLI picks
     # the machine's fastest, train.schedule.fastest_precision); loss, gradients' sums and optimiser state stay fp32
+    step: str = "eager"  # the coupling's element-wise tail: "eager" PyTorch (the reference) or "fused", one native
+    # pass each way on CPUs (train/fused_tail.py; the CLI picks it where it runs, train.schedule.fastest_step)
 
 
 def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -188,6 +192,9 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
     """
     if cfg.precision not in TRAIN_PRECISIONS:
         raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, not {cfg.precision!r}")
+    if cfg.step not in TRAIN_STEPS:
+        raise ValueError(f"step must be one of {TRAIN_STEPS}, not {cfg.step!r}")
+    model.fused_tail = cfg.step == "fused"
     flow_opt, base_opt = make_optimisers(model, cfg)
     rates = [(flow_opt, cfg.lr), (base_opt, cfg.base_lr)]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -273,6 +280,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the flow's training arithmetic: auto picks the fastest the machine computes (bf16 on a CPU "
                    "with AMX-BF16 or AVX512-BF16 or a GPU with bf16, else fp32) and says which; fp32 is the "
                    "reference path (the loss and the optimiser are fp32 either way)")
+    p.add_argument("--train-step", default="auto", choices=("auto", *TRAIN_STEPS),
+                   help="how the coupling steps train: fused runs everything between their convolutions as one "
+                   "native pass each way (CPU); eager is plain PyTorch, the reference; auto: fused on a CPU, eager "
+                   "on a GPU and with --train-precision fp32")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimisation step")
     p.add_argument("--lr", type=float, default=d.lr, help="flow learning rate (Adam)")
     p.add_argument("--flow-steps", type=int, default=m.flow_steps, help="coupling steps per scale")
@@ -369,10 +380,12 @@ def main(argv: list[str] | None = None) -> int:
 
     precision, why = (args.train_precision, "--train-precision") if args.train_precision != "auto" else \
         fastest_precision(device)
+    step, step_why = (args.train_step, "--train-step") if args.train_step != "auto" else \
+        fastest_step(device, args.train_precision)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, altub_every=args.altub_every,
                       base_lr=args.base_lr, lr_schedule=args.lr_schedule, threshold_rule=args.threshold_rule,
                       balance_sizes=args.balance_sizes, seed=args.seed, early_stop=not args.no_early_stop,
-                      precision=precision)
+                      precision=precision, step=step)
     paths = train_images(args.data)
     size_of = dict(zip(paths, image_sizes(paths)))  # (height, width) from each header, read once
     try:
@@ -408,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'AltUB' if model_cfg.altub else 'fixed N(0, I)'} base")
     stopping = "off (--no-early-stop)" if not cfg.early_stop else "on" if cfg.lr_schedule == "anneal" else \
         f"off (--lr-schedule {cfg.lr_schedule} plans the whole run)"
-    reference = "" if precision == "fp32" else "; --train-precision fp32: the reference path"
-    print(f"training precision {precision} ({why}{reference}); at most {cfg.epochs} epochs, early stopping {stopping}")
+    reference = "" if (precision, step) == ("fp32", "eager") else "; --train-precision fp32: the reference path"
+    print(f"training precision {precision} ({why}), {step} step ({step_why}{reference}); at most {cfg.epochs} "
+          f"epochs, early stopping {stopping}")
 
     t_start = time.perf_counter()
     train_feats, train_frames = extract_features(model, fit_paths, device, "features (train)")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine.common.geometry import as_hw, check_hw
 from engine.common.maths import top_k_count
 from train.backbones import Backbone, create_backbone
+from train.fused_tail import coupling_tail
 from train.maps import fuse_maps, top_k_mean
 
 __all__ = ["FlowConfig", "FastFlow", "CouplingStep", "PermuteChannels", "FeatureNorm", "GaussianBase", "soft_clamp",
@@ -112,6 +113,14 @@ class CouplingStep(nn.Module):
         logdet = s.sum(dim=(1, 2, 3), dtype=torch.promote_types(s.dtype, torch.float32)) + \
             self.global_log_scale.sum() * x.shape[2] * x.shape[3]
         return y, logdet
+
+    def forward_halves(self, x1: torch.Tensor,
+                       x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward on the input's halves, all after the subnet one native pass each way (train/fused_tail.py, CPU,
+        float32 x): the output's halves feed the next step, so a chain of steps never splits or concatenates."""
+        y1, y2, s_sum = coupling_tail(x1, x2, self.subnet(x1), self.global_log_scale, self.global_bias, self.inv_perm,
+                                      self.clamp, SOFT_CLAMP_FACTOR)
+        return y1, y2, s_sum + self.global_log_scale.sum() * x1.shape[2] * x1.shape[3]
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         y = y[:, self.inv_perm]
@@ -252,6 +261,7 @@ class FastFlow(nn.Module):
         self.bases = nn.ModuleList(GaussianBase(c, config.altub) for c in chans)
         # per scale: median and 99th percentile of the pixel NLL on held-out good images (fit calibrates)
         self.register_buffer("scale_stats", torch.tensor([[0.0, 1.0]] * len(chans)))
+        self.fused_tail = False  # flow() on CPUs through CouplingStep.forward_halves (train.fit's default step)
 
     def flow_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.norms, self.flows) for p in m.parameters()]
@@ -270,9 +280,16 @@ class FastFlow(nn.Module):
         for x, norm, steps in zip(feats, self.norms, self.flows):
             x, ld = norm(x)
             logdet = logdet + ld
-            for step in steps:
-                x, ld = step(x)
-                logdet = logdet + ld
+            if self.fused_tail and x.device.type == "cpu" and x.dtype == torch.float32:
+                x1, x2 = x.split([steps[0].c1, steps[0].c2], dim=1)
+                for step in steps:
+                    x1, x2, ld = step.forward_halves(x1, x2)
+                    logdet = logdet + ld
+                x = torch.cat([x1, x2], dim=1)
+            else:
+                for step in steps:
+                    x, ld = step(x)
+                    logdet = logdet + ld
             zs.append(x)
         return zs, logdet
 

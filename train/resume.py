@@ -40,7 +40,7 @@ from train.checkpoint import DataInfo, ModelMeta, Resume, Threshold, load_model,
 from train.data import image_sizes, train_images
 from train.fit import TrainConfig, _draw_weights, extract_features, fit, score_cached, split_holdout
 from train.input_stats import input_stats
-from train.schedule import fastest_precision
+from train.schedule import fastest_precision, fastest_step
 from train.tiles import flow_frames
 
 __all__ = ["RESUME_EPOCHS", "RESUME_LR_FACTOR", "RESUME_SCHEDULE", "RESUME_OPTIONS", "given_options",
@@ -51,7 +51,7 @@ RESUME_LR_FACTOR = 0.1  # the resumed run's learning rates, flow and base, as a 
 RESUME_SCHEDULE = "cosine"
 # the options --resume takes; every other one would change the model, its split or its threshold rule
 RESUME_OPTIONS = ("resume", "add_good", "data", "out", "epochs", "batch_size", "lr", "base_lr", "lr_schedule",
-                  "altub_every", "balance_sizes", "device", "train_precision", "no_early_stop")
+                  "altub_every", "balance_sizes", "device", "train_precision", "train_step", "no_early_stop")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -119,12 +119,13 @@ def training_frames(model_path: Path, meta: ModelMeta, data: str | None) -> tupl
 def resume_config(parent: dict, given: set[str], args: argparse.Namespace) -> TrainConfig:
     """The resumed run's settings: the model's own (split, seed, threshold rule, batch size, AltUB cadence), its
     learning rates x RESUME_LR_FACTOR decaying along RESUME_SCHEDULE over RESUME_EPOCHS, at this machine's fastest
-    training precision (not the parent's: it may have been trained elsewhere); options given override."""
+    training precision and step (not the parent's: it may have been trained elsewhere); options given override."""
     cfg = TrainConfig(**parent)
-    precision = args.train_precision if args.train_precision != "auto" else \
-        fastest_precision(torch.device(args.device))[0]
+    device = torch.device(args.device)
+    precision = args.train_precision if args.train_precision != "auto" else fastest_precision(device)[0]
+    step = args.train_step if args.train_step != "auto" else fastest_step(device, args.train_precision)[0]
     cfg = replace(cfg, epochs=RESUME_EPOCHS, lr=cfg.lr * RESUME_LR_FACTOR, base_lr=cfg.base_lr * RESUME_LR_FACTOR,
-                  lr_schedule=RESUME_SCHEDULE, precision=precision, early_stop=not args.no_early_stop)
+                  lr_schedule=RESUME_SCHEDULE, precision=precision, step=step, early_stop=not args.no_early_stop)
     own = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "base_lr", "lr_schedule",
                                                   "altub_every") if name in given}
     if "balance_sizes" in given:
@@ -192,7 +193,7 @@ def main(args: argparse.Namespace, given: set[str]) -> int:
     print(f"lineflow: resuming {parent_path} (sha256 {parent_sha256[:12]}, {meta.epoch} epochs) on {len(fit_paths)} "
           f"training + {len(hold_paths)} held-out good frames from {root} and {len(add_fit)} + {len(add_hold)} new "
           f"from {added}; {cfg.epochs} epochs at lr {cfg.lr:g} (base {cfg.base_lr:g}, {cfg.lr_schedule}), "
-          f"optimiser restarted, training precision {cfg.precision}")
+          f"optimiser restarted, training precision {cfg.precision}, {cfg.step} step")
     if meta.threshold and meta.threshold.rule not in THRESHOLD_RULES:
         print(f"note: {parent_path}'s threshold came from rule {meta.threshold.rule!r}; the resumed model's comes "
               f"from the held-out good frames by rule {rule!r} (retune it with labelled defects on the engine)")

@@ -1,5 +1,5 @@
-"""How long and at what precision the flow trains: the learning-rate schedule, early stopping on the held-out
-likelihood, and the training precision the machine runs fastest.
+"""How long, at what precision and by which step the flow trains: the learning-rate schedule, early stopping on the
+held-out likelihood, and the training precision and step the machine runs fastest.
 
 Early stopping reads only good images (the held-out tenth train.fit keeps for the threshold): once the held-out
 negative log-likelihood per dimension has gained less over the last PLATEAU_EPOCHS epochs than PLATEAU_SHARE of
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["LR_SCHEDULES", "ANNEAL_FRACTION", "PLATEAU_EPOCHS", "PLATEAU_SHARE", "TRAIN_PRECISIONS",
-           "schedule_factor", "set_learning_rates", "plateau", "anneal_epochs", "fastest_precision"]
+           "TRAIN_STEPS", "schedule_factor", "set_learning_rates", "plateau", "anneal_epochs", "fastest_precision",
+           "fastest_step"]
 
 LR_SCHEDULES = ("constant", "cosine", "anneal")
 ANNEAL_FRACTION = 0.2  # "anneal": the share of the run, at its end, over which the learning rates decay
@@ -25,6 +26,8 @@ PLATEAU_EPOCHS = 3  # early stopping: the window over which the held-out NLL's g
 # held-out NLL 0.384 against 0.359, pixel AUROC -0.004; benchmarks/NOTES.md, "Training at the floor of the machine")
 PLATEAU_SHARE = 0.02
 TRAIN_PRECISIONS = ("bf16", "fp32")  # the flow's forward under bf16 autocast (loss, optimiser fp32), or all fp32
+# the coupling's element-wise tail: one native pass each way (train/fused_tail.py; CPU), or eager PyTorch (reference)
+TRAIN_STEPS = ("fused", "eager")
 CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # /proc/cpuinfo flags: bf16 in hardware
 
 
@@ -86,3 +89,16 @@ def fastest_precision(device: torch.device) -> tuple[str, str]:
     if found:
         return "bf16", f"this CPU has {' and '.join(found)}"
     return "fp32", "this CPU has no bf16 instructions (bf16 would be emulated, slower than fp32)"
+
+
+def fastest_step(device: torch.device, precision_option: str) -> tuple[str, str]:
+    """(step, why): "fused" on a CPU where lineflow's native extension is built, else "eager"; `--train-precision
+    fp32` (precision_option "fp32") asks for the reference path, eager."""
+    from train.fused_tail import available  # the native extension's loader: only where a step is chosen
+    if precision_option == "fp32":
+        return "eager", "--train-precision fp32: the reference path"
+    if device.type != "cpu":
+        return "eager", "the fused tail is a CPU kernel"
+    if not available():
+        return "eager", "train._native is not built: run `pip install -e .`"
+    return "fused", "the coupling's element-wise tail in one native pass"
