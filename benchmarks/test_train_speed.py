@@ -9,19 +9,29 @@ BSD model's four scales at 544x224 (its default input until 2026-12-04; 640x256 
 trains it. The whole step (flow forward, backward, optimiser) is timed for the record beside them, and the base's turn
 of AltUB (every 5th step) with and without autograd through the flow. benchmarks/NOTES.md has the tables.
 
-Training steps per second, train.fit's default precision on this machine (train.schedule.fastest_precision: bf16
-autocast on a CPU with AMX-BF16 or AVX512-BF16, else fp32) against `--train-precision fp32`, at both data sets'
-default inputs (BSD 640x256, MTD 256x256), batch 16, AltUB's cadence (every 5th step the base's), same run:
+Training steps per second, train.fit's default on this machine (train.schedule: the fastest precision, bf16 autocast
+on a CPU with AMX-BF16 or AVX512-BF16, else fp32; the fused step) against `--train-precision fp32` (the reference:
+fp32, eager) and against the default precision with `--train-step eager`, at both data sets' default inputs (BSD
+640x256, MTD 256x256), batch 16, AltUB's cadence (every 5th step the base's), same run:
 
     python -m pytest benchmarks/test_train_speed.py -k precision --benchmark-columns=median,iqr,rounds
+
+The coupling's element-wise tail alone, forward + backward, fused (train/fused_tail.py, one native pass each way)
+against the eager PyTorch it replaces, at BSD's finest scale (24 channels at 64x160, batch 16; h in bf16 as autocast
+gives it, and in fp32):
+
+    python -m pytest benchmarks/test_train_speed.py -k tail --benchmark-columns=median,iqr,rounds
 """
+
+from functools import partial
 
 import pytest
 import torch
 
 from train.fit import TrainConfig, make_optimisers, train_step
-from train.model import FastFlow, FlowConfig, PermuteChannels
-from train.schedule import fastest_precision
+from train.fused_tail import coupling_tail, coupling_tail_reference
+from train.model import SOFT_CLAMP_FACTOR, FastFlow, FlowConfig, PermuteChannels
+from train.schedule import fastest_precision, fastest_step
 
 INPUT_HW, BATCH, ROUNDS = (224, 544), 16, 20
 VARIANTS = {"index (torch's backward)": lambda x, perm, inv: x[:, perm],
@@ -98,18 +108,22 @@ DEFAULT_INPUTS = {"BSD 640x256": (256, 640), "MTD 256x256": (256, 256)}
 STEPS_A_ROUND = 5  # one AltUB cycle: 4 flow steps and the base's
 
 
-@pytest.mark.parametrize("precision", ["fp32 (--train-precision fp32)", "default"])
+SETTINGS = ["fp32 (--train-precision fp32)", "default precision, --train-step eager", "default"]
+
+
+@pytest.mark.parametrize("precision", SETTINGS)
 @pytest.mark.parametrize("data", list(DEFAULT_INPUTS))
 def test_training_steps_by_precision(benchmark, data, precision):
-    hw = DEFAULT_INPUTS[data]
-    chosen = "fp32" if precision.startswith("fp32") else fastest_precision(torch.device("cpu"))[0]
+    hw, cpu, fp32 = DEFAULT_INPUTS[data], torch.device("cpu"), precision == SETTINGS[0]
+    chosen = "fp32" if fp32 else fastest_precision(cpu)[0]
+    kind = "eager" if precision == SETTINGS[1] else fastest_step(cpu, "fp32" if fp32 else "auto")[0]
     benchmark.group = f"training steps, {STEPS_A_ROUND} a round (4 flow + 1 base) | {data}, batch {BATCH}"
-    benchmark.extra_info["precision"] = chosen
+    benchmark.extra_info.update(precision=chosen, step=kind)
     torch.manual_seed(0)
     model = FastFlow(FlowConfig(input_size=hw))
     with torch.no_grad():
         feats = [torch.randn_like(f) for f in model.features(torch.rand(BATCH, 3, *hw))]
-    cfg = TrainConfig(precision=chosen)
+    cfg = TrainConfig(precision=chosen, step=kind)
     flow_opt, base_opt = make_optimisers(model, cfg)
     losses = []
 
@@ -120,3 +134,27 @@ def test_training_steps_by_precision(benchmark, data, precision):
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
     benchmark.extra_info["steps_per_s"] = STEPS_A_ROUND / benchmark.stats.stats.median
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+TAILS = {"fused (train/fused_tail.py)": coupling_tail,
+         "eager (PyTorch: CouplingStep.forward's ops, torch.atan)": partial(coupling_tail_reference, atan=torch.atan)}
+
+
+@pytest.mark.parametrize("h_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("variant", list(TAILS))
+def test_coupling_tail_forward_backward(benchmark, variant, h_dtype):
+    b, c, hw = BATCH, 24, (64, 160)  # BSD's stride-4 scale at 640x256
+    benchmark.group = f"coupling tail, forward + backward | {b}x{c}x{hw[0]}x{hw[1]}, h {str(h_dtype)[6:]}"
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(b, c // 2, *hw, requires_grad=True), torch.randn(b, c // 2, *hw, requires_grad=True)
+    h = torch.randn(b, c, *hw).to(h_dtype).requires_grad_()
+    g, bias = torch.zeros(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    perm = torch.randperm(c)
+    order = torch.argsort(perm) if variant.startswith("fused") else perm  # the fused tail takes the inverse
+    grads = [torch.randn(b, c // 2, *hw), torch.randn(b, c // 2, *hw), torch.randn(b)]
+
+    def run():
+        out = TAILS[variant](x1, x2, h, g, bias, order, 2.0, SOFT_CLAMP_FACTOR)
+        torch.autograd.backward(out, grads)
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2)

@@ -1,6 +1,6 @@
-"""Where an epoch of train.fit goes, per precision: the flow's forward (with autograd), its backward and the Adam
-step, the AltUB base's turn (every altub_every-th step: the flow forward without autograd, the base's step), and the
-held-out pass (the flow on the held-out images, the map units calibrated, their scores). Medians of a few rounds on
+"""Where an epoch of train.fit goes, per precision and step: the flow's forward (with autograd), its backward and the
+Adam step, the AltUB base's turn (every altub_every-th step: the flow forward without autograd, the base's step), and
+the held-out pass (the flow on the held-out images, the map units calibrated, their scores). Medians of a few rounds on
 random features at a data set's default input, batch 16, for the performance notebook (benchmarks/NOTES.md).
 
     python -m benchmarks.train_breakdown --input 640x256 --train 518 --holdout 57     # BSD's default fit
@@ -20,7 +20,7 @@ import torch
 from engine.common.geometry import parse_size
 from train.fit import TrainConfig, calibrate_scales, make_optimisers, score_cached, train_step
 from train.model import FastFlow, FlowConfig
-from train.schedule import fastest_precision
+from train.schedule import fastest_precision, fastest_step
 from train.tiles import FrameTiles, flow_frames
 
 
@@ -36,14 +36,15 @@ def _median_s(fn, device: torch.device, rounds: int = 5) -> float:
     return statistics.median(timed() for _ in range(rounds))
 
 
-def breakdown(hw: tuple[int, int], precision: str, n_train: int, n_hold: int, device: torch.device,
+def breakdown(hw: tuple[int, int], precision: str, step: str, n_train: int, n_hold: int, device: torch.device,
               batch: int = 16) -> dict[str, float]:
     """Seconds an epoch spends in each part, from per-call medians times the calls an epoch makes."""
     torch.manual_seed(0)
     model = FastFlow(FlowConfig(input_size=hw)).to(device)
     with torch.no_grad():
         feats = [torch.randn_like(f) for f in model.features(torch.rand(batch, 3, *hw, device=device))]
-    cfg = TrainConfig(precision=precision)
+    cfg = TrainConfig(precision=precision, step=step)
+    model.fused_tail = step == "fused"
     flow_opt, base_opt = make_optimisers(model, cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     state = {}
@@ -89,11 +90,12 @@ def main() -> None:
     args = p.parse_args()
     hw, device = parse_size(args.input), torch.device(args.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    default = fastest_precision(device)[0], fastest_step(device, "auto")[0]
     print(f"an epoch at {args.input}, {args.train} training + {args.holdout} held-out images, batch 16, {where}; "
-          f"{fastest_precision(device)[0]} is train.fit's default here (seconds)")
-    for precision in ("fp32", "bf16"):
-        parts = breakdown(hw, precision, args.train, args.holdout, device)
-        print(f"{precision}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+          f"{' '.join(default)} is train.fit's default here (seconds)")
+    for precision, step in dict.fromkeys([("fp32", "eager"), ("bf16", "eager"), ("fp32", default[1]), default]):
+        parts = breakdown(hw, precision, step, args.train, args.holdout, device)
+        print(f"{precision} {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
               + f"; total {sum(parts.values()):.1f}")
 
 

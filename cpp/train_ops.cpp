@@ -193,4 +193,8 @@ PYBIND11_MODULE(_native, m) {
         "coupling_forward's gradients: dx1 | dx2 (direct part), dh, and per row sum(du * v), sum(du) into sums "
         "(2, B, C)");
   m.def("threads", [] { return pool().size(); }, "threads in the pool (the caller included)");
+  m.def("set_threads", [](int n) {
+    if (n < 1) throw py::value_error("threads must be >= 1");
+    if (n != pool().size()) pool().resize(n);
+  });
 }

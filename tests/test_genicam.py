@@ -241,7 +241,12 @@ def test_frames_arrive_and_are_scored_with_device_timestamps_fresh_at_max_fps(ca
                                                                   out.read_text().count('"score"') < 6):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # killed, so that it does not keep the camera from the tests after it
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"engine.run did not end within 30 s of Ctrl-C: {err[-2000:]}")
     assert proc.returncode == 130, err  # Ctrl-C
     clean_exit(err, 130)
     rows = valid_lines(out)

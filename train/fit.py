@@ -162,6 +162,7 @@ def train_step(model: FastFlow, feats: list[torch.Tensor], step: int, flow_opt: 
     The base acts on z after the flow, so on its turn the flow runs without autograd: the base's gradient is
     the same, and no backward pass through the flow is spent on those steps (every 5th at the default)."""
     base_turn = base_opt is not None and (step + 1) % cfg.altub_every == 0
+    model.fused_tail = cfg.step == "fused"
     with torch.set_grad_enabled(not base_turn), \
             torch.autocast(feats[0].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         zs, logdet = model.flow(feats)  # bf16: the convolutions in bf16, z and log|det J| come out fp32
@@ -194,7 +195,7 @@ def fit(model: FastFlow, train_feats: list[torch.Tensor], hold_feats: list[torch
         raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, not {cfg.precision!r}")
     if cfg.step not in TRAIN_STEPS:
         raise ValueError(f"step must be one of {TRAIN_STEPS}, not {cfg.step!r}")
-    model.fused_tail = cfg.step == "fused"
+    model.fused_tail = cfg.step == "fused"  # the held-out passes too
     flow_opt, base_opt = make_optimisers(model, cfg)
     rates = [(flow_opt, cfg.lr), (base_opt, cfg.base_lr)]
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -28,6 +28,12 @@ def available() -> bool:
     return _native is not None
 
 
+def _match_threads() -> None:
+    """The native pool runs as many threads as torch does (torch.set_num_threads, OMP_NUM_THREADS)."""
+    if _native.threads() != torch.get_num_threads():
+        _native.set_threads(torch.get_num_threads())
+
+
 def _rows(t: torch.Tensor):
     """(B, C, H, W) tensor -> a (B, C, H * W) numpy view of its memory (bf16 as its int16 bits)."""
     t = t.detach().reshape(t.shape[0], t.shape[1], -1)
@@ -37,6 +43,7 @@ def _rows(t: torch.Tensor):
 class _CouplingTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, x2, h, g, b, inv_perm, clamp, factor):
+        _match_threads()
         x1, x2, h = x1.contiguous(), x2.contiguous(), h.contiguous()
         y1, y2 = torch.empty_like(x1), torch.empty_like(x2)
         s_sum = x2.new_empty(x2.shape[0], x2.shape[1])
@@ -72,11 +79,12 @@ def coupling_tail(x1: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, g: torch.
 
 
 def coupling_tail_reference(x1: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
-                            perm: torch.Tensor, clamp: float,
-                            factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """coupling_tail in eager PyTorch (CouplingStep.forward's tail, with the shared atan polynomial)."""
+                            perm: torch.Tensor, clamp: float, factor: float,
+                            atan=poly_atan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """coupling_tail in eager PyTorch (CouplingStep.forward's tail; with the shared atan polynomial, as the fused tail
+    computes it; `atan=torch.atan`: as CouplingStep.forward does)."""
     s_raw, t = h.split([x2.shape[1], x2.shape[1]], dim=1)
-    s = clamp * factor * poly_atan(s_raw.float() / clamp)
+    s = clamp * factor * atan(s_raw.float() / clamp)
     y = torch.cat([x1, x2 * s.exp() + t.float()], dim=1) * g.exp().view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
     y1, y2 = y[:, perm].split([x1.shape[1], x2.shape[1]], dim=1)
     return y1, y2, s.sum(dim=(1, 2, 3))
