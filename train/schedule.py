@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from train.fused_tail import available as fused_tail_available
+
 __all__ = ["LR_SCHEDULES", "ANNEAL_FRACTION", "PLATEAU_EPOCHS", "PLATEAU_SHARE", "TRAIN_PRECISIONS",
            "TRAIN_STEPS", "schedule_factor", "set_learning_rates", "plateau", "anneal_epochs", "fastest_precision",
            "fastest_step"]
@@ -94,11 +96,10 @@ def fastest_precision(device: torch.device) -> tuple[str, str]:
 def fastest_step(device: torch.device, precision_option: str) -> tuple[str, str]:
     """(step, why): "fused" on a CPU where lineflow's native extension is built, else "eager"; `--train-precision
     fp32` (precision_option "fp32") asks for the reference path, eager."""
-    from train.fused_tail import available  # the native extension's loader: only where a step is chosen
     if precision_option == "fp32":
         return "eager", "--train-precision fp32: the reference path"
     if device.type != "cpu":
         return "eager", "the fused tail is a CPU kernel"
-    if not available():
+    if not fused_tail_available():
         return "eager", "train._native is not built: run `pip install -e .`"
     return "fused", "the coupling's element-wise tail in one native pass"
