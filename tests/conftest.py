@@ -98,6 +98,31 @@ def perturbed_model(size=64, image_scales="coarse", map_scales="fine", seed=0) -
                                  image_scales=image_scales, map_scales=map_scales), seed)
 
 
+def trained_a_little(model: FastFlow, feats: list[torch.Tensor]) -> None:
+    """Four default training steps: the coupling's last convolutions start at zero; comparisons of one step need
+    them moved off it."""
+    from train.fit import TrainConfig, make_optimisers, train_step
+
+    cfg = TrainConfig()
+    flow_opt, base_opt = make_optimisers(model, cfg)
+    for step in range(4):
+        train_step(model, feats, step, flow_opt, base_opt, cfg)
+
+
+def mtd_model_and_features(n: int = 16, size: int = 128) -> tuple[FastFlow, list[torch.Tensor]]:
+    """A default model (the ImageNet backbone) at size px, seeded, and the features of the first n MTD training tiles
+    (callers skip when MTD is absent)."""
+    from train.backbones import create_backbone
+    from train.fit import extract_features
+    from train.model import FastFlow, FlowConfig
+
+    paths = sorted((MTD / "train" / "good").iterdir())[:n]
+    torch.manual_seed(0)
+    model = FastFlow(FlowConfig(input_size=size), create_backbone("efficientnet_lite2"))
+    feats, _ = extract_features(model, paths, torch.device("cpu"), "features")
+    return model, feats
+
+
 def rewrite_version(path: Path, out: Path, version: int) -> None:
     """Rewrite engine `path` to `out` as a consistent file whose format version is `version`."""
     from engine.format import read_engine, write_engine

@@ -5,7 +5,7 @@ atan) on random and real features, forward and gradients, with stated tolerances
 import numpy as np
 import pytest
 import torch
-from conftest import MTD
+from conftest import MTD, mtd_model_and_features, trained_a_little
 
 from kernels.reference import ATAN_COEFFS
 from train.fit import TrainConfig, make_optimisers, train_step
@@ -93,13 +93,6 @@ def _loss_and_grads(model: FastFlow, feats: list[torch.Tensor], fused: bool, pre
     return loss, torch.cat([p.grad.flatten() for p in model.flow_parameters()])
 
 
-def _trained_a_little(model: FastFlow, feats: list[torch.Tensor]) -> None:
-    cfg = TrainConfig()
-    flow_opt, base_opt = make_optimisers(model, cfg)
-    for step in range(4):  # the coupling's last convolutions start at zero: move them off it
-        train_step(model, feats, step, flow_opt, base_opt, cfg)
-
-
 def _compare_with_the_eager_flow(model: FastFlow, feats: list[torch.Tensor]) -> None:
     """fp32: the fused flow computes the eager one (atan as a polynomial, 1.9e-7): z within 1e-4 of its scale, loss
     within 1e-5 relative, gradients within 1e-4 relative L2. bf16 fused against the fp32 reference: the tolerances
@@ -125,18 +118,12 @@ def test_the_fused_flow_matches_the_eager_flow_on_random_features():
     model = FastFlow(FlowConfig(input_size=(64, 96), flow_steps=3))
     with torch.no_grad():
         feats = [torch.randn_like(f) for f in model.features(torch.rand(6, 3, 64, 96))]
-    _trained_a_little(model, feats)
+    trained_a_little(model, feats)
     _compare_with_the_eager_flow(model, feats)
 
 
 @pytest.mark.skipif(not (MTD / "train" / "good").is_dir(), reason="needs ../shared/data/mtd (real images)")
 def test_the_fused_flow_matches_the_eager_flow_on_real_images():
-    from train.backbones import create_backbone
-    from train.fit import extract_features
-
-    paths = sorted((MTD / "train" / "good").iterdir())[:16]
-    torch.manual_seed(0)
-    model = FastFlow(FlowConfig(input_size=128), create_backbone("efficientnet_lite2"))
-    feats, _ = extract_features(model, paths, torch.device("cpu"), "features")
-    _trained_a_little(model, feats)
+    model, feats = mtd_model_and_features()
+    trained_a_little(model, feats)
     _compare_with_the_eager_flow(model, feats)

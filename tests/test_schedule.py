@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import MTD
+from conftest import MTD, mtd_model_and_features, trained_a_little
 
 import train.fit as fit_mod
 import train.schedule as schedule
@@ -107,31 +107,18 @@ def _compare_precisions(model, feats):
     assert abs(g16.norm() / g32.norm() - 1) <= 0.05
 
 
-def _trained_a_little(model, feats):
-    cfg = TrainConfig()
-    flow_opt, base_opt = make_optimisers(model, cfg)
-    for step in range(4):  # the coupling's last convolutions start at zero: move them off it
-        train_step(model, feats, step, flow_opt, base_opt, cfg)
-
-
 def test_a_bf16_step_matches_the_fp32_reference_on_random_features():
     torch.manual_seed(0)
     model = FastFlow(FlowConfig(input_size=64))
     feats = _feats(model, 8, 3)
-    _trained_a_little(model, feats)
+    trained_a_little(model, feats)
     _compare_precisions(model, feats)
 
 
 @pytest.mark.skipif(not (MTD / "train" / "good").is_dir(), reason="needs ../shared/data/mtd (real images)")
 def test_a_bf16_step_matches_the_fp32_reference_on_real_images():
-    from train.backbones import create_backbone
-    from train.fit import extract_features
-
-    paths = sorted((MTD / "train" / "good").iterdir())[:16]
-    torch.manual_seed(0)
-    model = FastFlow(FlowConfig(input_size=128), create_backbone("efficientnet_lite2"))
-    feats, _ = extract_features(model, paths, torch.device("cpu"), "features")
-    _trained_a_little(model, feats)
+    model, feats = mtd_model_and_features()
+    trained_a_little(model, feats)
     _compare_precisions(model, feats)
 
 
