@@ -331,18 +331,19 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
 
 
 def _from_buffer(camera: _Camera, buffer, index: int, label: str, superseded: bool = False) -> list[Frame]:
-    """One buffer -> its frame (converted, or an error frame when incomplete; a dropped frame, unread, when a newer
-    one waits: superseded), after one dropped frame per frame id the camera skipped since the last; the buffer goes
-    back to the pool before this returns."""
+    """One buffer -> its frame: converted; an error frame when incomplete, even when superseded (a frame whose
+    packets were lost completes only at the packet timeout, when the next one mostly waits already); a dropped frame,
+    unread, when a newer one waits (superseded). After one dropped frame per frame id the camera skipped since the
+    last; the buffer goes back to the pool before this returns."""
     now, aravis = time.time(), camera.aravis
     try:
         frame_id, status = buffer.get_frame_id(), buffer.get_status()
         stamp = buffer.get_timestamp() or None
         frame = Frame(index, label, now, fps=camera.fps, device_timestamp=stamp)
-        if superseded:
-            frame.error, frame.dropped = "dropped: a newer frame was waiting (the line is slower than the camera)", True
-        elif status != aravis.BufferStatus.SUCCESS:
+        if status != aravis.BufferStatus.SUCCESS:  # before superseded: lost packets are a fault to report
             frame.error = f"incomplete frame {frame_id} ({status.value_nick.replace('-', ' ')}): not scored"
+        elif superseded:
+            frame.error, frame.dropped = "dropped: a newer frame was waiting (the line is slower than the camera)", True
         else:
             try:
                 frame.image, frame.bgr = to_image(buffer.get_data(), buffer.get_image_pixel_format(),

@@ -369,7 +369,8 @@ def test_packet_loss_gives_error_frames_never_scored(camera, tiny):
     finally:
         camera.start()
     incomplete = [r for r in results if r.error and r.error.startswith("incomplete frame")]
-    assert incomplete and all(r.status is Status.ERROR and r.score is None for r in incomplete)
+    assert incomplete, [r.error for r in results]  # incomplete before superseded: the CI of stop 53 saw none
+    assert all(r.status is Status.ERROR and r.score is None for r in incomplete)
     assert json.dumps(incomplete[0].to_json())  # an error line like any other
 
 
