@@ -1,11 +1,12 @@
 """Where an epoch of train.fit goes, per precision and step: the flow's forward (with autograd), its backward and the
 Adam step, the AltUB base's turn (every altub_every-th step: the flow forward without autograd, the base's step), and
 the held-out pass (the flow on the held-out images, the map units calibrated, their scores). Medians of a few rounds on
-random features at a data set's default input, batch 16, for the performance notebook (benchmarks/NOTES.md).
+random features at a data set's default input, batch 16 (`--batch`), for the performance notebook (benchmarks/NOTES.md).
 
     python -m benchmarks.train_breakdown --input 640x256 --train 518 --holdout 57     # BSD's default fit
     python -m benchmarks.train_breakdown --input 256x256 --train 686 --holdout 76     # MTD's
     python -m benchmarks.train_breakdown --device cuda                                # on a GPU (gpu_check.sh)
+    python -m benchmarks.train_breakdown --input 256x256 --train 686 --holdout 76 --batch 32   # round 21's batch
 """
 
 from __future__ import annotations
@@ -87,14 +88,15 @@ def main() -> None:
     p.add_argument("--train", type=int, default=518, help="training images an epoch")
     p.add_argument("--holdout", type=int, default=57, help="held-out images scored an epoch")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=16, help="images a step (train.fit's --batch-size)")
     args = p.parse_args()
     hw, device = parse_size(args.input), torch.device(args.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     default = fastest_precision(device)[0], fastest_step(device, "auto")[0]
-    print(f"an epoch at {args.input}, {args.train} training + {args.holdout} held-out images, batch 16, {where}; "
-          f"{' '.join(default)} is train.fit's default here (seconds)")
+    print(f"an epoch at {args.input}, {args.train} training + {args.holdout} held-out images, batch {args.batch}, "
+          f"{where}; {' '.join(default)} is train.fit's default here (seconds)")
     for precision, step in dict.fromkeys([("fp32", "eager"), ("bf16", "eager"), ("fp32", default[1]), default]):
-        parts = breakdown(hw, precision, step, args.train, args.holdout, device)
+        parts = breakdown(hw, precision, step, args.train, args.holdout, device, args.batch)
         print(f"{precision} {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
               + f"; total {sum(parts.values()):.1f}")
 
