@@ -332,7 +332,7 @@ def _frames(camera: _Camera, camera_id: str | None, label: str, settings: Camera
 
 def _from_buffer(camera: _Camera, buffer, index: int, label: str, superseded: bool = False) -> list[Frame]:
     """One buffer -> its frame: converted; an error frame when incomplete, even when superseded (a frame whose
-    packets were lost completes only at the packet timeout, when the next one mostly waits already); a dropped frame,
+    packets were lost completes only at the packet timeout, when the next one may be waiting already); a dropped frame,
     unread, when a newer one waits (superseded). After one dropped frame per frame id the camera skipped since the
     last; the buffer goes back to the pool before this returns."""
     now, aravis = time.time(), camera.aravis
